@@ -1,0 +1,150 @@
+"""`segtrain <command> [overrides]`: each command is a Hydra application with its own primary config.
+
+The command name picks conf/<command>.yaml; everything after it is handed to Hydra untouched, so
+overrides, `-m` sweeps, `--cfg job`, `+new.key=...` and `hydra.run.dir=...` work as Hydra users expect.
+Before Hydra runs, the overrides are composed once so that an unknown key or group option fails
+with one line naming it rather than a multi-line report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from segtrain.config import register_configs
+from segtrain.errors import SegtrainError
+
+log = logging.getLogger("segtrain")
+
+COMMANDS = {
+    "train": "train a model: segtrain train [experiment=NAME] [group=option ...] [key=value ...]",
+    "eval": "evaluate a checkpoint: segtrain eval ckpt=PATH [key=value ...]",
+}
+
+USAGE = "usage: segtrain <command> [Hydra overrides]   (segtrain <command> --help for its options)"
+
+
+def config_dir() -> Path:
+    """conf/ of a source checkout (editable install), else the copy shipped inside the wheel."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "train.yaml").is_file():
+        return source
+    return Path(__file__).resolve().parent / "conf"
+
+
+def _one_line(exc: BaseException) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    for err in (exc.__cause__, exc):
+        key = getattr(err, "full_key", None) if isinstance(err, OmegaConfBaseException) else None
+        if not key:
+            continue
+        if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+            return f"unknown config key '{key}' (check the spelling; to add a new key use +{key}=VALUE)"
+        return f"invalid value for '{key}': {str(err).splitlines()[0]}"
+    text = str(exc).split("Config search path:")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines).replace(" Available options in", "; available options in")
+
+
+def precheck(command: str, args: list[str]) -> None:
+    """Compose the config with the given overrides (first value of any sweep) and report failures."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = get_args_parser().parse_args(args)
+    except SystemExit:
+        raise
+    if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
+        return
+    overrides = []
+    parser = OverridesParser.create()
+    try:
+        for text in parsed.overrides:
+            override = parser.parse_override(text)
+            if override.is_sweep_override():
+                if not parsed.multirun:
+                    _fail(command, f"'{text}' is a sweep: add -m to run one job per value, or quote the "
+                          "value (key='a,b') / use a list (key=[a,b])")
+                value = next(iter(override.sweep_string_iterator()))
+                prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(override.type.name, "")
+                text = f"{prefix}{override.get_key_element().lstrip('+~')}={value}"
+            overrides.append(text)
+    except Exception as exc:  # noqa: BLE001 - malformed overrides
+        _fail(command, _one_line(exc))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=command):
+            compose(config_name=command, overrides=overrides)
+    except Exception as exc:  # noqa: BLE001 - any composition failure is a config error to the user
+        _fail(command, _one_line(exc))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _fail(command: str, message: str) -> None:
+    print(f"segtrain {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[[DictConfig], None]:
+    def run(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            body(cfg, run_dir)
+        except SegtrainError as exc:
+            log.error("%s", exc)
+            _fail(command, str(exc))
+
+    return run
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> None:
+    from segtrain.engine.trainer import train
+
+    train(cfg, run_dir)
+
+
+def _eval(cfg: DictConfig, run_dir: Path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from segtrain.commands.evaluate import run_eval
+
+    run_eval(cfg, list(HydraConfig.get().overrides.task), run_dir)
+
+
+TASKS = {"train": _train, "eval": _eval}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import hydra
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE + "\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<8}{text}")
+        print("\nExamples:\n  segtrain train experiment=quickstart\n  segtrain train -m optimizer.lr=0.01,0.007"
+              "\n  segtrain eval ckpt=outputs/<run>/checkpoints/best.pt")
+        return
+    command, rest = args[0], args[1:]
+    if command not in TASKS:
+        print(f"segtrain: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    register_configs()
+    precheck(command, rest)
+    sys.argv = [f"segtrain-{command}", *rest]
+    app = hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(
+        _task(command, TASKS[command])
+    )
+    app()

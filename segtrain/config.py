@@ -1,0 +1,122 @@
+"""The configuration schema.
+
+Typed sections (trainer, eval, logging, dataset, optimizer, schedule) are dataclasses registered in
+Hydra's ConfigStore, so a misspelt key in a YAML file or on the command line fails at composition
+time. `model` and `backbone` are `_target_` nodes whose keys are the constructor's arguments; they are
+checked against the constructor's signature when the model is built (see segtrain.models.build).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TrainerConfig:
+    max_iters: int = 30000
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    val_interval: int = 2000
+    ckpt_interval: int = 1000
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "off"  # off | bf16 | fp16
+    num_workers: int = 4
+    seed: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    split: str = "val"
+    batch_size: int = 1
+    num_workers: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 20
+    image_interval: int = 2000
+    num_images: int = 4
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    crop_size: list[int] = field(default_factory=lambda: [513, 513])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip: bool = True
+    pad_image_with: str = "mean"  # mean | zero
+    color_jitter: float = 0.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = MISSING
+    class_names: list[str] = MISSING
+    train_split: str = "train"
+    val_split: str = "val"
+    ignore_index: int = 255
+    # RGB triplets, one per class; null means the PASCAL VOC colour map.
+    palette: Any = None
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # `_target_` of a function (root, split, **kwargs) -> list of (image_path, mask_path) pairs.
+    source: Any = MISSING
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.007
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 4e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # LR multiplier for every parameter outside the (pretrained) backbone.
+    head_lr_mult: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "poly"
+    power: float = 0.9
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class CommonConfig:
+    model: Any = MISSING
+    backbone: Any = MISSING
+    dataset: DatasetConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class TrainAppConfig(CommonConfig):
+    # null: fresh start; auto: newest checkpoint of this run directory; or a checkpoint path.
+    resume: Any = None
+
+
+@dataclass
+class EvalAppConfig(CommonConfig):
+    ckpt: str = MISSING
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainAppConfig)
+    store.store(name="eval_schema", node=EvalAppConfig)

@@ -1,0 +1,100 @@
+"""Datasets and loaders from config; the resumable, seeded training sample stream."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Sampler
+
+from segtrain.config import DatasetConfig
+from segtrain.data.dataset import SegmentationDataset
+from segtrain.data.transforms import eval_transform, train_transform
+from segtrain.instantiate import instantiate_checked
+
+
+def build_dataset(cfg: DatasetConfig | DictConfig, split: str, train: bool) -> SegmentationDataset:
+    samples = instantiate_checked("dataset.source", cfg.source, root=cfg.root, split=split)
+    mean, std = list(cfg.mean), list(cfg.std)
+    if train:
+        augment = OmegaConf.to_object(cfg.augment) if isinstance(cfg, DictConfig) else cfg.augment
+        transform = train_transform(augment, mean, std, cfg.ignore_index)
+    else:
+        transform = eval_transform(mean, std)
+    return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index)
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """Augmentation seed of the sample at `position` of the training stream: a pure function."""
+    return int(np.random.SeedSequence((seed, position)).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class TrainStream(Sampler):
+    """An endless stream of (index, augmentation seed) pairs, resumable at any position.
+
+    Epoch e visits the dataset in the order randperm(seed, e); stream position p is sample
+    p % n of epoch p // n. With world_size > 1, rank r takes positions r, r + W, r + 2W, ...
+    so the ranks together consume the same stream a single process would.
+    """
+
+    def __init__(self, num_samples: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.num_samples, self.seed, self.start = num_samples, seed, start
+        self.rank, self.world_size = rank, world_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start + self.rank
+        epoch, order = -1, None
+        while True:
+            if position // self.num_samples != epoch:
+                epoch = position // self.num_samples
+                order = self.epoch_order(epoch)
+            yield int(order[position % self.num_samples]), sample_seed(self.seed, position)
+            position += self.world_size
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Augmentation is seeded per sample; this only pins any other library randomness in workers.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def train_loader(
+    dataset: SegmentationDataset, batch_size: int, num_workers: int, seed: int, start_sample: int,
+    pin_memory: bool,
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=TrainStream(len(dataset), seed, start=start_sample),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        drop_last=True,
+    )
+
+
+def list_collate(batch: list[dict]) -> list[dict]:
+    """Validation images keep their own sizes, so a batch stays a list."""
+    return batch
+
+
+def eval_loader(dataset: SegmentationDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=list_collate,
+    )

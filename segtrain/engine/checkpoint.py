@@ -1,0 +1,104 @@
+"""Checkpoints: atomic writes, safe reads (tensors and plain types only), RNG state capture."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segtrain.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: `path` is never partial.
+
+    If the write fails (disk full, quota), the temporary file is removed and the previous file at
+    `path` stays intact; the error says so.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was written"
+            raise OSError(exc.errno, f"could not write checkpoint {path} ({exc.strerror}); {kept}") from exc
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True: nothing in the file can run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsError(
+            f"refusing to load {path}: it is not a plain segtrain checkpoint (it needs arbitrary "
+            f"unpickling, which could run code; {first[:200]})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign files raise many types
+        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise WeightsError(f"{path} is not a segtrain checkpoint (no 'model' and 'config' entries)")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of a run directory that loads, with its state; bad ones are reported."""
+    candidates = sorted((run_dir / CHECKPOINT_DIR).glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = [p for p in candidates if p.name != "best.pt"]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except WeightsError as exc:
+            log.warning("skipping unusable checkpoint: %s", exc)
+    return None

@@ -1,0 +1,204 @@
+"""The training loop: iteration-based, poly LR every step, periodic validation and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from segtrain.data.loading import build_dataset, eval_loader, train_loader
+from segtrain.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    find_resume_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from segtrain.engine.evaluate import autocast, evaluate
+from segtrain.engine.losses import segmentation_loss
+from segtrain.engine.optim import build_optimizer
+from segtrain.engine.runtime import check_amp, progress_enabled, resolve_device, seed_everything
+from segtrain.engine.schedules import build_scheduler
+from segtrain.errors import ConfigError
+from segtrain.models import build_model
+from segtrain.visualize import denormalize, make_palette, panel
+
+log = logging.getLogger("segtrain.train")
+
+
+def check_trainer_config(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    for key in ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
+    if t.batch_size < 2:
+        raise ConfigError("trainer.batch_size must be >= 2: BatchNorm needs more than one image per batch")
+    for key in ("interval", "image_interval"):
+        if cfg.logging[key] < 1:
+            raise ConfigError(f"logging.{key} must be >= 1, got {cfg.logging[key]}")
+    check_amp(t.amp)
+
+
+def _resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    if cfg.resume in (None, "", False):
+        return None
+    if cfg.resume == "auto":
+        found = find_resume_checkpoint(run_dir)
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s; starting from scratch", run_dir / CHECKPOINT_DIR)
+        return found
+    path = Path(str(cfg.resume))
+    return path, load_checkpoint(path)
+
+
+def _check_same_classes(state: dict, class_names: list[str], path: Path) -> None:
+    saved = list(state.get("class_names", []))
+    if saved != class_names:
+        raise ConfigError(
+            f"checkpoint {path} was trained for {len(saved)} classes {saved[:6]}..., but dataset "
+            f"{len(class_names)} classes {class_names[:6]}...; resume with the dataset it was trained on"
+        )
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train per `cfg`, writing checkpoints, TensorBoard events and metrics under `run_dir`."""
+    check_trainer_config(cfg)
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    seed_everything(t.seed, t.deterministic)
+    class_names = list(cfg.dataset.class_names)
+    num_classes = len(class_names)
+
+    train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True)
+    val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False)
+    model = build_model(cfg.model, cfg.backbone, num_classes).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    scheduler = build_scheduler(cfg.schedule, optimizer, t.max_iters, cfg.optimizer.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
+    aux_weight = float(cfg.model.get("aux_weight", 0.0))
+    ignore_index = cfg.dataset.ignore_index
+
+    start_iter, best_miou = 0, -1.0
+    resume = _resolve_resume(cfg, run_dir)
+    if resume is not None:
+        path, state = resume
+        _check_same_classes(state, class_names, path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        start_iter, best_miou = int(state["iteration"]), float(state["best_miou"])
+        log.info("resumed from %s at iteration %d (lr %.6g)", path, start_iter, scheduler.get_last_lr()[0])
+
+    samples_per_iter = t.batch_size * t.grad_accum_steps
+    loader = train_loader(train_set, t.batch_size, t.num_workers, t.seed, start_iter * samples_per_iter,
+                          pin_memory=device.type == "cuda")
+    val_loader = eval_loader(val_set, cfg.eval.batch_size, cfg.eval.num_workers, device.type == "cuda")
+    log.info(
+        "model %s + %s: %.2fM parameters; %d train / %d val images; effective batch %d "
+        "(batch %d x accumulation %d x world size 1); device %s, amp %s",
+        cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_),
+        sum(p.numel() for p in model.parameters()) / 1e6, len(train_set), len(val_set),
+        samples_per_iter, t.batch_size, t.grad_accum_steps, device, t.amp,
+    )
+    writer = SummaryWriter(str(run_dir)) if cfg.logging.tensorboard else None
+    palette = make_palette(cfg.dataset.palette, num_classes)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+
+    def checkpoint_state(iteration: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iteration": iteration,
+            "best_miou": best_miou,
+            "rng": rng_state(),
+            "class_names": class_names,
+            "config": OmegaConf.to_yaml(cfg, resolve=True),
+        }
+
+    def validate(iteration: int, log_images: bool) -> float:
+        result = evaluate(model, val_loader, num_classes, device, t.amp, ignore_index,
+                          num_examples=cfg.logging.num_images if log_images else 0)
+        m = result.metrics
+        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f", iteration, m["miou"],
+                 m["pixel_acc"], m["mean_acc"])
+        if writer is not None:
+            writer.add_scalar("val/mIoU", m["miou"], iteration)
+            writer.add_scalar("val/pixel_acc", m["pixel_acc"], iteration)
+            writer.add_scalar("val/mean_acc", m["mean_acc"], iteration)
+            for name, iou in zip(class_names, m["iou"]):
+                if not math.isnan(iou):
+                    writer.add_scalar(f"val_iou/{name}", iou, iteration)
+            for k, (image, mask, pred) in enumerate(result.examples):
+                rgb = denormalize(image, cfg.dataset.mean, cfg.dataset.std)
+                writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, palette), iteration,
+                                 dataformats="HWC")
+        return m["miou"]
+
+    model.train()
+    show_progress = progress_enabled(cfg.logging.progress)
+    bar = tqdm(total=t.max_iters, initial=start_iter, desc="train", unit="it", disable=not show_progress,
+               dynamic_ncols=True)
+    data = iter(loader)
+    last_miou, last_images, tic = math.nan, start_iter // cfg.logging.image_interval, time.perf_counter()
+    for iteration in range(start_iter + 1, t.max_iters + 1):
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(t.grad_accum_steps):
+            batch = next(data)
+            images = batch["image"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            with autocast(device, t.amp):
+                outputs = model(images)
+            loss = segmentation_loss(outputs, masks, aux_weight, ignore_index) / t.grad_accum_steps
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        bar.update(1)
+
+        if iteration % cfg.logging.interval == 0 or iteration == t.max_iters:
+            loss_value = float(loss_sum)  # the only host sync of the step, once per logging interval
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"loss is {loss_value} at iteration {iteration} (lr {lr:.6g}); last checkpoint: "
+                    f"{ckpt_dir / 'last.pt' if (ckpt_dir / 'last.pt').exists() else 'none'}"
+                )
+            rate = cfg.logging.interval / max(time.perf_counter() - tic, 1e-9)
+            tic = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if not show_progress:
+                log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, t.max_iters, loss_value, lr, rate)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_value, iteration)
+                writer.add_scalar("train/lr", lr, iteration)
+
+        if iteration % t.val_interval == 0 or iteration == t.max_iters:
+            images_due = iteration // cfg.logging.image_interval > last_images or iteration == t.max_iters
+            last_miou = validate(iteration, images_due)
+            if images_due:
+                last_images = iteration // cfg.logging.image_interval
+            if last_miou > best_miou:
+                best_miou = last_miou
+                save_checkpoint(checkpoint_state(iteration), ckpt_dir / "best.pt")
+                log.info("new best mIoU %.4f at iteration %d: %s", best_miou, iteration, ckpt_dir / "best.pt")
+        if iteration % t.ckpt_interval == 0 or iteration == t.max_iters:
+            save_checkpoint(checkpoint_state(iteration), ckpt_dir / "last.pt")
+    bar.close()
+    if writer is not None:
+        writer.close()
+    log.info("done: final val mIoU %.4f, best %.4f; checkpoints in %s", last_miou, best_miou, ckpt_dir)
+    return {"final_miou": last_miou, "best_miou": best_miou, "run_dir": str(run_dir)}

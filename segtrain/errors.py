@@ -1,0 +1,17 @@
+"""Errors that segtrain reports to the user as one clear line instead of a traceback."""
+
+
+class SegtrainError(Exception):
+    """Base class: the CLI prints `segtrain <command>: error: <message>` and exits with status 2."""
+
+
+class ConfigError(SegtrainError):
+    """A config key has a value that cannot work; the message names the key."""
+
+
+class DataError(SegtrainError):
+    """A dataset file is missing, unreadable or holds invalid labels; the message names the file."""
+
+
+class WeightsError(SegtrainError):
+    """Pretrained weights or a checkpoint cannot be loaded; the message names the file."""

@@ -1,0 +1,46 @@
+"""Building objects from `_target_` config nodes, with the node's keys checked against the signature.
+
+Adding a model, backbone or dataset source is one function or class in code and one file in conf/;
+a misspelt key names itself instead of surfacing as a TypeError deep inside the constructor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.errors import ConfigError
+
+
+def _resolve_target(section: str, node: dict[str, Any]) -> Any:
+    target = node.get("_target_")
+    if not target:
+        raise ConfigError(f"{section}._target_ is missing: it must name the class to build")
+    module_name, _, attr = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"{section}._target_={target!r} cannot be imported") from None
+
+
+def instantiate_checked(
+    section: str, node: DictConfig | dict, drop: tuple[str, ...] = (), **extra: Any
+) -> Any:
+    """Call node._target_ with the node's keys (minus `drop`, plus `extra`); unknown keys raise."""
+    kwargs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    cls = _resolve_target(section, kwargs)
+    kwargs.pop("_target_")
+    for key in drop:
+        kwargs.pop(key, None)
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            allowed = sorted(k for k in params if k not in extra and k != "self")
+            raise ConfigError(
+                f"unknown key {section}.{unknown[0]} for {cls.__name__}; allowed keys: {allowed}"
+            )
+    return cls(**kwargs, **extra)
