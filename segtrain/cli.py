@@ -8,7 +8,6 @@ with one line naming it rather than a multi-line report.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +16,6 @@ from omegaconf import DictConfig
 
 from segtrain.config import register_configs
 from segtrain.errors import SegtrainError
-
-log = logging.getLogger("segtrain")
 
 COMMANDS = {
     "train": "train a model: segtrain train [experiment=NAME] [group=option ...] [key=value ...]",
@@ -102,7 +99,6 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         try:
             body(cfg, run_dir)
         except SegtrainError as exc:
-            log.error("%s", exc)
             _fail(command, str(exc))
 
     return run

@@ -27,6 +27,8 @@ class TrainerConfig:
     num_workers: int = 4
     seed: int = 0
     deterministic: bool = False
+    # Periodic checkpoints (iter_XXXXXXX.pt) kept on disk; last.pt always names the newest.
+    keep_last: int = 2
 
 
 @dataclass

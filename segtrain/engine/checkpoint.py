@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,41 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def periodic_checkpoint_path(ckpt_dir: Path, iteration: int) -> Path:
+    return ckpt_dir / f"iter_{iteration:07d}.pt"
+
+
+def _periodic(ckpt_dir: Path) -> list[Path]:
+    """Periodic checkpoints, newest first (by the iteration in the name, not by file times)."""
+    return sorted(ckpt_dir.glob("iter_*.pt"), reverse=True)
+
+
+def save_periodic(state: dict[str, Any], ckpt_dir: Path, keep_last: int) -> Path:
+    """Write iter_<N>.pt, point last.pt at it (a hard link: no second write) and prune old ones."""
+    path = periodic_checkpoint_path(ckpt_dir, int(state["iteration"]))
+    save_checkpoint(state, path)
+    last = ckpt_dir / "last.pt"
+    tmp = ckpt_dir / f".last.pt.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, last)
+    for old in _periodic(ckpt_dir)[max(1, keep_last):]:
+        old.unlink(missing_ok=True)
+    return path
+
+
 def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of a run directory that loads, with its state; bad ones are reported."""
-    candidates = sorted((run_dir / CHECKPOINT_DIR).glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    candidates = [p for p in candidates if p.name != "best.pt"]
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    candidates = [ckpt_dir / "last.pt", *_periodic(ckpt_dir)]
     for path in candidates:
+        if not path.is_file():
+            continue
         try:
             return path, load_checkpoint(path)
         except WeightsError as exc:
-            log.warning("skipping unusable checkpoint: %s", exc)
+            log.warning("skipping unusable checkpoint: %s; trying an older one", exc)
     return None

@@ -21,6 +21,7 @@ from segtrain.engine.checkpoint import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    save_periodic,
 )
 from segtrain.engine.evaluate import autocast, evaluate
 from segtrain.engine.losses import segmentation_loss
@@ -36,7 +37,7 @@ log = logging.getLogger("segtrain.train")
 
 def check_trainer_config(cfg: DictConfig) -> None:
     t = cfg.trainer
-    for key in ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval"):
+    for key in ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval", "keep_last"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
     if t.batch_size < 2:
@@ -152,6 +153,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                dynamic_ncols=True)
     data = iter(loader)
     last_miou, last_images, tic = math.nan, start_iter // cfg.logging.image_interval, time.perf_counter()
+    history: list[dict[str, float]] = []
     for iteration in range(start_iter + 1, t.max_iters + 1):
         loss_sum = torch.zeros((), device=device)
         for _ in range(t.grad_accum_steps):
@@ -179,9 +181,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 )
             rate = cfg.logging.interval / max(time.perf_counter() - tic, 1e-9)
             tic = time.perf_counter()
+            history.append({"iteration": iteration, "loss": loss_value, "lr": lr})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if not show_progress:
-                log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, t.max_iters, loss_value, lr, rate)
+                log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, t.max_iters, loss_value, lr,
+                         rate)
             if writer is not None:
                 writer.add_scalar("train/loss", loss_value, iteration)
                 writer.add_scalar("train/lr", lr, iteration)
@@ -196,9 +200,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 save_checkpoint(checkpoint_state(iteration), ckpt_dir / "best.pt")
                 log.info("new best mIoU %.4f at iteration %d: %s", best_miou, iteration, ckpt_dir / "best.pt")
         if iteration % t.ckpt_interval == 0 or iteration == t.max_iters:
-            save_checkpoint(checkpoint_state(iteration), ckpt_dir / "last.pt")
+            save_periodic(checkpoint_state(iteration), ckpt_dir, t.keep_last)
     bar.close()
     if writer is not None:
         writer.close()
     log.info("done: final val mIoU %.4f, best %.4f; checkpoints in %s", last_miou, best_miou, ckpt_dir)
-    return {"final_miou": last_miou, "best_miou": best_miou, "run_dir": str(run_dir)}
+    return {"final_miou": last_miou, "best_miou": best_miou, "history": history, "model": model}

@@ -1,0 +1,49 @@
+"""Shared helpers: composing configs the way the CLI does, and a tiny shapes dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from segtrain.cli import config_dir
+from segtrain.config import register_configs
+
+register_configs()
+
+
+def compose_config(command: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=command):
+        return compose(config_name=command, overrides=overrides)
+
+
+def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
+    """A seconds-long run: quickstart model on 16 tiny shapes images, no workers, no progress bar."""
+    values = {
+        "dataset.root": str(shapes_root),
+        "dataset.source.num_train": 16,
+        "dataset.source.num_val": 4,
+        "dataset.source.image_size": "[40,56]",
+        "dataset.augment.crop_size": "[32,32]",
+        "trainer.batch_size": 4,
+        "trainer.max_iters": 6,
+        "trainer.val_interval": 3,
+        "trainer.ckpt_interval": 3,
+        "trainer.num_workers": 0,
+        "trainer.deterministic": "true",
+        "eval.num_workers": 0,
+        "logging.progress": "false",
+        "logging.interval": 1,
+        "logging.image_interval": 3,
+    }
+    values.update(extra)
+    return ["experiment=quickstart", *(f"{k}={v}" for k, v in values.items())]
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data") / "shapes"

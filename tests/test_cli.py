@@ -1,0 +1,101 @@
+"""The command line as users run it: separate processes, real Hydra run directories."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+
+
+def segtrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_top_level_help_lists_the_commands(tmp_path):
+    result = segtrain("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "train" in result.stdout and "eval" in result.stdout
+
+
+def test_train_help_is_hydras_with_the_config_groups(tmp_path):
+    result = segtrain("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for line in ("backbone: resnet101, resnet18, resnet34, resnet50", "experiment: quickstart",
+                 "optimizer: adamw, sgd", "schedule: poly, poly_warmup"):
+        assert line in result.stdout
+
+
+def test_unknown_command_is_one_line_naming_it(tmp_path):
+    result = segtrain("trian", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown command 'trian'" in result.stderr
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("trainer.max_iter=5", "unknown config key 'trainer.max_iter'"),
+    ("dataset.augment.cropsize=[3,3]", "unknown config key 'dataset.augment.cropsize'"),
+    ("trainer.max_iters=many", "invalid value for 'trainer.max_iters'"),
+    ("backbone=resnet7", "Could not find 'backbone/resnet7'"),
+])
+def test_config_errors_are_one_line_naming_the_key(tmp_path, override, needle):
+    result = segtrain("train", override, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert needle in result.stderr
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = segtrain("train", "experiment=quickstart", "+notes.owner=me", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "name: resnet18" in result.stdout and "owner: me" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_eval_without_ckpt_says_how(tmp_path):
+    result = segtrain("eval", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "ckpt is required" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_then_eval_from_the_command_line(tmp_path):
+    overrides = tiny_overrides(tmp_path / "data" / "shapes", **{"trainer.max_iters": 3, "trainer.val_interval": 3})
+    result = segtrain("train", *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # outputs/<date>/<time>
+    run = runs[0]
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "train.log").is_file()
+    assert "effective batch 4" in (run / "train.log").read_text()
+    result = segtrain("eval", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={tmp_path / 'ev'}",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "mIoU" in result.stdout
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["miou"] is not None
+
+
+@pytest.mark.slow
+def test_multirun_sweep_makes_one_run_directory_per_value(tmp_path):
+    overrides = tiny_overrides(tmp_path / "data" / "shapes", **{"trainer.max_iters": 2, "trainer.val_interval": 2})
+    result = segtrain("train", "-m", *overrides, "optimizer.lr=0.01,0.007", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job, lr in zip(jobs, ("0.01", "0.007")):
+        assert (job / "checkpoints" / "last.pt").is_file()
+        assert f"lr: {lr}" in (job / ".hydra" / "config.yaml").read_text()
+
+
+def test_unwritable_dataset_root_error_is_one_line(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x.txt").write_text("x")
+    result = segtrain("train", *tiny_overrides(tmp_path / "taken"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "not a generated shapes dataset" in result.stderr.strip().splitlines()[-1]

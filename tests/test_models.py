@@ -1,0 +1,60 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from segtrain.errors import ConfigError
+from segtrain.models import build_model
+
+MODEL = {"_target_": "segtrain.models.deeplab.DeepLabV3Plus", "aspp_channels": 16, "decoder_channels": 16,
+         "low_level_channels": 8, "aux_weight": 0.0}
+
+
+def _model(name: str = "resnet18", output_stride: int = 16, **model_extra):
+    backbone = {"_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": name,
+                "output_stride": output_stride, "pretrained": False}
+    return build_model(OmegaConf.create({**MODEL, **model_extra}), OmegaConf.create(backbone), 3)
+
+
+@pytest.mark.parametrize("size", [(65, 65), (64, 96), (33, 47), (32, 32)])
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_logits_have_the_input_size(size, output_stride):
+    model = _model(output_stride=output_stride).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert set(out) == {"out"}
+    assert out["out"].shape == (1, 3, *size)
+    assert out["out"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,strides", [("resnet18", [4, 8, 16, 16]), ("resnet50", [4, 8, 16, 16])])
+def test_backbone_declares_channels_and_strides(name, strides):
+    model = _model(name)
+    features = model.backbone(torch.randn(1, 3, 64, 64))
+    assert model.backbone.strides == strides
+    assert [f.shape[1] for f in features] == model.backbone.channels
+    assert [64 // f.shape[-1] for f in features] == strides
+
+
+def test_output_stride_8_dilates_the_last_two_stages():
+    model = _model("resnet50", output_stride=8)
+    assert model.backbone.strides == [4, 8, 8, 8]
+    # ASPP rates follow the output stride: 6/12/18 at 16 become 12/24/36 at 8.
+    rates = [b[0].dilation[0] for b in model.aspp.branches[1:4]]
+    assert rates == [12, 24, 36]
+
+
+def test_training_step_backward_works_for_odd_sizes():
+    model = _model()
+    out = model(torch.randn(2, 3, 51, 37))["out"]
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_unknown_model_key_names_itself():
+    with pytest.raises(ConfigError, match="model.aspp_chanels"):
+        _model(aspp_chanels=3)
+
+
+def test_unknown_backbone_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="backbone.name"):
+        _model("resnet7")
