@@ -99,3 +99,26 @@ def test_unwritable_dataset_root_error_is_one_line(tmp_path):
     result = segtrain("train", *tiny_overrides(tmp_path / "taken"), cwd=tmp_path)
     assert result.returncode == 2
     assert "not a generated shapes dataset" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_built_wheel_finds_its_configs(tmp_path):
+    """`pip install .` users have no source tree: the configs must come from inside the wheel."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(root), "-w",
+                            str(tmp_path / "dist")], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("segtrain-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    assert (tmp_path / "site" / "segtrain" / "conf" / "experiment" / "quickstart.yaml").is_file()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    run = subprocess.run([sys.executable, "-m", "segtrain", "train", "experiment=quickstart", "--cfg", "job"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "name: resnet18" in run.stdout
+    where = subprocess.run([sys.executable, "-c", "import segtrain.cli as c; print(c.config_dir())"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert where.stdout.strip() == str(tmp_path / "site" / "segtrain" / "conf")

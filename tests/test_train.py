@@ -33,7 +33,13 @@ def test_outputs_checkpoints_and_events(tmp_path, shapes_root):
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "best_miou", "class_names", "config"):
         assert key in state
     assert "max_iters: 6" in state["config"]
-    assert list(tmp_path.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/mIoU", "val_iou/background"} <= scalars
+    assert [e.step for e in events.Scalars("val/mIoU")] == [3, 6]
+    assert "val_images/0" in events.Tags()["images"]
 
 
 def test_resume_continues_at_the_saved_iteration_with_the_same_lr(tmp_path, shapes_root):
