@@ -1,39 +1,49 @@
-"""DeepLab v3+ (Chen et al., "Encoder-Decoder with Atrous Separable Convolution", ECCV 2018)."""
+"""DeepLab v3 (Chen et al., arXiv 2017) and v3+ (Chen et al., ECCV 2018)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from segtrain.models.backbones.base import Backbone
-from segtrain.models.heads.aspp import ASPP, conv_bn_relu, resize_to, scaled_rates
+from segtrain.models.heads.aspp import ASPP, conv3x3_bn_relu, conv_bn_relu, resize_to, scaled_rates
 from segtrain.models.segmentor import Segmentor
 
 
-class DeepLabV3Plus(Segmentor):
-    """ASPP on the deepest feature, decoder fusing it with the stride-4 feature, 1x1 classifier."""
+class DeepLabV3(Segmentor):
+    """ASPP (with image pooling) on the deepest feature, then a 1x1 classifier; no decoder."""
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        num_classes: int,
-        aspp_channels: int = 256,
-        aspp_rates: list[int] = (6, 12, 18),
-        decoder_channels: int = 256,
-        low_level_channels: int = 48,
-        dropout: float = 0.1,
-    ) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, aspp_channels: int = 256,
+                 aspp_rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1, separable: bool = False) -> None:
         super().__init__(backbone, num_classes)
+        rates = scaled_rates(list(aspp_rates), backbone.strides[-1])
+        self.aspp = ASPP(backbone.channels[-1], aspp_channels, rates, dropout, separable)
+        self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
+
+    def decode(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"out": self.classifier(self.aspp(features[-1]))}
+
+
+class DeepLabV3Plus(DeepLabV3):
+    """DeepLab v3 encoder + decoder fusing the ASPP output with the stride-4 feature.
+
+    With `separable=true` (the paper's Xception-65 setting) the ASPP's 3x3 branches and the
+    decoder's two 3x3 convolutions are depthwise-separable, each part followed by BN and ReLU.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, aspp_channels: int = 256,
+                 aspp_rates: Sequence[int] = (6, 12, 18), decoder_channels: int = 256, low_level_channels: int = 48,
+                 dropout: float = 0.1, separable: bool = False) -> None:
+        super().__init__(backbone, num_classes, aspp_channels, aspp_rates, dropout, separable)
         if 4 not in backbone.strides:
-            raise ValueError(f"DeepLab v3+ needs a stride-4 feature; backbone strides {backbone.strides}")
+            raise ValueError(f"DeepLab v3+ needs a stride-4 feature; backbone strides are {backbone.strides}")
         self.low_level_index = backbone.strides.index(4)
-        output_stride = backbone.strides[-1]
-        self.aspp = ASPP(backbone.channels[-1], aspp_channels, scaled_rates(list(aspp_rates), output_stride),
-                         dropout)
         self.low_level = conv_bn_relu(backbone.channels[self.low_level_index], low_level_channels)
         self.fuse = nn.Sequential(
-            conv_bn_relu(aspp_channels + low_level_channels, decoder_channels, 3),
-            conv_bn_relu(decoder_channels, decoder_channels, 3),
+            conv3x3_bn_relu(aspp_channels + low_level_channels, decoder_channels, separable=separable),
+            conv3x3_bn_relu(decoder_channels, decoder_channels, separable=separable),
         )
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
 

@@ -45,17 +45,41 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_weights(
-    module: nn.Module, path: str | Path, ignore_prefixes: tuple[str, ...] = ("fc.",)
+    backbone: nn.Module, path: str | Path, inner: str = "", ignore_prefixes: tuple[str, ...] = ("fc.",)
 ) -> None:
-    """Load an ImageNet-format state dict into `module`, classifier keys aside, strictly."""
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(ignore_prefixes)}
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
+    """Load a weight file into `backbone` strictly, classifier keys aside.
+
+    Accepts the library's own format (torchvision / timm / official DRN keys, which live under the
+    `inner` submodule here) and files saved from a segtrain backbone (keys already prefixed).
+    """
+    state = read_state_dict(path)
+    if inner and not any(k.startswith(inner) for k in state):
+        state = {inner + k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k[len(inner):].startswith(ignore_prefixes)}
+    own = backbone.state_dict()
+    # Files saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked; load_state_dict fills it.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or unexpected or mismatched:
         raise WeightsError(
-            f"{path} does not match the backbone: missing keys {missing[:5]}, "
+            f"{path} does not match backbone {type(backbone).__name__}: missing keys {missing[:5]}, "
             f"unexpected keys {unexpected[:5]}, shape mismatch {mismatched[:5]}"
         )
-    module.load_state_dict(state, strict=True)
+    backbone.load_state_dict(state, strict=True)
+
+
+def load_url_weights(url: str, name: str) -> dict[str, torch.Tensor]:
+    """Download (or take from torch's cache) an ImageNet checkpoint; offline, say where to put it."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    try:
+        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=False,
+                                                   weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - network failures come in many types
+        raise WeightsError(
+            f"backbone.pretrained=true: could not download the ImageNet weights of {name} from {url} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}). Without "
+            f"internet, put the file at {cache}, or pass backbone.weights=/path/to/{Path(url).name}, or set "
+            "backbone.pretrained=false."
+        ) from None
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}

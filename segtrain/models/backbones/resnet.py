@@ -75,7 +75,7 @@ class ResNetBackbone(Backbone):
             )
         self.net = net
         if weights:
-            load_backbone_weights(net, weights)
+            load_backbone_weights(self, weights, inner="net.")
         self.channels = [width // 8, width // 4, width // 2, width]
         self.strides = [min(s, output_stride) for s in (4, 8, 16, 32)]
         self.output_stride = output_stride

@@ -16,6 +16,24 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) ->
     )
 
 
+def separable_conv_bn_relu(in_ch: int, out_ch: int, dilation: int = 1) -> nn.Sequential:
+    """Depthwise 3x3 (dilated) -> BN -> ReLU -> pointwise 1x1 -> BN -> ReLU, as in DeepLab v3+."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, in_ch, 3, padding=dilation, dilation=dilation, groups=in_ch, bias=False),
+        nn.BatchNorm2d(in_ch),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(in_ch, out_ch, 1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+def conv3x3_bn_relu(in_ch: int, out_ch: int, dilation: int = 1, separable: bool = False) -> nn.Sequential:
+    if separable:
+        return separable_conv_bn_relu(in_ch, out_ch, dilation)
+    return conv_bn_relu(in_ch, out_ch, 3, dilation)
+
+
 class ImagePooling(nn.Module):
     """Global average pooling -> 1x1 conv-BN-ReLU -> broadcast back to the feature size."""
 
@@ -29,10 +47,11 @@ class ImagePooling(nn.Module):
 
 
 class ASPP(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, rates: list[int], dropout: float = 0.1) -> None:
+    def __init__(self, in_ch: int, out_ch: int, rates: list[int], dropout: float = 0.1,
+                 separable: bool = False) -> None:
         super().__init__()
         branches = [conv_bn_relu(in_ch, out_ch)]
-        branches += [conv_bn_relu(in_ch, out_ch, 3, rate) for rate in rates]
+        branches += [conv3x3_bn_relu(in_ch, out_ch, rate, separable) for rate in rates]
         branches.append(ImagePooling(in_ch, out_ch))
         self.branches = nn.ModuleList(branches)
         self.project = nn.Sequential(
