@@ -20,6 +20,7 @@ from segtrain.errors import SegtrainError
 COMMANDS = {
     "train": "train a model: segtrain train [experiment=NAME] [group=option ...] [key=value ...]",
     "eval": "evaluate a checkpoint: segtrain eval ckpt=PATH [key=value ...]",
+    "info": "parameters and GFLOPs of a model: segtrain info model=NAME backbone=NAME [info.input_size=[H,W]]",
 }
 
 USAGE = "usage: segtrain <command> [Hydra overrides]   (segtrain <command> --help for its options)"
@@ -118,7 +119,13 @@ def _eval(cfg: DictConfig, run_dir: Path) -> None:
     run_eval(cfg, list(HydraConfig.get().overrides.task), run_dir)
 
 
-TASKS = {"train": _train, "eval": _eval}
+def _info(cfg: DictConfig, run_dir: Path) -> None:
+    from segtrain.commands.info import run_info
+
+    run_info(cfg)
+
+
+TASKS = {"train": _train, "eval": _eval, "info": _info}
 
 
 def main(argv: list[str] | None = None) -> None:

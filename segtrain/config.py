@@ -118,7 +118,18 @@ class EvalAppConfig(CommonConfig):
     ckpt: str = MISSING
 
 
+@dataclass
+class InfoConfig:
+    input_size: list[int] = field(default_factory=lambda: [512, 512])
+
+
+@dataclass
+class InfoAppConfig(CommonConfig):
+    info: InfoConfig = field(default_factory=InfoConfig)
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainAppConfig)
     store.store(name="eval_schema", node=EvalAppConfig)
+    store.store(name="info_schema", node=InfoAppConfig)

@@ -12,7 +12,9 @@ from PIL import Image
 
 from segtrain.errors import DataError
 
-Sample = tuple[Path, Path]
+# (image, mask) or (image, mask, lut): a 256-entry uint8 table mapping raw mask values to class
+# indices (e.g. Cityscapes label ids -> train ids), applied when the mask is read.
+Sample = tuple
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -68,8 +70,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, mask_path = self.samples[index]
+        image_path, mask_path, *lut = self.samples[index]
         image, mask = read_image(image_path), read_mask(mask_path)
+        if lut:
+            mask = lut[0][mask]
         if image.shape[:2] != mask.shape:
             raise DataError(
                 f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its mask {mask_path} "

@@ -12,6 +12,7 @@ import torchvision
 
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.models.backbones.base import Backbone, load_backbone_weights
+from segtrain.models.backbones.weights import require_timm_weights, require_url_weights
 
 _TORCHVISION = {"resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 _TIMM = {"resnet18": 512, "resnet34": 512}
@@ -44,6 +45,7 @@ class ResNetBackbone(Backbone):
             tv_weights = None
             if pretrained and not weights:
                 tv_weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+                require_url_weights(tv_weights.url, name)
             try:
                 net = torchvision.models.get_model(
                     name, weights=tv_weights, replace_stride_with_dilation=_DILATE[output_stride]
@@ -56,6 +58,8 @@ class ResNetBackbone(Backbone):
         elif name in _TIMM:
             import timm
 
+            if pretrained and not weights:
+                require_timm_weights(name)
             try:
                 net = timm.create_model(
                     name,

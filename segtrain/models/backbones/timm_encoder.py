@@ -8,6 +8,7 @@ import torch
 
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.models.backbones.base import Backbone, load_backbone_weights
+from segtrain.models.backbones.weights import require_timm_weights
 
 # Keys of a full timm checkpoint that a features_only model lacks (heads and classifiers).
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.", "incre_modules.", "downsamp_modules.",
@@ -45,6 +46,8 @@ class TimmBackbone(Backbone):
             if output_stride not in (8, 16, 32):
                 raise ConfigError(f"backbone.output_stride must be 8, 16 or 32, got {output_stride}")
             kwargs["output_stride"] = output_stride
+        if pretrained and not weights:
+            require_timm_weights(name)
         try:
             self.net = timm.create_model(name, features_only=True, pretrained=bool(pretrained and not weights),
                                          **kwargs)

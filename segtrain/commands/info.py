@@ -1,0 +1,54 @@
+"""`segtrain info`: parameter count and multiply-adds of a model, without running it on real data.
+
+The model is built on PyTorch's meta device, so even 1024x2048 inputs take no memory or time.
+Multiply-adds are counted by torch.utils.flop_counter (convolutions, transposed convolutions and
+matrix products; BatchNorm, activations, pooling and interpolation are not counted); GFLOPs are
+reported as 2 x GMACs.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from segtrain.errors import ConfigError
+from segtrain.models import build_model
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
+    }
+
+
+def model_complexity(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classes: int,
+                     input_size: tuple[int, int]) -> dict[str, float]:
+    if len(input_size) != 2 or min(input_size) < 8:
+        raise ConfigError(f"info.input_size must be [H, W] with both >= 8, got {list(input_size)}")
+    # Weights do not change the counts; never download them for this.
+    backbone_cfg = OmegaConf.merge(backbone_cfg, {"pretrained": False, "weights": None})
+    with torch.device("meta"):
+        model = build_model(model_cfg, backbone_cfg, num_classes).eval()
+        image = torch.empty(1, 3, *input_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(image)
+    flops = counter.get_total_flops()
+    return {**count_parameters(model), "gmacs": flops / 2e9, "gflops": flops / 1e9}
+
+
+def run_info(cfg: DictConfig) -> dict[str, float]:
+    size = tuple(int(v) for v in cfg.info.input_size)
+    num_classes = len(cfg.dataset.class_names)
+    stats = model_complexity(cfg.model, cfg.backbone, num_classes, size)
+    model_name = cfg.model._target_.rsplit(".", 1)[-1]
+    backbone_name = cfg.backbone.get("name", cfg.backbone._target_.rsplit(".", 1)[-1])
+    print(f"model       {model_name} + {backbone_name} ({num_classes} classes, dataset {cfg.dataset.name})")
+    print(f"parameters  {stats['params'] / 1e6:.2f}M total, {stats['trainable_params'] / 1e6:.2f}M trainable, "
+          f"{stats['backbone_params'] / 1e6:.2f}M in the backbone")
+    print(f"compute     {stats['gmacs']:.2f} GMACs = {stats['gflops']:.2f} GFLOPs (1 multiply-add = 2 FLOPs) "
+          f"per {size[0]}x{size[1]} image")
+    return stats
