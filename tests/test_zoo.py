@@ -172,8 +172,9 @@ def test_torchvision_format_file_loads_into_the_resnet_backbone(tmp_path):
     import torchvision
 
     reference = torchvision.models.resnet50()
-    torch.save(reference.state_dict(), tmp_path / "resnet50-0676ba61.pth")
-    backbone = instantiate_checked("backbone", _node("backbone", "resnet50", weights=str(tmp_path / "resnet50-0676ba61.pth")))
+    path = tmp_path / "resnet50-0676ba61.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = instantiate_checked("backbone", _node("backbone", "resnet50", weights=str(path)))
     assert torch.equal(backbone.net.conv1.weight, reference.conv1.weight)
 
 
