@@ -27,8 +27,8 @@ PAIRS = (
 )
 
 
-def _node(group: str, name: str, **extra):
-    return OmegaConf.merge(OmegaConf.load(config_dir() / group / f"{name}.yaml"), extra)
+def _node(group: str, option: str, **extra):
+    return OmegaConf.merge(OmegaConf.load(config_dir() / group / f"{option}.yaml"), extra)
 
 
 @pytest.mark.parametrize("model_name,backbone_name", PAIRS, ids=[f"{m}-{b}" for m, b in PAIRS])
@@ -208,3 +208,11 @@ def test_info_counts_parameters_and_multiply_adds():
     assert large["gflops"] == pytest.approx(2 * large["gmacs"])
     # convolutions dominate: 4x the pixels, about 4x the multiply-adds
     assert large["gmacs"] / small["gmacs"] == pytest.approx(4.0, rel=0.02)
+
+
+@pytest.mark.parametrize("model_name", ["deeplabv3plus", "deeplabv3", "pspnet"])
+@pytest.mark.parametrize("timm_name", ["efficientnet_b0", "convnext_atto"])
+def test_any_timm_encoder_works_with_the_generic_heads(model_name, timm_name):
+    model = build_model(_node("model", model_name), _node("backbone", "timm", name=timm_name), 4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 65))["out"].shape == (1, 4, 65, 65)
