@@ -27,7 +27,8 @@ def test_top_level_help_lists_the_commands(tmp_path):
 def test_train_help_is_hydras_with_the_config_groups(tmp_path):
     result = segtrain("train", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    groups = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in result.stdout.splitlines()
+    group_section = result.stdout.split("== Config ==")[0]
+    groups = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in group_section.splitlines()
               if line.split(":")[0] in ("model", "backbone", "dataset", "optimizer", "schedule", "experiment")}
     assert {"resnet50", "xception65", "hrnet_w48", "drn_d_105", "dla34", "timm"} <= set(groups["backbone"])
     assert {"deeplabv3plus", "pspnet", "hrnetv2", "drnseg", "dla_up"} <= set(groups["model"])
