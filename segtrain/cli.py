@@ -15,12 +15,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from segtrain.config import register_configs
-from segtrain.errors import SegtrainError
+from segtrain.errors import SegtrainError, user_message
 
 COMMANDS = {
     "train": "train a model: segtrain train [experiment=NAME] [group=option ...] [key=value ...]",
     "eval": "evaluate a checkpoint: segtrain eval ckpt=PATH [key=value ...]",
     "info": "parameters and GFLOPs of a model: segtrain info model=NAME backbone=NAME [info.input_size=[H,W]]",
+    "data": "datasets: segtrain data prepare voc|cityscapes --root DIR ... ; segtrain data check dataset=NAME",
 }
 
 USAGE = "usage: segtrain <command> [Hydra overrides]   (segtrain <command> --help for its options)"
@@ -49,8 +50,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines).replace(" Available options in", "; available options in")
 
 
-def precheck(command: str, args: list[str]) -> None:
+def precheck(config_name: str, args: list[str]) -> None:
     """Compose the config with the given overrides (first value of any sweep) and report failures."""
+    command = config_name.replace("_", " ")
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
@@ -79,8 +81,8 @@ def precheck(command: str, args: list[str]) -> None:
         _fail(command, _one_line(exc))
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=command):
-            compose(config_name=command, overrides=overrides)
+        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=config_name):
+            compose(config_name=config_name, overrides=overrides)
     except Exception as exc:  # noqa: BLE001 - any composition failure is a config error to the user
         _fail(command, _one_line(exc))
     finally:
@@ -100,7 +102,7 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         try:
             body(cfg, run_dir)
         except SegtrainError as exc:
-            _fail(command, str(exc))
+            _fail(command, user_message(exc))
 
     return run
 
@@ -125,12 +127,49 @@ def _info(cfg: DictConfig, run_dir: Path) -> None:
     run_info(cfg)
 
 
-TASKS = {"train": _train, "eval": _eval, "info": _info}
+def _data_check(cfg: DictConfig, run_dir: Path) -> None:
+    from segtrain.commands.data import run_check
+
+    status = run_check(cfg)
+    if status:
+        raise SystemExit(status)
+
+
+TASKS = {"train": _train, "eval": _eval, "info": _info, "data_check": _data_check}
+
+
+def _data(args: list[str]) -> None:
+    """`segtrain data prepare ...` is a plain argparse tool; `segtrain data check` a Hydra app."""
+    usage = "usage: segtrain data prepare {voc,cityscapes} [options] | segtrain data check dataset=NAME [data.split=S]"
+    if not args or args[0] in ("-h", "--help"):
+        print(usage)
+        return
+    if args[0] == "prepare":
+        from segtrain.commands.data import prepare_main
+
+        try:
+            raise SystemExit(prepare_main(args[1:]))
+        except SegtrainError as exc:
+            _fail("data prepare", user_message(exc))
+    if args[0] != "check":
+        print(f"segtrain data: error: unknown subcommand '{args[0]}'; {usage}", file=sys.stderr)
+        raise SystemExit(2)
+    _hydra_app("data_check", args[1:])
+
+
+def _hydra_app(command: str, rest: list[str]) -> None:
+    import hydra
+
+    register_configs()
+    precheck(command, rest)
+    sys.argv = [f"segtrain-{command}", *rest]
+    app = hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(
+        _task(command.replace("_", " "), TASKS[command])
+    )
+    app()
 
 
 def main(argv: list[str] | None = None) -> None:
-    import hydra
-
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE + "\n\ncommands:")
@@ -140,14 +179,11 @@ def main(argv: list[str] | None = None) -> None:
               "\n  segtrain eval ckpt=outputs/<run>/checkpoints/best.pt")
         return
     command, rest = args[0], args[1:]
-    if command not in TASKS:
+    if command == "data":
+        _data(rest)
+        return
+    if command not in COMMANDS:
         print(f"segtrain: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}",
               file=sys.stderr)
         raise SystemExit(2)
-    register_configs()
-    precheck(command, rest)
-    sys.argv = [f"segtrain-{command}", *rest]
-    app = hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(
-        _task(command, TASKS[command])
-    )
-    app()
+    _hydra_app(command, rest)

@@ -48,6 +48,15 @@ class LoggingConfig:
 
 
 @dataclass
+class DataConfig:
+    # raise: stop at the first unusable training sample, naming it; skip: warn once per file,
+    # replace it by the next usable sample, count it (TensorBoard data/skipped_samples, summary).
+    on_error: str = "raise"
+    # Split read by `segtrain data check` (null: the dataset's train and val splits).
+    split: Any = None
+
+
+@dataclass
 class AugmentConfig:
     crop_size: list[int] = field(default_factory=lambda: [513, 513])
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
@@ -105,6 +114,7 @@ class CommonConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 @dataclass

@@ -15,3 +15,12 @@ class DataError(SegtrainError):
 
 class WeightsError(SegtrainError):
     """Pretrained weights or a checkpoint cannot be loaded; the message names the file."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The message to show: for an error re-raised from a DataLoader worker, the original one line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if last.startswith(("segtrain.errors.", "DataError", "ConfigError")) else last
+    return text

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segtrain.data.dataset import Sample
+from segtrain.data.dataset import LookupDecoder, Sample
 from segtrain.errors import DataError
 
 # label id -> train id for the ids that are evaluated; the other ids (void, ground, parking, rail
@@ -26,6 +26,7 @@ def label_id_to_train_id() -> np.ndarray:
 
 
 LABEL_TO_TRAIN = label_id_to_train_id()
+LABEL_DECODER = LookupDecoder(LABEL_TO_TRAIN)
 
 
 def cityscapes_samples(root: str | Path, split: str, annotation: str = "gtFine") -> list[Sample]:
@@ -47,7 +48,7 @@ def cityscapes_samples(root: str | Path, split: str, annotation: str = "gtFine")
         if train_ids.is_file():
             samples.append((image, train_ids))
         else:
-            samples.append((image, label_dir / f"{stem}_{annotation}_labelIds.png", LABEL_TO_TRAIN))
+            samples.append((image, label_dir / f"{stem}_{annotation}_labelIds.png", LABEL_DECODER))
     if not samples:
         raise DataError(f"no *_leftImg8bit.png images under {image_dir}")
     return samples

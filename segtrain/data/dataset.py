@@ -10,31 +10,104 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segtrain.errors import DataError
+from segtrain.errors import ConfigError, DataError
 
-# (image, mask) or (image, mask, lut): a 256-entry uint8 table mapping raw mask values to class
-# indices (e.g. Cityscapes label ids -> train ids), applied when the mask is read.
+# (image, mask) or (image, mask, decoder): the decoder turns the stored mask into class indices
+# (Cityscapes label ids -> train ids, colour-coded masks -> indices) when the mask is read.
 Sample = tuple
 
 
+class LookupDecoder:
+    """Single-channel masks whose values are mapped through a 256-entry table (unlisted -> ignore)."""
+
+    reads_rgb = False
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.table = np.asarray(table, dtype=np.uint8)
+
+    def __call__(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        return self.table[raw]
+
+
+class ColorDecoder:
+    """RGB colour-coded masks: each class colour -> its index, `ignore_colors` -> ignore index.
+
+    A colour that is neither a class nor ignored is an error naming the file: guessing would
+    silently corrupt the labels.
+    """
+
+    reads_rgb = True
+
+    def __init__(self, colors: list, ignore_colors: list | None = None, ignore_index: int = 255) -> None:
+        self.codes: dict[int, int] = {}
+        for index, color in enumerate(colors):
+            self.codes[self._code(color)] = index
+        for color in ignore_colors or []:
+            self.codes[self._code(color)] = ignore_index
+        keys = np.array(sorted(self.codes), dtype=np.int64)
+        self.keys, self.values = keys, np.array([self.codes[k] for k in keys], dtype=np.uint8)
+
+    @staticmethod
+    def _code(color: list) -> int:
+        r, g, b = (int(c) for c in color)
+        return (r << 16) | (g << 8) | b
+
+    def __call__(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        codes = (raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2]
+        position = np.clip(np.searchsorted(self.keys, codes), 0, len(self.keys) - 1)
+        known = self.keys[position] == codes
+        if not known.all():
+            unknown = np.unique(codes[~known])[:5]
+            colours = [((int(c) >> 16) & 255, (int(c) >> 8) & 255, int(c) & 255) for c in unknown]
+            raise DataError(
+                f"mask {path} has colours {colours} that are not in the dataset's class colours "
+                "(dataset.source.colors) nor its ignore colours (dataset.source.ignore_colors)"
+            )
+        return self.values[position]
+
+
+def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
+    """(RGB uint8 HxWx3, what was converted: None, "grayscale", "rgba" or "16-bit").
+
+    Pixels are used as stored: EXIF orientation is ignored, for images as for masks, so an image
+    and its mask always line up. Truncated JPEG and PNG files are errors, not partial images.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
+        raise DataError(f"image {path} is a truncated JPEG (no end-of-image marker)")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
+        raise DataError(f"image {path} is a truncated PNG (no IEND chunk)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DataError(f"cannot decode image {path} (not an image, or corrupt)")
+    note = None
+    if image.dtype == np.uint16:
+        image, note = (image // 257).astype(np.uint8), "16-bit"
+    elif image.dtype != np.uint8:
+        raise DataError(f"image {path} has unsupported pixel type {image.dtype}")
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB), note or "grayscale"
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB), note or "rgba"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), note
+
+
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 HxWx3; grayscale and RGBA are converted, 16-bit scaled to 8-bit."""
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise DataError(f"cannot read image {path} (missing, truncated or not an image)")
-    if data.dtype == np.uint16:
-        data = (data // 257).astype(np.uint8)
-    if data.ndim == 2:
-        return cv2.cvtColor(data, cv2.COLOR_GRAY2RGB)
-    if data.shape[2] == 4:
-        return cv2.cvtColor(data, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
+    """RGB uint8 HxWx3; grayscale, RGBA and 16-bit images are converted."""
+    return decode_image(path)[0]
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Class indices HxW uint8, read as palette indices (never through an RGB conversion)."""
+def read_mask(path: Path, rgb: bool = False) -> np.ndarray:
+    """HxW uint8 read as palette indices (never through an RGB conversion); HxWx3 when `rgb`."""
+    if not Path(path).is_file():
+        raise DataError(f"mask {path} is missing")
     try:
         with Image.open(path) as img:
+            if rgb:
+                return np.array(img.convert("RGB"), dtype=np.uint8)
             if img.mode not in ("P", "L"):
                 raise DataError(
                     f"mask {path} is a {img.mode} image; masks must be single-channel index PNGs "
@@ -45,6 +118,29 @@ def read_mask(path: Path) -> np.ndarray:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise DataError(f"cannot read mask {path}: {exc}") from None
+
+
+def check_pair(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path: Path, num_classes: int,
+               ignore_index: int = 255) -> None:
+    """Raise a DataError naming the files when image and mask sizes differ or labels are invalid."""
+    if image.shape[:2] != mask.shape:
+        raise DataError(
+            f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its mask {mask_path} "
+            f"is {mask.shape[1]}x{mask.shape[0]}"
+        )
+    invalid = (mask >= num_classes) & (mask != ignore_index)
+    if invalid.any():
+        values = sorted(set(np.unique(mask[invalid]).tolist()))
+        raise DataError(
+            f"mask {mask_path} has label values {values[:8]} outside 0..{num_classes - 1} "
+            f"and the ignore index {ignore_index}"
+        )
+
+
+def read_decoded_mask(mask_path: Path, decoder: object | None) -> np.ndarray:
+    if decoder is None:
+        return read_mask(mask_path)
+    return decoder(read_mask(mask_path, rgb=decoder.reads_rgb), mask_path)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -60,39 +156,44 @@ class SegmentationDataset(torch.utils.data.Dataset):
         num_classes: int,
         transform: Callable[[np.ndarray, np.ndarray, int], tuple[torch.Tensor, torch.Tensor]],
         ignore_index: int = 255,
+        on_error: str = "raise",
     ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         self.samples = samples
         self.num_classes = num_classes
         self.transform = transform
         self.ignore_index = ignore_index
+        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, mask_path, *lut = self.samples[index]
-        image, mask = read_image(image_path), read_mask(mask_path)
-        if lut:
-            mask = lut[0][mask]
-        if image.shape[:2] != mask.shape:
-            raise DataError(
-                f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its mask {mask_path} "
-                f"is {mask.shape[1]}x{mask.shape[0]}"
-            )
-        invalid = (mask >= self.num_classes) & (mask != self.ignore_index)
-        if invalid.any():
-            values = sorted(set(np.unique(mask[invalid]).tolist()))
-            raise DataError(
-                f"mask {mask_path} has label values {values[:8]} outside 0..{self.num_classes - 1} "
-                f"and the ignore index {self.ignore_index}"
-            )
+        image_path, mask_path, *decoder = self.samples[index]
+        image = read_image(image_path)
+        mask = read_decoded_mask(mask_path, decoder[0] if decoder else None)
+        check_pair(image, mask, image_path, mask_path, self.num_classes, self.ignore_index)
         return image, mask
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """With on_error=skip, an unusable sample is replaced by the next usable one; the skipped
+        files and reasons travel with the item ("skipped") so the training loop can count them."""
         index, seed = item if isinstance(item, tuple) else (item, index_seed(item))
-        image, mask = self.load(index)
+        skipped: list[str] = []
+        for attempt in range(len(self.samples)):
+            current = (index + attempt) % len(self.samples)
+            try:
+                image, mask = self.load(current)
+                break
+            except DataError as exc:
+                if self.on_error == "raise":
+                    raise
+                skipped.append(str(exc))
+        else:
+            raise DataError(f"every sample of the dataset is unusable; first problem: {skipped[0]}")
         image_t, mask_t = self.transform(image, mask, seed)
-        return {"image": image_t, "mask": mask_t, "index": index}
+        return {"image": image_t, "mask": mask_t, "index": current, "skipped": "\n".join(skipped)}
 
 
 def index_seed(index: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,18 +14,29 @@ from torch.utils.data import DataLoader, Sampler
 from segtrain.config import DatasetConfig
 from segtrain.data.dataset import SegmentationDataset
 from segtrain.data.transforms import eval_transform, train_transform
+from segtrain.errors import DataError
 from segtrain.instantiate import instantiate_checked
 
 
-def build_dataset(cfg: DatasetConfig | DictConfig, split: str, train: bool) -> SegmentationDataset:
+def build_dataset(
+    cfg: DatasetConfig | DictConfig, split: str, train: bool, on_error: str = "raise"
+) -> SegmentationDataset:
     samples = instantiate_checked("dataset.source", cfg.source, root=cfg.root, split=split)
+    if not samples:
+        raise DataError(f"split '{split}' of dataset '{cfg.name}' at {cfg.root} is empty")
+    if on_error == "raise":
+        # Seconds now rather than a crash hours into training.
+        missing = [str(s[1]) for s in samples if not Path(s[1]).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} masks of split '{split}' are missing, e.g. {missing[:3]}; add them, "
+                            "remove those images, or set data.on_error=skip (segtrain data check lists all problems)")
     mean, std = list(cfg.mean), list(cfg.std)
     if train:
         augment = OmegaConf.to_object(cfg.augment) if isinstance(cfg, DictConfig) else cfg.augment
         transform = train_transform(augment, mean, std, cfg.ignore_index)
     else:
         transform = eval_transform(mean, std)
-    return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index)
+    return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index, on_error)
 
 
 def sample_seed(seed: int, position: int) -> int:

@@ -78,7 +78,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     class_names = list(cfg.dataset.class_names)
     num_classes = len(class_names)
 
-    train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True)
+    train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error)
     val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False)
     model = build_model(cfg.model, cfg.backbone, num_classes).to(device)
     optimizer = build_optimizer(cfg.optimizer, model)
@@ -154,10 +154,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     data = iter(loader)
     last_miou, last_images, tic = math.nan, start_iter // cfg.logging.image_interval, time.perf_counter()
     history: list[dict[str, float]] = []
+    skipped: set[str] = set()
+    skipped_count = 0
     for iteration in range(start_iter + 1, t.max_iters + 1):
         loss_sum = torch.zeros((), device=device)
         for _ in range(t.grad_accum_steps):
             batch = next(data)
+            for report in batch["skipped"]:
+                for problem in filter(None, report.split("\n")):
+                    skipped_count += 1
+                    if problem not in skipped:
+                        skipped.add(problem)
+                        log.warning("data.on_error=skip: skipping a sample: %s", problem)
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             with autocast(device, t.amp):
@@ -189,6 +197,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if writer is not None:
                 writer.add_scalar("train/loss", loss_value, iteration)
                 writer.add_scalar("train/lr", lr, iteration)
+                if cfg.data.on_error == "skip":
+                    writer.add_scalar("data/skipped_samples", skipped_count, iteration)
 
         if iteration % t.val_interval == 0 or iteration == t.max_iters:
             images_due = iteration // cfg.logging.image_interval > last_images or iteration == t.max_iters
@@ -205,4 +215,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if writer is not None:
         writer.close()
     log.info("done: final val mIoU %.4f, best %.4f; checkpoints in %s", last_miou, best_miou, ckpt_dir)
-    return {"final_miou": last_miou, "best_miou": best_miou, "history": history, "model": model}
+    if skipped:
+        log.warning("%d unusable samples were skipped (%d distinct problems)", skipped_count, len(skipped))
+    return {"final_miou": last_miou, "best_miou": best_miou, "history": history, "model": model,
+            "skipped": skipped_count}

@@ -1,0 +1,88 @@
+"""Your own data: `images/` and `masks/` folders matched by file stem.
+
+Masks are single-channel PNGs of class indices (255 = ignore), or RGB colour PNGs decoded through
+the class colours given in the config. Splits come from `<split_dir>/<split>.txt` files listing
+stems, or from a seeded random split into `train` and `val`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segtrain.data.dataset import ColorDecoder, Sample, read_split_file
+from segtrain.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+
+
+def _by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in extensions:
+            if path.stem in files:
+                raise DataError(f"two files share the stem '{path.stem}' in {folder}: {files[path.stem].name}, "
+                                f"{path.name}; stems must be unique")
+            files[path.stem] = path
+    return files
+
+
+def ratio_split(stems: list[str], split: str, val_ratio: float, seed: int) -> list[str]:
+    """A reproducible split: the same stems, ratio and seed always give the same train/val sets."""
+    if split not in ("train", "val", "all"):
+        raise ConfigError(f"split '{split}' does not exist without split files: use train, val or all "
+                          "(or set dataset.source.split_dir)")
+    if not 0.0 < val_ratio < 1.0:
+        raise ConfigError(f"dataset.source.val_ratio must be in (0, 1), got {val_ratio}")
+    if split == "all":
+        return stems
+    order = np.random.default_rng(seed).permutation(len(stems))
+    num_val = max(1, round(len(stems) * val_ratio)) if len(stems) > 1 else 0
+    chosen = sorted(order[:num_val]) if split == "val" else sorted(order[num_val:])
+    return [stems[i] for i in chosen]
+
+
+def folder_samples(
+    root: str | Path,
+    split: str,
+    image_dir: str = "images",
+    mask_dir: str = "masks",
+    mask_format: str = "index",
+    colors: list | None = None,
+    ignore_colors: list | None = None,
+    split_dir: str | None = None,
+    val_ratio: float = 0.1,
+    seed: int = 0,
+) -> list[Sample]:
+    root = Path(root)
+    images_path, masks_path = root / image_dir, root / mask_dir
+    for folder, key in ((images_path, "image_dir"), (masks_path, "mask_dir")):
+        if not folder.is_dir():
+            raise DataError(f"{folder} not found: dataset.root={root} must contain dataset.source.{key}={folder.name}/")
+    if mask_format not in ("index", "rgb"):
+        raise ConfigError(f"dataset.source.mask_format must be 'index' or 'rgb', got {mask_format!r}")
+    decoder = None
+    if mask_format == "rgb":
+        if not colors:
+            raise ConfigError("dataset.source.mask_format=rgb needs dataset.source.colors: one [R, G, B] per class")
+        decoder = ColorDecoder(colors, ignore_colors)
+    images = _by_stem(images_path, IMAGE_EXTENSIONS)
+    masks = _by_stem(masks_path, MASK_EXTENSIONS)
+    if not images:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images_path}")
+    if split_dir:
+        stems = read_split_file(root / split_dir / f"{split}.txt")
+        unknown = [s for s in stems if s not in images]
+        if unknown:
+            raise DataError(f"{root / split_dir / f'{split}.txt'} lists stems without an image in {images_path}: "
+                            f"{unknown[:5]}")
+    else:
+        stems = ratio_split(sorted(images), split, val_ratio, seed)
+    samples: list[Sample] = []
+    for stem in stems:
+        # A missing mask keeps its expected name, so that reading or `data check` names it.
+        mask = masks.get(stem, masks_path / f"{stem}.png")
+        samples.append((images[stem], mask, decoder) if decoder else (images[stem], mask))
+    return samples
