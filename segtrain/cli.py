@@ -21,6 +21,8 @@ COMMANDS = {
     "train": "train a model: segtrain train [experiment=NAME] [group=option ...] [key=value ...]",
     "eval": "evaluate a checkpoint: segtrain eval ckpt=PATH [key=value ...]",
     "info": "parameters and GFLOPs of a model: segtrain info model=NAME backbone=NAME [info.input_size=[H,W]]",
+    "predict": "segment images: segtrain predict ckpt=PATH input=FILE|DIR|GLOB output=DIR",
+    "export": "export for deployment: segtrain export ckpt=PATH format=onnx|torchscript",
     "data": "datasets: segtrain data prepare voc|cityscapes --root DIR ... ; segtrain data check dataset=NAME",
 }
 
@@ -135,7 +137,24 @@ def _data_check(cfg: DictConfig, run_dir: Path) -> None:
         raise SystemExit(status)
 
 
-TASKS = {"train": _train, "eval": _eval, "info": _info, "data_check": _data_check}
+def _predict(cfg: DictConfig, run_dir: Path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from segtrain.commands.predict import run_predict
+
+    run_predict(cfg, list(HydraConfig.get().overrides.task))
+
+
+def _export(cfg: DictConfig, run_dir: Path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from segtrain.commands.export import run_export
+
+    run_export(cfg, list(HydraConfig.get().overrides.task), run_dir)
+
+
+TASKS = {"train": _train, "eval": _eval, "info": _info, "data_check": _data_check, "predict": _predict,
+         "export": _export}
 
 
 def _data(args: list[str]) -> None:

@@ -36,6 +36,15 @@ class EvalConfig:
     split: str = "val"
     batch_size: int = 1
     num_workers: int = 2
+    # Test-time protocol (segtrain.engine.inference), shared by validation, eval and predict.
+    mode: str = "whole"  # whole | slide
+    crop_size: Any = None  # slide: [H, W] window (null: the training crop)
+    stride: Any = None  # slide: [H, W] step (null: 2/3 of the window)
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    # Evaluate a model trained at output stride 16 at 8 (eval and predict; the DeepLab protocol).
+    output_stride: Any = None
+    save_predictions: bool = False
 
 
 @dataclass
@@ -129,6 +138,32 @@ class EvalAppConfig(CommonConfig):
 
 
 @dataclass
+class PredictConfig:
+    alpha: float = 0.5  # weight of the colour mask in the overlay
+
+
+@dataclass
+class PredictAppConfig(CommonConfig):
+    ckpt: str = MISSING
+    input: Any = None
+    output: Any = None
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+@dataclass
+class ExportConfig:
+    input_size: list[int] = field(default_factory=lambda: [512, 512])
+    output: Any = None  # default: <run dir>/model.onnx or model.pt
+
+
+@dataclass
+class ExportAppConfig(CommonConfig):
+    ckpt: str = MISSING
+    format: str = "onnx"
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+@dataclass
 class InfoConfig:
     input_size: list[int] = field(default_factory=lambda: [512, 512])
 
@@ -143,3 +178,5 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainAppConfig)
     store.store(name="eval_schema", node=EvalAppConfig)
     store.store(name="info_schema", node=InfoAppConfig)
+    store.store(name="predict_schema", node=PredictAppConfig)
+    store.store(name="export_schema", node=ExportAppConfig)

@@ -48,3 +48,44 @@ def denormalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) 
     """CHW normalised float -> HWC uint8 RGB."""
     hwc = image.transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
     return np.clip(hwc * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, prediction: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:
+    """The colour mask blended over the image: alpha = weight of the mask."""
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colorize(prediction, palette).astype(np.float32)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def confusion_matrix_image(matrix: np.ndarray, class_names: Sequence[str], cell: int = 28) -> np.ndarray:
+    """Row-normalised confusion matrix (rows: ground truth, columns: prediction) as an RGB image,
+    class names on both axes, each cell's percentage written in it."""
+    import cv2
+
+    counts = np.asarray(matrix, dtype=np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    n = len(class_names)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+    label_w = max(cv2.getTextSize(name, font, scale, 1)[0][0] for name in class_names) + 12
+    size = n * cell
+    heat = cv2.applyColorMap(np.uint8(np.round(share * 255)), cv2.COLORMAP_VIRIDIS)
+    heat = cv2.resize(heat, (size, size), interpolation=cv2.INTER_NEAREST)
+    for r in range(n):
+        for c in range(n):
+            if share[r, c] >= 0.005:
+                text = f"{100 * share[r, c]:.0f}"
+                color = (0, 0, 0) if share[r, c] > 0.6 else (255, 255, 255)
+                cv2.putText(heat, text, (c * cell + 3, r * cell + cell // 2 + 4), font, 0.33, color, 1, cv2.LINE_AA)
+    canvas = np.full((size + label_w + 20, max(size + label_w + 20, 330), 3), 255, np.uint8)
+    top, left = label_w, label_w
+    canvas[top:top + size, left:left + size] = heat
+    for i, name in enumerate(class_names):
+        cv2.putText(canvas, name, (4, top + i * cell + cell // 2 + 4), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    columns = np.full((label_w, size, 3), 255, np.uint8)  # written horizontally, then rotated
+    columns = np.ascontiguousarray(np.rot90(columns, 1))
+    for i, name in enumerate(class_names):
+        cv2.putText(columns, name, (4, size - i * cell - cell // 2 + 4), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    canvas[:label_w, left:left + size] = np.rot90(columns, -1)
+    cv2.putText(canvas, "rows: ground truth, columns: prediction (% of row)", (4, size + label_w + 14), font, 0.35,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    return cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from segtrain.config import CommonConfig
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
+from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.report import format_table, write_metrics
 from segtrain.engine.runtime import check_amp, resolve_device
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
+from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
 log = logging.getLogger("segtrain.eval")
 
 GROUPS = ("model", "backbone", "dataset", "optimizer", "schedule")
+# Keys of the command's own config, never taken from (or written into) the training config.
+COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "info")
 
 
 def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str]) -> DictConfig:
@@ -33,7 +43,7 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
     for text in overrides:
         override = parser.parse_override(text)
         key = override.key_or_group
-        if key == "ckpt" or override.is_delete():
+        if key.split(".")[0] in COMMAND_KEYS or override.is_delete():
             continue
         if key == "experiment":
             raise ConfigError("experiment= cannot be changed at evaluation; override single keys instead")
@@ -46,7 +56,7 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
 
 def checkpoint_config(state: dict, composed: DictConfig, overrides: list[str]) -> DictConfig:
     stored = OmegaConf.create(state["config"])
-    for key in ("resume", "ckpt"):
+    for key in COMMAND_KEYS:
         stored.pop(key, None)
     stored = apply_overrides(stored, composed, overrides)
     try:
@@ -55,9 +65,23 @@ def checkpoint_config(state: dict, composed: DictConfig, overrides: list[str]) -
         raise ConfigError(f"the config stored in the checkpoint does not validate: {exc}") from None
 
 
-def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
+@dataclass
+class LoadedModel:
+    cfg: DictConfig
+    model: nn.Module
+    state: dict
+    device: torch.device
+    class_names: list[str]
+
+
+def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedModel:
+    """Checkpoint -> (config with the command line applied, model in eval mode on its device).
+
+    `eval.output_stride` rebuilds a dilatable backbone at that stride before loading the weights
+    (dilation changes no weight shape), e.g. a model trained at 16 evaluated at 8; the ASPP rates follow.
+    """
     if OmegaConf.is_missing(composed, "ckpt"):
-        raise ConfigError("ckpt is required: segtrain eval ckpt=outputs/<run>/checkpoints/best.pt")
+        raise ConfigError("ckpt is required: ckpt=outputs/<run>/checkpoints/best.pt")
     ckpt = Path(composed.ckpt)
     state = load_checkpoint(ckpt)
     cfg = checkpoint_config(state, composed, overrides)
@@ -66,19 +90,46 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     if saved_names != class_names:
         raise ConfigError(
             f"{ckpt} predicts {len(saved_names)} classes but dataset '{cfg.dataset.name}' has "
-            f"{len(class_names)}; evaluate on the dataset the model was trained for"
+            f"{len(class_names)}; use the dataset the model was trained for"
         )
+    backbone_cfg = cfg.backbone
+    if cfg.eval.output_stride is not None:
+        if backbone_cfg.get("output_stride") is None:
+            raise ConfigError(f"eval.output_stride: backbone '{backbone_cfg.get('name')}' has no output_stride to "
+                              "change (only dilated ResNet / Xception backbones do)")
+        backbone_cfg = OmegaConf.merge(backbone_cfg, {"output_stride": int(cfg.eval.output_stride)})
+    backbone_cfg = OmegaConf.merge(backbone_cfg, {"pretrained": False, "weights": None})
     device = resolve_device(cfg.trainer.device)
-    amp = check_amp(cfg.trainer.amp)
-    model = build_model(cfg.model, cfg.backbone, len(class_names))
+    model = build_model(cfg.model, backbone_cfg, len(class_names))
     model.load_state_dict(state["model"])
-    model.to(device)
+    model.to(device).eval()
+    return LoadedModel(cfg, model, state, device, class_names)
+
+
+def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
+    loaded = load_for_inference(composed, overrides)
+    cfg, class_names, state = loaded.cfg, loaded.class_names, loaded.state
+    ckpt = Path(composed.ckpt)
+    amp = check_amp(cfg.trainer.amp)
+    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
-    loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, device.type == "cuda")
-    log.info("evaluating %s (iteration %s) on %s/%s: %d images at full resolution", ckpt,
-             state.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset))
-    result = evaluate(model, loader, len(class_names), device, amp, cfg.dataset.ignore_index,
-                      progress=cfg.logging.progress)
+    loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")
+    palette = make_palette(cfg.dataset.palette, len(class_names))
+    save = None
+    if cfg.eval.save_predictions:
+        (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
+
+        def save(sample: dict, prediction: np.ndarray) -> None:
+            stem = Path(dataset.samples[sample["index"]][0]).stem
+            cv2.imwrite(str(run_dir / "predictions" / f"{stem}.png"),
+                        cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
+
+    log.info("evaluating %s (iteration %s) on %s/%s: %d images at full resolution, mode %s, scales %s, "
+             "flip %s%s", ckpt, state.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset),
+             settings.mode, list(settings.scales), settings.flip,
+             f", output stride {cfg.eval.output_stride}" if cfg.eval.output_stride else "")
+    result = evaluate(loaded.model, loader, len(class_names), loaded.device, amp, cfg.dataset.ignore_index,
+                      settings, progress=cfg.logging.progress, on_prediction=save)
     metrics = result.metrics
     extra = {
         "checkpoint": str(ckpt),
@@ -86,11 +137,26 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
         "dataset": cfg.dataset.name,
         "split": cfg.eval.split,
         "num_images": len(dataset),
+        "protocol": {"mode": settings.mode, "crop_size": settings.crop_size, "stride": settings.stride,
+                     "scales": list(settings.scales), "flip": settings.flip,
+                     "output_stride": cfg.eval.output_stride},
+        "seconds_per_image": result.seconds_per_image,
     }
     write_metrics(run_dir, metrics, class_names, extra)
-    print(format_table(metrics, class_names))
+    matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
+    cv2.imwrite(str(run_dir / "confusion_matrix.png"), cv2.cvtColor(matrix_image, cv2.COLOR_RGB2BGR))
+    table = format_table(metrics, class_names)
+    if cfg.logging.tensorboard:
+        with SummaryWriter(str(run_dir)) as writer:
+            step = int(state.get("iteration") or 0)
+            for key in ("miou", "pixel_acc", "mean_acc"):
+                writer.add_scalar(f"eval/{key}", metrics[key], step)
+            writer.add_text("eval/per_class_iou", "    " + table.replace("\n", "\n    "), step)
+            writer.add_image("eval/confusion_matrix", matrix_image, step, dataformats="HWC")
+    print(table)
     logged = state.get("best_miou")
-    note = f" (the training run logged best mIoU {logged:.4f})" if isinstance(logged, float) and logged >= 0 else ""
-    print(f"mIoU {metrics['miou']:.4f} on {cfg.dataset.name}/{cfg.eval.split}{note}")
-    print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'per_class_iou.csv'}")
+    note = f" (checkpoint's recorded val mIoU {logged:.4f})" if isinstance(logged, float) and logged >= 0 else ""
+    print(f"mIoU {metrics['miou']:.4f} on {cfg.dataset.name}/{cfg.eval.split}{note}; "
+          f"{result.seconds_per_image * 1000:.1f} ms per image")
+    print(f"wrote {run_dir / 'metrics.json'}, per_class_iou.csv and confusion_matrix.png")
     return metrics

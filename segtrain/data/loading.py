@@ -101,10 +101,28 @@ def list_collate(batch: list[dict]) -> list[dict]:
     return batch
 
 
+class ShardSampler(Sampler):
+    """Indices rank, rank + W, rank + 2W, ...: every sample exactly once across the processes (no
+    padding duplicates, so a distributed confusion matrix equals the single-process one)."""
+
+    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, num_samples, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def eval_loader(dataset: SegmentationDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = ShardSampler(len(dataset), torch.distributed.get_rank(), torch.distributed.get_world_size())
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        sampler=sampler,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,

@@ -1,8 +1,10 @@
-"""The evaluation loop: full-resolution inference and the confusion matrix."""
+"""The evaluation loop: full-resolution inference (segtrain.engine.inference) and the confusion matrix."""
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segtrain.engine.inference import InferenceSettings, infer
 from segtrain.engine.runtime import progress_enabled
 from segtrain.metrics import ConfusionMatrix
 
@@ -18,6 +21,8 @@ from segtrain.metrics import ConfusionMatrix
 @dataclass
 class EvalResult:
     metrics: dict
+    matrix: torch.Tensor
+    seconds_per_image: float
     # (normalised CHW image, mask HW, prediction HW) as numpy, for the first few images.
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
@@ -48,25 +53,38 @@ def evaluate(
     device: torch.device,
     amp: str = "off",
     ignore_index: int = 255,
+    settings: InferenceSettings = InferenceSettings(),
     num_examples: int = 0,
     progress: bool = False,
+    on_prediction: Callable[[dict, np.ndarray], None] | None = None,
 ) -> EvalResult:
+    """Score `loader` (a shard of it per process under torch.distributed; the matrix is summed)."""
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
     examples = []
-    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress_enabled(progress), leave=False):
+    images, start = 0, time.perf_counter()
+    bar = tqdm(total=len(loader.dataset), desc="eval", unit="img", disable=not progress_enabled(progress),
+               leave=False)
+    for batch in loader:
         for group in _batches_by_size(batch):
-            images = torch.stack([s["image"] for s in group]).to(device, non_blocking=True)
+            inputs = torch.stack([s["image"] for s in group]).to(device, non_blocking=True)
             masks = torch.stack([s["mask"] for s in group]).to(device, non_blocking=True)
             with autocast(device, amp):
-                logits = model(images)["out"]
-            prediction = logits.argmax(1)
+                scores = infer(model, inputs, settings)
+            prediction = scores.argmax(1)
             matrix.update(prediction, masks)
-            for i in range(len(group)):
-                if len(examples) < num_examples:
-                    examples.append((group[i]["image"].numpy(), group[i]["mask"].numpy(),
-                                     prediction[i].cpu().numpy()))
+            if on_prediction is not None or len(examples) < num_examples:
+                predicted = prediction.cpu().numpy()
+                for i, sample in enumerate(group):
+                    if on_prediction is not None:
+                        on_prediction(sample, predicted[i])
+                    if len(examples) < num_examples:
+                        examples.append((sample["image"].numpy(), sample["mask"].numpy(), predicted[i]))
+            images += len(group)
+            bar.update(len(group))
+    bar.close()
     matrix.all_reduce()
     model.train(was_training)
-    return EvalResult(matrix.compute(), examples)
+    seconds = (time.perf_counter() - start) / max(images, 1)
+    return EvalResult(matrix.compute(), matrix.matrix.cpu(), seconds, examples)

@@ -24,6 +24,7 @@ from segtrain.engine.checkpoint import (
     save_periodic,
 )
 from segtrain.engine.evaluate import autocast, evaluate
+from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.losses import segmentation_loss
 from segtrain.engine.optim import build_optimizer
 from segtrain.engine.runtime import check_amp, progress_enabled, resolve_device, seed_everything
@@ -111,6 +112,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         sum(p.numel() for p in model.parameters()) / 1e6, len(train_set), len(val_set),
         samples_per_iter, t.batch_size, t.grad_accum_steps, device, t.amp,
     )
+    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
     writer = SummaryWriter(str(run_dir)) if cfg.logging.tensorboard else None
     palette = make_palette(cfg.dataset.palette, num_classes)
     ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -129,7 +131,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         }
 
     def validate(iteration: int, log_images: bool) -> float:
-        result = evaluate(model, val_loader, num_classes, device, t.amp, ignore_index,
+        result = evaluate(model, val_loader, num_classes, device, t.amp, ignore_index, settings,
                           num_examples=cfg.logging.num_images if log_images else 0)
         m = result.metrics
         log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f", iteration, m["miou"],

@@ -1,0 +1,90 @@
+"""`segtrain predict ckpt=PATH input=FILE|DIR|GLOB output=DIR`: segment images of any size.
+
+For each image: <stem>.png (class indices, palette-encoded so viewers show colours),
+<stem>_color.png (the colour mask) and <stem>_overlay.png (mask over image, `predict.alpha`).
+Files that cannot be read as images are skipped with a warning and listed at the end.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from segtrain.commands.evaluate import load_for_inference
+from segtrain.data.dataset import decode_image
+from segtrain.engine.evaluate import autocast
+from segtrain.engine.inference import InferenceSettings, infer
+from segtrain.engine.runtime import check_amp
+from segtrain.errors import ConfigError, DataError
+from segtrain.visualize import colorize, make_palette, overlay
+
+log = logging.getLogger("segtrain.predict")
+
+
+def input_files(spec: str) -> list[Path]:
+    """A file, every file in a folder (non-images are reported, not hidden), or a glob pattern."""
+    path = Path(spec)
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ConfigError(f"input={spec}: no such file, folder or matching pattern")
+    if not files:
+        raise ConfigError(f"input={spec}: no files found")
+    return files
+
+
+def normalise(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    array = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
+    if composed.input is None or composed.output is None:
+        raise ConfigError("predict needs input=FILE|DIR|GLOB and output=DIR")
+    alpha = float(composed.predict.alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"predict.alpha must be in [0, 1], got {alpha}")
+    files = input_files(str(composed.input))
+    loaded = load_for_inference(composed, overrides)
+    cfg = loaded.cfg
+    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
+    amp = check_amp(cfg.trainer.amp)
+    palette = make_palette(cfg.dataset.palette, len(loaded.class_names))
+    flat_palette = palette.flatten().tolist()
+    out = Path(composed.output)
+    out.mkdir(parents=True, exist_ok=True)
+    written, skipped = 0, []
+    for path in files:
+        try:
+            image, _ = decode_image(path)
+        except DataError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            skipped.append((path, str(exc)))
+            continue
+        tensor = normalise(image, list(cfg.dataset.mean), list(cfg.dataset.std))[None].to(loaded.device)
+        with autocast(loaded.device, amp):
+            prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        index_png = Image.fromarray(prediction, mode="P")
+        index_png.putpalette(flat_palette)
+        index_png.save(out / f"{path.stem}.png")
+        cv2.imwrite(str(out / f"{path.stem}_color.png"), cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / f"{path.stem}_overlay.png"),
+                    cv2.cvtColor(overlay(image, prediction, palette, alpha), cv2.COLOR_RGB2BGR))
+        written += 1
+    print(f"segmented {written} image(s) into {out}")
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not readable images:")
+        for path, reason in skipped:
+            print(f"  {path}: {reason}")
+    return {"written": written, "skipped": [str(p) for p, _ in skipped]}

@@ -1,0 +1,242 @@
+"""Test-time protocols (whole, slide, multi-scale, flip) and metric invariance (batch size, processes)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import compose_config, tiny_overrides
+from segtrain.data.loading import build_dataset, eval_loader
+from segtrain.engine.evaluate import evaluate
+from segtrain.engine.inference import InferenceSettings, infer, slide_logits
+from segtrain.engine.trainer import train
+from segtrain.models import build_model
+
+
+class PointwiseModel(torch.nn.Module):
+    """A single 1x1 convolution: translation-equivariant, so windows cannot change its output."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, classes, 1)
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, x):
+        self.calls.append(tuple(x.shape[-2:]))
+        return {"out": self.conv(x)}
+
+
+class Contextual(torch.nn.Module):
+    """3x3 convolutions: windows do change the border context, as in real networks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 3, padding=1))
+
+    def forward(self, x):
+        return {"out": self.net(x)}
+
+
+@pytest.mark.parametrize("size", [(20, 30), (32, 32), (70, 90)], ids=["smaller", "equal", "larger"])
+def test_slide_equals_whole_for_a_translation_equivariant_model(size):
+    model = PointwiseModel()
+    image = torch.randn(2, 3, *size)
+    slide = infer(model, image, InferenceSettings("slide", (32, 32), (21, 21)))
+    whole = infer(model, image, InferenceSettings("whole"))
+    assert slide.shape == whole.shape == (2, 3, *size)
+    assert torch.allclose(slide, whole, atol=1e-6)
+    assert all(call == (32, 32) for call in model.calls[:-1])  # every window has the crop size
+
+
+def test_slide_windows_cover_the_image_and_average_overlaps():
+    model = Contextual()
+    image = torch.randn(1, 3, 50, 50)
+    out = slide_logits(model, image, (32, 32), (18, 18))
+    # windows start at 0 and 18 on each axis; pixel (40, 40) is only in the (18, 18) window
+    with torch.no_grad():
+        corner = model(image[..., 18:50, 18:50])["out"]
+        first = model(image[..., 0:32, 0:32])["out"]
+        second = model(image[..., 0:32, 18:50])["out"]
+    assert torch.allclose(out[..., 40, 40], corner[..., 22, 22])
+    assert torch.allclose(out[..., 5, 25], (first[..., 5, 25] + second[..., 5, 7]) / 2, atol=1e-6)
+
+
+def test_scale_one_without_flip_is_bit_identical_to_whole():
+    model = Contextual()
+    image = torch.randn(1, 3, 33, 47)
+    with torch.no_grad():
+        direct = model(image)["out"]
+    assert torch.equal(infer(model, image, InferenceSettings("whole", scales=(1.0,), flip=False)), direct)
+
+
+class SignModel(torch.nn.Module):
+    """Two classes with logits (v, -v), v = the first channel: softmax is hand-computable."""
+
+    def forward(self, x):
+        v = x[:, :1]
+        return {"out": torch.cat([v, -v], dim=1)}
+
+
+def test_multi_scale_average_against_a_hand_computation():
+    pixels = torch.tensor([[0.1, 0.3], [0.5, 0.9]])
+    image = torch.zeros(1, 3, 2, 2)
+    image[0, 0] = pixels
+    scores = infer(SignModel(), image, InferenceSettings("whole", scales=(0.5, 1.0)))
+    # scale 0.5: the 2x2 image becomes its mean (0.45); the 1x1 logits are upsampled back (constant)
+    def p0(v):
+        return 1 / (1 + math.exp(-2 * v))  # softmax of (v, -v), class 0
+    expected = torch.tensor([[(p0(0.45) + p0(v)) / 2 for v in row] for row in pixels.tolist()])
+    assert torch.allclose(scores[0, 0], expected, atol=1e-6)
+    assert torch.allclose(scores.sum(1), torch.ones(1, 2, 2))
+
+
+def test_flip_averaging_mirrors_back():
+    model = Contextual()
+    image = torch.randn(1, 3, 16, 24)
+    scores = infer(model, image, InferenceSettings("whole", flip=True))
+    with torch.no_grad():
+        plain = model(image)["out"].softmax(1)
+        mirrored = model(image.flip(-1))["out"].flip(-1).softmax(1)
+    assert torch.allclose(scores, (plain + mirrored) / 2, atol=1e-6)
+    # a mirror-symmetric image through a model evaluated on its mirror gives the same as plain
+    assert not torch.allclose(scores, plain)
+
+
+def test_many_scales_keep_memory_to_one_accumulator():
+    model = PointwiseModel()
+    image = torch.randn(1, 3, 40, 40)
+    scores = infer(model, image, InferenceSettings("whole", scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True))
+    assert scores.shape == (1, 3, 40, 40) and torch.allclose(scores.sum(1), torch.ones(1, 40, 40), atol=1e-5)
+    assert len(model.calls) == 12
+
+
+def _equal_size_dataset(root):
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for n in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "images" / f"{n}.png")
+        Image.fromarray(rng.integers(0, 3, (40, 56), dtype=np.uint8), mode="L").save(root / "masks" / f"{n}.png")
+
+
+def _folder_cfg(root):
+    cfg = compose_config("train", ["experiment=quickstart", "dataset=folder", f"dataset.root={root}",
+                                   "dataset.class_names=[a,b,c]", "dataset.source.val_ratio=0.99"])
+    return cfg
+
+
+def test_metrics_identical_for_batch_sizes_1_and_4(tmp_path):
+    _equal_size_dataset(tmp_path / "d")
+    cfg = _folder_cfg(tmp_path / "d")
+    model = build_model(cfg.model, cfg.backbone, 3).eval()
+    dataset = build_dataset(cfg.dataset, "val", train=False)
+    assert len(dataset) == 8
+    results = [evaluate(model, eval_loader(dataset, b, 0, False), 3, torch.device("cpu")) for b in (1, 4)]
+    assert torch.equal(results[0].matrix, results[1].matrix)
+    assert results[0].metrics["miou"] == results[1].metrics["miou"]
+
+
+def test_metrics_identical_for_1_and_2_processes(tmp_path):
+    import torch.multiprocessing as mp
+    from dist_helpers import evaluate_shard
+
+    _equal_size_dataset(tmp_path / "d")
+    cfg = _folder_cfg(tmp_path / "d")
+    model = build_model(cfg.model, cfg.backbone, 3).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    single = evaluate(model, eval_loader(build_dataset(cfg.dataset, "val", train=False), 1, 0, False), 3,
+                      torch.device("cpu"))
+    mp.spawn(evaluate_shard, args=(2, str(tmp_path / "init"), str(tmp_path / "model.pt"), OmegaConf.to_yaml(cfg),
+                                   str(tmp_path / "out.pt")), nprocs=2, join=True)
+    distributed = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert distributed["shard"] == 4  # rank 0 saw its half: indices 0, 2, 4, 6
+    assert torch.equal(distributed["matrix"], single.matrix)
+    assert distributed["miou"] == single.metrics["miou"]
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory, shapes_root):
+    run = tmp_path_factory.mktemp("run")
+    train(compose_config("train", tiny_overrides(shapes_root)), run)
+    return run / "checkpoints" / "best.pt"
+
+
+def segtrain(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_eval_writes_metrics_table_matrix_image_and_predictions(tmp_path, demo_checkpoint):
+    result = segtrain("eval", f"ckpt={demo_checkpoint}", f"hydra.run.dir={tmp_path / 'ev'}", "eval.flip=true",
+                      "eval.save_predictions=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("metrics.json", "per_class_iou.csv", "confusion_matrix.png"):
+        assert (tmp_path / "ev" / name).is_file()
+    assert len(list((tmp_path / "ev" / "predictions").glob("*.png"))) == 4
+    assert list((tmp_path / "ev").glob("events.out.tfevents.*"))
+    assert "ms per image" in result.stdout
+
+
+def test_eval_output_stride_8_for_a_model_trained_at_16(tmp_path, demo_checkpoint):
+    overrides = [f"ckpt={demo_checkpoint}", "eval.output_stride=8"]
+    from segtrain.commands.evaluate import load_for_inference
+
+    loaded = load_for_inference(compose_config("eval", overrides), overrides)
+    assert loaded.model.backbone.strides[-1] == 8
+    assert [b[0].dilation[0] for b in loaded.model.aspp.branches[1:4]] == [12, 24, 36]
+
+
+def test_predict_on_a_folder_with_a_non_image_grayscale_and_rgba(tmp_path, demo_checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (37, 45, 3), dtype=np.uint8)).save(folder / "color.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 31), dtype=np.uint8), mode="L").save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (50, 20, 4), dtype=np.uint8), mode="RGBA").save(folder / "rgba.png")
+    (folder / "readme.txt").write_text("not an image")
+    result = segtrain("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={tmp_path / 'out'}",
+                      "predict.alpha=0.4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "readme.txt" in result.stdout and "segmented 3 image(s)" in result.stdout
+    for stem, size in (("color", (45, 37)), ("gray", (31, 30)), ("rgba", (20, 50))):
+        index = Image.open(tmp_path / "out" / f"{stem}.png")
+        assert index.mode == "P" and index.size == size
+        assert Image.open(tmp_path / "out" / f"{stem}_color.png").size == size
+        assert Image.open(tmp_path / "out" / f"{stem}_overlay.png").size == size
+
+
+def test_export_onnx_matches_pytorch(tmp_path, demo_checkpoint):
+    pytest.importorskip("onnxruntime", reason="onnx extras not installed (pip install 'segtrain[onnx]')")
+    pytest.importorskip("onnxscript", reason="onnx extras not installed (pip install 'segtrain[onnx]')")
+    result = segtrain("export", f"ckpt={demo_checkpoint}", "format=onnx", "export.input_size=[64,80]",
+                      f"export.output={tmp_path / 'model.onnx'}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    import onnxruntime
+
+    from segtrain.commands.evaluate import load_for_inference
+
+    overrides = [f"ckpt={demo_checkpoint}"]
+    model = load_for_inference(compose_config("eval", overrides), overrides).model
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in ((1, 3, 64, 80), (2, 3, 97, 51)):
+        image = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(image)["out"].numpy()
+        actual = session.run(None, {"image": image.numpy()})[0]
+        assert actual.shape == expected.shape
+        assert np.abs(actual - expected).max() < 1e-4
+
+
+def test_export_torchscript_matches_pytorch(tmp_path, demo_checkpoint):
+    result = segtrain("export", f"ckpt={demo_checkpoint}", "format=torchscript", "export.input_size=[64,64]",
+                      f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "model.pt").is_file() and "max difference" in result.stdout
