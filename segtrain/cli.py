@@ -8,7 +8,9 @@ with one line naming it rather than a multi-line report.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,7 @@ COMMANDS = {
     "info": "parameters and GFLOPs of a model: segtrain info model=NAME backbone=NAME [info.input_size=[H,W]]",
     "predict": "segment images: segtrain predict ckpt=PATH input=FILE|DIR|GLOB output=DIR",
     "export": "export for deployment: segtrain export ckpt=PATH format=onnx|torchscript",
+    "bench": "speed and memory: segtrain bench model=NAME backbone=NAME [bench.batch_size=N bench.crop_size=[H,W]]",
     "data": "datasets: segtrain data prepare voc|cityscapes --root DIR ... ; segtrain data check dataset=NAME",
 }
 
@@ -153,7 +156,13 @@ def _export(cfg: DictConfig, run_dir: Path) -> None:
     run_export(cfg, list(HydraConfig.get().overrides.task), run_dir)
 
 
-TASKS = {"train": _train, "eval": _eval, "info": _info, "data_check": _data_check, "predict": _predict,
+def _bench(cfg: DictConfig, run_dir: Path) -> None:
+    from segtrain.commands.bench import run_bench
+
+    run_bench(cfg, run_dir)
+
+
+TASKS = {"bench": _bench, "train": _train, "eval": _eval, "info": _info, "data_check": _data_check, "predict": _predict,
          "export": _export}
 
 
@@ -181,6 +190,11 @@ def _hydra_app(command: str, rest: list[str]) -> None:
 
     register_configs()
     precheck(command, rest)
+    if int(os.environ.get("RANK", "0")) > 0 and command == "train":
+        # Under torchrun only rank 0 writes; the others get a throw-away Hydra directory and learn
+        # rank 0's run directory from it (segtrain.engine.trainer).
+        scratch = tempfile.mkdtemp(prefix=f"segtrain-rank{os.environ['RANK']}-")
+        rest = [*rest, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     sys.argv = [f"segtrain-{command}", *rest]
     app = hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(
         _task(command.replace("_", " "), TASKS[command])

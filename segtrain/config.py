@@ -18,6 +18,7 @@ from omegaconf import MISSING
 @dataclass
 class TrainerConfig:
     max_iters: int = 30000
+    # The global batch per optimizer step: split over processes and accumulation steps.
     batch_size: int = 16
     grad_accum_steps: int = 1
     val_interval: int = 2000
@@ -29,6 +30,12 @@ class TrainerConfig:
     deterministic: bool = False
     # Periodic checkpoints (iter_XXXXXXX.pt) kept on disk; last.pt always names the newest.
     keep_last: int = 2
+    # BatchNorm -> SyncBatchNorm across processes: auto = exactly when world size > 1 on CUDA.
+    sync_bn: str = "auto"
+    # Keep BatchNorm layers in eval mode (running statistics frozen), e.g. for tiny batches.
+    freeze_bn: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -164,6 +171,20 @@ class ExportAppConfig(CommonConfig):
 
 
 @dataclass
+class BenchConfig:
+    batch_size: int = 2
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    steps: int = 10
+    warmup: int = 3
+    data_samples: int = 64
+
+
+@dataclass
+class BenchAppConfig(CommonConfig):
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+@dataclass
 class InfoConfig:
     input_size: list[int] = field(default_factory=lambda: [512, 512])
 
@@ -178,5 +199,6 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainAppConfig)
     store.store(name="eval_schema", node=EvalAppConfig)
     store.store(name="info_schema", node=InfoAppConfig)
+    store.store(name="bench_schema", node=BenchAppConfig)
     store.store(name="predict_schema", node=PredictAppConfig)
     store.store(name="export_schema", node=ExportAppConfig)

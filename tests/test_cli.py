@@ -77,7 +77,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert len(runs) == 1, runs  # outputs/<date>/<time>
     run = runs[0]
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "train.log").is_file()
-    assert "effective batch 4" in (run / "train.log").read_text()
+    assert "effective (global) batch 4 = 4 per pass x accumulation 1 x world size 1" in (run / "train.log").read_text()
     result = segtrain("eval", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={tmp_path / 'ev'}",
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -80,13 +80,14 @@ def _seed_worker(worker_id: int) -> None:
 
 def train_loader(
     dataset: SegmentationDataset, batch_size: int, num_workers: int, seed: int, start_sample: int,
-    pin_memory: bool,
+    pin_memory: bool, rank: int = 0, world_size: int = 1,
 ) -> DataLoader:
+    """`batch_size` per process; `start_sample` is the global stream position (iteration x global batch)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=TrainStream(len(dataset), seed, start=start_sample),
+        sampler=TrainStream(len(dataset), seed, start=start_sample, rank=rank, world_size=world_size),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

@@ -1,15 +1,24 @@
-"""The training loop: iteration-based, poly LR every step, periodic validation and checkpoints."""
+"""The training loop: iteration-based, poly LR every step, periodic validation and checkpoints.
+
+Runs alike in one process or under torchrun: `trainer.batch_size` is the global batch, split over
+processes and accumulation steps; the loss is normalised by the labelled pixels of the whole
+global batch, so any split gives the gradient of one big batch. Only rank 0 writes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -23,11 +32,20 @@ from segtrain.engine.checkpoint import (
     save_checkpoint,
     save_periodic,
 )
+from segtrain.engine.distributed import (
+    DistContext,
+    all_reduce_sum,
+    apply_sync_bn,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    micro_batch_size,
+)
 from segtrain.engine.evaluate import autocast, evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.losses import segmentation_loss
 from segtrain.engine.optim import build_optimizer
-from segtrain.engine.runtime import check_amp, progress_enabled, resolve_device, seed_everything
+from segtrain.engine.runtime import check_amp, progress_enabled, seed_everything
 from segtrain.engine.schedules import build_scheduler
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
@@ -35,14 +53,14 @@ from segtrain.visualize import denormalize, make_palette, panel
 
 log = logging.getLogger("segtrain.train")
 
+StepCallback = Callable[[int, nn.Module], None]
+
 
 def check_trainer_config(cfg: DictConfig) -> None:
     t = cfg.trainer
     for key in ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval", "keep_last"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {t[key]}")
-    if t.batch_size < 2:
-        raise ConfigError("trainer.batch_size must be >= 2: BatchNorm needs more than one image per batch")
     for key in ("interval", "image_interval"):
         if cfg.logging[key] < 1:
             raise ConfigError(f"logging.{key} must be >= 1, got {cfg.logging[key]}")
@@ -70,18 +88,51 @@ def _check_same_classes(state: dict, class_names: list[str], path: Path) -> None
         )
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train per `cfg`, writing checkpoints, TensorBoard events and metrics under `run_dir`."""
+def freeze_batchnorm(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
+        log.warning("trainer.compile=true: torch.compile is unavailable here (%s); training without it", exc)
+        return model
+
+
+def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -> dict:
+    """Train per `cfg`, writing checkpoints, TensorBoard events and metrics under `run_dir` (rank 0).
+
+    `on_step(iteration, model)` is called after every optimizer step (tests, instrumentation).
+    """
     check_trainer_config(cfg)
     t = cfg.trainer
-    device = resolve_device(t.device)
+    ctx: DistContext = init_distributed(t.device)
+    device = ctx.device
+    if not ctx.is_main:
+        logging.getLogger("segtrain").setLevel(logging.WARNING)
+    micro_batch = micro_batch_size(t.batch_size, ctx.world_size, t.grad_accum_steps)
+    if micro_batch < 2 and not t.freeze_bn and not _sync_bn_active(cfg, ctx):
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} gives {micro_batch} image per process and step: BatchNorm needs "
+            "at least 2 (raise trainer.batch_size, use fewer accumulation steps, or trainer.freeze_bn=true)"
+        )
+    run_dir = Path(broadcast_object(str(run_dir), ctx))  # every rank reads rank 0's run directory
     seed_everything(t.seed, t.deterministic)
     class_names = list(cfg.dataset.class_names)
     num_classes = len(class_names)
 
     train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error)
     val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False)
-    model = build_model(cfg.model, cfg.backbone, num_classes).to(device)
+    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
+    model = build_model(cfg.model, cfg.backbone, num_classes)
+    model = apply_sync_bn(model, t.sync_bn, ctx.world_size, device.type).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.schedule, optimizer, t.max_iters, cfg.optimizer.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
@@ -101,19 +152,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         start_iter, best_miou = int(state["iteration"]), float(state["best_miou"])
         log.info("resumed from %s at iteration %d (lr %.6g)", path, start_iter, scheduler.get_last_lr()[0])
 
-    samples_per_iter = t.batch_size * t.grad_accum_steps
-    loader = train_loader(train_set, t.batch_size, t.num_workers, t.seed, start_iter * samples_per_iter,
-                          pin_memory=device.type == "cuda")
+    if ctx.enabled:
+        net: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
+    net = compiled(net, t.compile)
+
+    loader = train_loader(train_set, micro_batch, t.num_workers, t.seed, start_iter * t.batch_size,
+                          pin_memory=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size)
     val_loader = eval_loader(val_set, cfg.eval.batch_size, cfg.eval.num_workers, device.type == "cuda")
     log.info(
-        "model %s + %s: %.2fM parameters; %d train / %d val images; effective batch %d "
-        "(batch %d x accumulation %d x world size 1); device %s, amp %s",
+        "model %s + %s: %.2fM parameters; %d train / %d val images; effective (global) batch %d = %d per "
+        "pass x accumulation %d x world size %d; device %s, amp %s%s",
         cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_),
-        sum(p.numel() for p in model.parameters()) / 1e6, len(train_set), len(val_set),
-        samples_per_iter, t.batch_size, t.grad_accum_steps, device, t.amp,
+        sum(p.numel() for p in model.parameters()) / 1e6, len(train_set), len(val_set), t.batch_size,
+        micro_batch, t.grad_accum_steps, ctx.world_size, device, t.amp,
+        ", SyncBatchNorm" if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else "",
     )
-    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    writer = SummaryWriter(str(run_dir)) if cfg.logging.tensorboard else None
+    writer = SummaryWriter(str(run_dir)) if cfg.logging.tensorboard and ctx.is_main else None
     palette = make_palette(cfg.dataset.palette, num_classes)
     ckpt_dir = run_dir / CHECKPOINT_DIR
 
@@ -132,7 +188,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     def validate(iteration: int, log_images: bool) -> float:
         result = evaluate(model, val_loader, num_classes, device, t.amp, ignore_index, settings,
-                          num_examples=cfg.logging.num_images if log_images else 0)
+                          num_examples=cfg.logging.num_images if log_images and ctx.is_main else 0)
         m = result.metrics
         log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f", iteration, m["miou"],
                  m["pixel_acc"], m["mean_acc"])
@@ -149,8 +205,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                  dataformats="HWC")
         return m["miou"]
 
-    model.train()
-    show_progress = progress_enabled(cfg.logging.progress)
+    def set_train_mode() -> None:
+        model.train()
+        if t.freeze_bn:
+            freeze_batchnorm(model)
+
+    set_train_mode()
+    show_progress = progress_enabled(cfg.logging.progress) and ctx.is_main
     bar = tqdm(total=t.max_iters, initial=start_iter, desc="train", unit="it", disable=not show_progress,
                dynamic_ncols=True)
     data = iter(loader)
@@ -158,8 +219,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     history: list[dict[str, float]] = []
     skipped: set[str] = set()
     skipped_count = 0
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     for iteration in range(start_iter + 1, t.max_iters + 1):
-        loss_sum = torch.zeros((), device=device)
+        batches = []
         for _ in range(t.grad_accum_steps):
             batch = next(data)
             for report in batch["skipped"]:
@@ -168,12 +230,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     if problem not in skipped:
                         skipped.add(problem)
                         log.warning("data.on_error=skip: skipping a sample: %s", problem)
-            images = batch["image"].to(device, non_blocking=True)
-            masks = batch["mask"].to(device, non_blocking=True)
-            with autocast(device, t.amp):
-                outputs = model(images)
-            loss = segmentation_loss(outputs, masks, aux_weight, ignore_index) / t.grad_accum_steps
-            scaler.scale(loss).backward()
+            batches.append((batch["image"].to(device, non_blocking=True, memory_format=memory_format),
+                            batch["mask"].to(device, non_blocking=True)))
+        # Labelled pixels of the whole global batch; DDP averages gradients over ranks, hence x world.
+        labelled = all_reduce_sum(sum((m != ignore_index).sum() for _, m in batches).float(), ctx)
+        normalizer = labelled.clamp(min=1) / ctx.world_size
+        loss_sum = torch.zeros((), device=device)
+        for step, (images, masks) in enumerate(batches):
+            sync = not ctx.enabled or step == len(batches) - 1
+            skip_sync = not sync and isinstance(net, DistributedDataParallel)
+            context = net.no_sync() if skip_sync else contextlib.nullcontext()
+            with context:
+                with autocast(device, t.amp):
+                    outputs = net(images)
+                loss = segmentation_loss(outputs, masks, aux_weight, ignore_index, normalizer)
+                scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.step(optimizer)
         scaler.update()
@@ -181,9 +252,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         bar.update(1)
+        if on_step is not None:
+            on_step(iteration, model)
 
         if iteration % cfg.logging.interval == 0 or iteration == t.max_iters:
-            loss_value = float(loss_sum)  # the only host sync of the step, once per logging interval
+            # The only host synchronisation of the loop, once per logging interval.
+            loss_value = float(all_reduce_sum(loss_sum, ctx)) / ctx.world_size  # = the global batch's mean CE
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
                     f"loss is {loss_value} at iteration {iteration} (lr {lr:.6g}); last checkpoint: "
@@ -193,7 +267,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             tic = time.perf_counter()
             history.append({"iteration": iteration, "loss": loss_value, "lr": lr})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if not show_progress:
+            if not show_progress and ctx.is_main:
                 log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, t.max_iters, loss_value, lr,
                          rate)
             if writer is not None:
@@ -205,19 +279,28 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if iteration % t.val_interval == 0 or iteration == t.max_iters:
             images_due = iteration // cfg.logging.image_interval > last_images or iteration == t.max_iters
             last_miou = validate(iteration, images_due)
+            set_train_mode()
             if images_due:
                 last_images = iteration // cfg.logging.image_interval
             if last_miou > best_miou:
                 best_miou = last_miou
-                save_checkpoint(checkpoint_state(iteration), ckpt_dir / "best.pt")
-                log.info("new best mIoU %.4f at iteration %d: %s", best_miou, iteration, ckpt_dir / "best.pt")
-        if iteration % t.ckpt_interval == 0 or iteration == t.max_iters:
+                if ctx.is_main:
+                    save_checkpoint(checkpoint_state(iteration), ckpt_dir / "best.pt")
+                    log.info("new best mIoU %.4f at iteration %d: %s", best_miou, iteration, ckpt_dir / "best.pt")
+        if (iteration % t.ckpt_interval == 0 or iteration == t.max_iters) and ctx.is_main:
             save_periodic(checkpoint_state(iteration), ckpt_dir, t.keep_last)
     bar.close()
     if writer is not None:
         writer.close()
+    barrier(ctx)
     log.info("done: final val mIoU %.4f, best %.4f; checkpoints in %s", last_miou, best_miou, ckpt_dir)
     if skipped:
         log.warning("%d unusable samples were skipped (%d distinct problems)", skipped_count, len(skipped))
     return {"final_miou": last_miou, "best_miou": best_miou, "history": history, "model": model,
             "skipped": skipped_count}
+
+
+def _sync_bn_active(cfg: DictConfig, ctx: DistContext) -> bool:
+    from segtrain.engine.distributed import should_sync_bn
+
+    return should_sync_bn(cfg.trainer.sync_bn, ctx.world_size, ctx.device.type)

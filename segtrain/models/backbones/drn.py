@@ -122,6 +122,11 @@ class DRN(Backbone):
         else:
             self.layer7 = self._conv_level(CHANNELS[6], blocks[6], dilation=2)
             self.layer8 = self._conv_level(CHANNELS[7], blocks[7], dilation=1)
+        # DRN-C's de-gridding blocks drop the residual; the release still holds their shortcut
+        # projections (kept for key compatibility), which never receive a gradient.
+        for module in self.modules():
+            if getattr(module, "residual", True) is False and getattr(module, "downsample", None) is not None:
+                module.downsample.requires_grad_(False)
         expand = block.expansion
         self.channels = [CHANNELS[1], CHANNELS[2] * expand, CHANNELS[3] * expand, CHANNELS[7]]
         self.strides = [2, 4, 8, 8]

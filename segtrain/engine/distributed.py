@@ -1,0 +1,107 @@
+"""torch.distributed for single- and multi-node training launched by torchrun (or srun).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; segtrain joins the process group from them (NCCL on
+CUDA, gloo on CPU). `trainer.batch_size` is the global batch, split evenly over ranks and
+gradient-accumulation steps. Only rank 0 writes logs, TensorBoard events and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from segtrain.engine.runtime import resolve_device
+from segtrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(requested_device: str) -> DistContext:
+    """Join the process group described by torchrun's environment (or the one already joined)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(requested_device)
+    if device.type == "cuda" and world_size > 1:
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                              "launch at most one process per GPU (torchrun --nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank, world_size, local_rank, device)
+
+
+def micro_batch_size(global_batch: int, world_size: int, accum_steps: int) -> int:
+    """Images per rank per forward pass; the global batch must split evenly."""
+    parts = world_size * accum_steps
+    if global_batch % parts:
+        raise ConfigError(
+            f"trainer.batch_size={global_batch} (the global batch) is not divisible by world size {world_size} x "
+            f"trainer.grad_accum_steps={accum_steps}; choose a batch size that is a multiple of {parts}"
+        )
+    return global_batch // parts
+
+
+def should_sync_bn(setting: str | bool, world_size: int, device_type: str) -> bool:
+    """auto: SyncBatchNorm exactly when training on several CUDA processes."""
+    setting = str(setting).lower()
+    if setting not in ("auto", "true", "false"):
+        raise ConfigError(f"trainer.sync_bn must be auto, true or false, got {setting!r}")
+    if setting == "false" or world_size == 1:
+        return False
+    if device_type != "cuda":
+        if setting == "true":
+            raise ConfigError("trainer.sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm is CUDA-only); "
+                              "use trainer.sync_bn=auto or false on CPU")
+        return False
+    return True
+
+
+def apply_sync_bn(model: nn.Module, setting: str | bool, world_size: int, device_type: str) -> nn.Module:
+    if should_sync_bn(setting, world_size, device_type):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def broadcast_object(value: Any, ctx: DistContext) -> Any:
+    """Rank 0's value on every rank (e.g. the run directory)."""
+    if not ctx.enabled:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
