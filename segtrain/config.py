@@ -187,6 +187,8 @@ class BenchAppConfig(CommonConfig):
 @dataclass
 class InfoConfig:
     input_size: list[int] = field(default_factory=lambda: [512, 512])
+    # Also estimate the training memory per process at this batch size (0: skip).
+    batch_size: int = 0
 
 
 @dataclass

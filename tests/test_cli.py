@@ -150,3 +150,22 @@ def test_info_prints_parameters_and_gflops(tmp_path):
     assert "DRNSeg + drn_d_22" in result.stdout
     assert "15.88M total" in result.stdout and "GFLOPs" in result.stdout and "512x1024" in result.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_bench_runs_on_cpu_and_writes_json(tmp_path):
+    result = segtrain("bench", "experiment=quickstart", "bench.batch_size=2", "bench.crop_size=[64,64]",
+                      "bench.steps=2", "bench.warmup=1", "bench.data_samples=16", f"hydra.run.dir={tmp_path / 'b'}",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    for key in ("train_images_per_s", "inference_images_per_s", "peak_memory_mb", "data_samples_per_s_per_worker",
+                "gflops_per_image"):
+        assert report[key] > 0, key
+    assert "train images/s" in result.stdout and "GFLOPs per image" in result.stdout
+
+
+def test_info_estimates_training_memory(tmp_path):
+    result = segtrain("info", "experiment=quickstart", "info.input_size=[128,128]", "info.batch_size=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "GiB to train 4 x 128x128 per process" in result.stdout

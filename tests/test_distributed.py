@@ -67,3 +67,24 @@ def test_two_process_training_matches_one_process(tmp_path, shapes_root):
     # only rank 0 wrote: checkpoints and events in its run directory, nothing in rank 1's
     assert (run_dir / "checkpoints" / "last.pt").is_file() and list(run_dir.glob("events.out.tfevents.*"))
     assert not (tmp_path / "ddp" / "scratch-1").exists() or not any((tmp_path / "ddp" / "scratch-1").rglob("*"))
+
+
+def test_channels_last_training_runs(tmp_path, shapes_root):
+    cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.channels_last": "true",
+                                                                 "trainer.max_iters": 2}))
+    result = train(cfg, tmp_path)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+
+
+def test_compile_falls_back_with_a_message(monkeypatch, caplog):
+    from segtrain.engine import trainer as trainer_module
+
+    def broken(model):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = nn.Linear(2, 2)
+    with caplog.at_level("WARNING"):
+        assert trainer_module.compiled(model, True) is model
+    assert "torch.compile is unavailable" in caplog.text and "no compiler" in caplog.text
+    assert trainer_module.compiled(model, False) is model

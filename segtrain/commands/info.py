@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from segtrain.errors import ConfigError
@@ -40,6 +41,34 @@ def model_complexity(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classe
     return {**count_parameters(model), "gmacs": flops / 2e9, "gflops": flops / 1e9}
 
 
+def training_memory(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classes: int,
+                    input_size: tuple[int, int], batch_size: int) -> dict[str, float]:
+    """A computed estimate of training memory per process, in GiB, fp32, SGD with momentum.
+
+    Activations: the tensors autograd saves for backward in one training forward pass at
+    `batch_size` (counted on the meta device, each tensor once); weights: parameters + gradients +
+    momentum (12 bytes per parameter). Not included: the CUDA context, cuDNN workspaces and
+    allocator fragmentation (typically another 1-3 GiB); bf16 autocast roughly halves activations.
+    """
+    backbone_cfg = OmegaConf.merge(backbone_cfg, {"pretrained": False, "weights": None})
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(id(tensor), tensor)
+        return tensor
+
+    with torch.device("meta"):
+        model = build_model(model_cfg, backbone_cfg, num_classes).train()
+        image = torch.empty(batch_size, 3, *input_size)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            outputs = model(image)
+            sum(o.float().sum() for o in outputs.values())
+    activations = sum(t.numel() * t.element_size() for t in seen.values() if not isinstance(t, nn.Parameter))
+    weights = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"activations_gib": activations / 2**30, "weights_gib": weights / 2**30,
+            "total_gib": (activations + weights) / 2**30}
+
+
 def run_info(cfg: DictConfig) -> dict[str, float]:
     size = tuple(int(v) for v in cfg.info.input_size)
     num_classes = len(cfg.dataset.class_names)
@@ -51,4 +80,10 @@ def run_info(cfg: DictConfig) -> dict[str, float]:
           f"{stats['backbone_params'] / 1e6:.2f}M in the backbone")
     print(f"compute     {stats['gmacs']:.2f} GMACs = {stats['gflops']:.2f} GFLOPs (1 multiply-add = 2 FLOPs) "
           f"per {size[0]}x{size[1]} image")
+    if cfg.info.batch_size:
+        memory = training_memory(cfg.model, cfg.backbone, num_classes, size, int(cfg.info.batch_size))
+        print(f"memory      ~{memory['total_gib']:.1f} GiB to train {cfg.info.batch_size} x {size[0]}x{size[1]} per "
+              f"process (fp32: {memory['activations_gib']:.1f} activations + {memory['weights_gib']:.2f} weights, "
+              "grads, momentum; computed, excluding CUDA context and workspaces)")
+        stats.update(memory)
     return stats
