@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from segtrain.config import register_configs
-from segtrain.errors import SegtrainError, user_message
+from segtrain.errors import Preempted, SegtrainError, user_message
 
 COMMANDS = {
     "train": "train a model: segtrain train [experiment=NAME] [group=option ...] [key=value ...]",
@@ -106,6 +106,9 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             body(cfg, run_dir)
+        except Preempted as exc:
+            print(f"segtrain {command}: {exc}", file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
         except SegtrainError as exc:
             _fail(command, user_message(exc))
 

@@ -36,6 +36,9 @@ class TrainerConfig:
     freeze_bn: bool = False
     channels_last: bool = False
     compile: bool = False
+    # Non-finite loss: stop (name the iteration and the last good checkpoint) or skip the step.
+    nan_policy: str = "stop"
+    max_skipped_steps: int = 10
 
 
 @dataclass

@@ -17,6 +17,22 @@ class WeightsError(SegtrainError):
     """Pretrained weights or a checkpoint cannot be loaded; the message names the file."""
 
 
+class CheckpointWriteError(SegtrainError):
+    """A checkpoint could not be written (disk full, quota); the previous one is intact."""
+
+
+class TrainingStopped(SegtrainError):
+    """A guard stopped training (non-finite loss, too many skipped steps, out of memory)."""
+
+
+class Preempted(SegtrainError):
+    """SIGTERM / SIGINT: the current step finished and a checkpoint was written; exit 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def user_message(exc: BaseException) -> str:
     """The message to show: for an error re-raised from a DataLoader worker, the original one line."""
     text = str(exc)

@@ -72,6 +72,9 @@ class TrainStream(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:
+    from segtrain.engine.preemption import ignore_termination_signals
+
+    ignore_termination_signals()  # the main process checkpoints and stops the workers itself
     # Augmentation is seeded per sample; this only pins any other library randomness in workers.
     seed = torch.initial_seed() % 2**32
     random.seed(seed)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segtrain.errors import WeightsError
+from segtrain.errors import CheckpointWriteError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,12 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         os.replace(tmp_name, path)
     except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was written"
-            raise OSError(exc.errno, f"could not write checkpoint {path} ({exc.strerror}); {kept}") from exc
+        if isinstance(exc, Exception):  # disk full, quota, I/O error (torch may wrap them in RuntimeError)
+            kept = (f"the previous {path.name} is intact" if path.exists()
+                    else f"nothing was written; the checkpoints already in {path.parent} are intact")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise CheckpointWriteError(f"could not write checkpoint {path} ({reason}); {kept}. Free disk space "
+                                       "and resume with resume=auto") from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

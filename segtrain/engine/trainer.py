@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +46,10 @@ from segtrain.engine.evaluate import autocast, evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.losses import segmentation_loss
 from segtrain.engine.optim import build_optimizer
+from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.runtime import check_amp, progress_enabled, seed_everything
 from segtrain.engine.schedules import build_scheduler
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, Preempted, TrainingStopped
 from segtrain.models import build_model
 from segtrain.visualize import denormalize, make_palette, panel
 
@@ -65,6 +67,8 @@ def check_trainer_config(cfg: DictConfig) -> None:
         if cfg.logging[key] < 1:
             raise ConfigError(f"logging.{key} must be >= 1, got {cfg.logging[key]}")
     check_amp(t.amp)
+    if t.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"trainer.nan_policy must be 'stop' or 'skip', got {t.nan_policy!r}")
 
 
 def _resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -218,9 +222,33 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
     last_miou, last_images, tic = math.nan, start_iter // cfg.logging.image_interval, time.perf_counter()
     history: list[dict[str, float]] = []
     skipped: set[str] = set()
-    skipped_count = 0
+    skipped_count = skipped_steps = 0
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    for iteration in range(start_iter + 1, t.max_iters + 1):
+    # First iteration with a non-finite loss, tracked on the device (no host sync per step) and
+    # checked at every logging interval and before every checkpoint: a bad state is never saved.
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    lrs: dict[int, float] = {}
+
+    def last_good_checkpoint() -> str:
+        return str(ckpt_dir / "last.pt") if (ckpt_dir / "last.pt").exists() else "none written yet"
+
+    def check_finite() -> None:
+        bad = int(first_bad)
+        if bad:
+            raise TrainingStopped(
+                f"non-finite loss at iteration {bad} (lr {lrs.get(bad, float('nan')):.6g}); trainer.nan_policy=stop. "
+                f"Last good checkpoint: {last_good_checkpoint()}. Lower optimizer.lr, add schedule.warmup_iters, "
+                "check the data with `segtrain data check`, or set trainer.nan_policy=skip"
+            )
+
+    def save_periodic_checkpoint(iteration: int) -> Path | None:
+        check_finite()
+        if ctx.is_main:
+            return save_periodic(checkpoint_state(iteration), ckpt_dir, t.keep_last)
+        return None
+
+    def train_step(iteration: int) -> torch.Tensor:
+        nonlocal skipped_count
         batches = []
         for _ in range(t.grad_accum_steps):
             batch = next(data)
@@ -237,58 +265,98 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
         normalizer = labelled.clamp(min=1) / ctx.world_size
         loss_sum = torch.zeros((), device=device)
         for step, (images, masks) in enumerate(batches):
-            sync = not ctx.enabled or step == len(batches) - 1
-            skip_sync = not sync and isinstance(net, DistributedDataParallel)
-            context = net.no_sync() if skip_sync else contextlib.nullcontext()
-            with context:
+            skip_sync = ctx.enabled and step < len(batches) - 1 and isinstance(net, DistributedDataParallel)
+            with net.no_sync() if skip_sync else contextlib.nullcontext():
                 with autocast(device, t.amp):
                     outputs = net(images)
                 loss = segmentation_loss(outputs, masks, aux_weight, ignore_index, normalizer)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        bar.update(1)
-        if on_step is not None:
-            on_step(iteration, model)
+        return loss_sum
 
-        if iteration % cfg.logging.interval == 0 or iteration == t.max_iters:
-            # The only host synchronisation of the loop, once per logging interval.
-            loss_value = float(all_reduce_sum(loss_sum, ctx)) / ctx.world_size  # = the global batch's mean CE
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at iteration {iteration} (lr {lr:.6g}); last checkpoint: "
-                    f"{ckpt_dir / 'last.pt' if (ckpt_dir / 'last.pt').exists() else 'none'}"
+    with PreemptionHandler() as preemption:
+        for iteration in range(start_iter + 1, t.max_iters + 1):
+            lr = scheduler.get_last_lr()[0]
+            lrs[iteration] = lr
+            try:
+                loss_sum = train_step(iteration)
+            except torch.OutOfMemoryError:
+                raise TrainingStopped(
+                    f"out of GPU memory at iteration {iteration}: {micro_batch} images of "
+                    f"{list(cfg.dataset.augment.crop_size)} per pass (trainer.batch_size={t.batch_size}, "
+                    f"world size {ctx.world_size}, trainer.grad_accum_steps={t.grad_accum_steps}), "
+                    f"trainer.amp={t.amp}. Raise trainer.grad_accum_steps (same global batch, fewer images per "
+                    "pass), use trainer.amp=bf16, or a smaller dataset.augment.crop_size"
+                ) from None
+            finite = torch.isfinite(loss_sum)
+            if t.nan_policy == "skip" and not bool(all_reduce_sum(finite.float(), ctx) == ctx.world_size):
+                skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("non-finite loss at iteration %d (lr %.6g): step skipped (%d of at most %d)",
+                            iteration, lr, skipped_steps, t.max_skipped_steps)
+                if writer is not None:
+                    writer.add_scalar("train/skipped_steps", skipped_steps, iteration)
+                if skipped_steps > t.max_skipped_steps:
+                    raise TrainingStopped(
+                        f"{skipped_steps} steps had a non-finite loss (trainer.max_skipped_steps="
+                        f"{t.max_skipped_steps}); last at iteration {iteration} (lr {lr:.6g}). Last good checkpoint: "
+                        f"{last_good_checkpoint()}. Lower optimizer.lr or check the data (segtrain data check)"
+                    )
+            else:
+                first_bad = torch.where((first_bad == 0) & ~finite, iteration, first_bad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            bar.update(1)
+            if on_step is not None:
+                on_step(iteration, model)
+
+            if iteration % cfg.logging.interval == 0 or iteration == t.max_iters:
+                check_finite()  # the only host synchronisation of the loop, once per logging interval
+                loss_value = float(all_reduce_sum(loss_sum, ctx)) / ctx.world_size  # the global batch's mean CE
+                rate = cfg.logging.interval / max(time.perf_counter() - tic, 1e-9)
+                tic = time.perf_counter()
+                history.append({"iteration": iteration, "loss": loss_value, "lr": lr})
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if not show_progress and ctx.is_main:
+                    log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, t.max_iters, loss_value, lr,
+                             rate)
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss_value, iteration)
+                    writer.add_scalar("train/lr", lr, iteration)
+                    if cfg.data.on_error == "skip":
+                        writer.add_scalar("data/skipped_samples", skipped_count, iteration)
+
+            if iteration % t.val_interval == 0 or iteration == t.max_iters:
+                check_finite()
+                images_due = iteration // cfg.logging.image_interval > last_images or iteration == t.max_iters
+                last_miou = validate(iteration, images_due)
+                set_train_mode()
+                if images_due:
+                    last_images = iteration // cfg.logging.image_interval
+                if last_miou > best_miou:
+                    best_miou = last_miou
+                    if ctx.is_main:
+                        save_checkpoint(checkpoint_state(iteration), ckpt_dir / "best.pt")
+                        log.info("new best mIoU %.4f at iteration %d: %s", best_miou, iteration,
+                                 ckpt_dir / "best.pt")
+            saved = None
+            if iteration % t.ckpt_interval == 0 or iteration == t.max_iters:
+                saved = save_periodic_checkpoint(iteration)
+            stop = preemption.requested
+            if ctx.enabled:  # every rank must stop at the same step
+                stop = bool(all_reduce_sum(torch.tensor(float(stop), device=device), ctx) > 0)
+            if stop and iteration < t.max_iters:
+                if saved is None:
+                    saved = save_periodic_checkpoint(iteration)
+                barrier(ctx)
+                signum = preemption.signum or signal.SIGTERM
+                raise Preempted(
+                    f"stopped by {signal.Signals(signum).name} after iteration {iteration}; checkpoint "
+                    f"{ckpt_dir / 'last.pt'}. Resume with the same command plus hydra.run.dir={run_dir} resume=auto",
+                    signum,
                 )
-            rate = cfg.logging.interval / max(time.perf_counter() - tic, 1e-9)
-            tic = time.perf_counter()
-            history.append({"iteration": iteration, "loss": loss_value, "lr": lr})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if not show_progress and ctx.is_main:
-                log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, t.max_iters, loss_value, lr,
-                         rate)
-            if writer is not None:
-                writer.add_scalar("train/loss", loss_value, iteration)
-                writer.add_scalar("train/lr", lr, iteration)
-                if cfg.data.on_error == "skip":
-                    writer.add_scalar("data/skipped_samples", skipped_count, iteration)
-
-        if iteration % t.val_interval == 0 or iteration == t.max_iters:
-            images_due = iteration // cfg.logging.image_interval > last_images or iteration == t.max_iters
-            last_miou = validate(iteration, images_due)
-            set_train_mode()
-            if images_due:
-                last_images = iteration // cfg.logging.image_interval
-            if last_miou > best_miou:
-                best_miou = last_miou
-                if ctx.is_main:
-                    save_checkpoint(checkpoint_state(iteration), ckpt_dir / "best.pt")
-                    log.info("new best mIoU %.4f at iteration %d: %s", best_miou, iteration, ckpt_dir / "best.pt")
-        if (iteration % t.ckpt_interval == 0 or iteration == t.max_iters) and ctx.is_main:
-            save_periodic(checkpoint_state(iteration), ckpt_dir, t.keep_last)
     bar.close()
     if writer is not None:
         writer.close()
@@ -297,7 +365,7 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
     if skipped:
         log.warning("%d unusable samples were skipped (%d distinct problems)", skipped_count, len(skipped))
     return {"final_miou": last_miou, "best_miou": best_miou, "history": history, "model": model,
-            "skipped": skipped_count}
+            "skipped": skipped_count, "skipped_steps": skipped_steps}
 
 
 def _sync_bn_active(cfg: DictConfig, ctx: DistContext) -> bool:

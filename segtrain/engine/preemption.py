@@ -1,0 +1,51 @@
+"""SIGTERM / SIGINT during training: finish the step, checkpoint, exit with 128 + the signal number.
+
+Schedulers read 143 (SIGTERM) and 130 (SIGINT) as "terminated by a signal"; a SLURM job submitted
+with `--requeue` and `--signal=TERM@120` is requeued and `resume=auto` continues it. A second
+SIGINT (Ctrl-C twice) exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+log = logging.getLogger("segtrain.train")
+
+
+class PreemptionHandler:
+    """Context manager: records the first SIGTERM/SIGINT instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.signum is None:
+            self.signum = signum
+            log.warning("%s received: finishing the current step, then writing a checkpoint (SIGINT again to "
+                        "exit at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> PreemptionHandler:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_termination_signals() -> None:
+    """For data-loader workers: the main process decides when to stop (after checkpointing)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

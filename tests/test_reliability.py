@@ -1,0 +1,238 @@
+"""Failure cases: SIGKILL at any moment, truncated checkpoints, SIGTERM, malicious files, NaN loss,
+out of memory, full disk. Each run is checked for bit-identical weights or a clear message."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_config, tiny_overrides
+from segtrain.engine import checkpoint as checkpoint_module
+from segtrain.engine import trainer as trainer_module
+from segtrain.engine.checkpoint import load_checkpoint
+from segtrain.engine.trainer import train
+from segtrain.errors import CheckpointWriteError, TrainingStopped, WeightsError
+
+MAX_ITERS = 12
+
+
+def run_overrides(shapes_root: Path, run_dir: Path, **extra) -> list[str]:
+    values = {"trainer.max_iters": MAX_ITERS, "trainer.ckpt_interval": 1, "trainer.val_interval": 6,
+              "trainer.keep_last": 2, **extra}
+    return [*tiny_overrides(shapes_root, **values), f"hydra.run.dir={run_dir}"]
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "segtrain", "train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def finish(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segtrain", "train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["iteration"] == MAX_ITERS
+    return state["model"]
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shapes_root):
+    work = tmp_path_factory.mktemp("reference")
+    result = finish(run_overrides(shapes_root, work / "run"), work)
+    assert result.returncode == 0, result.stderr
+    return final_model(work / "run")
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "kill point not reached"
+        time.sleep(0.002)
+
+
+KILL_POINTS = [("random iteration", 0), ("while writing a checkpoint", 0), ("random iteration", 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when,workers", KILL_POINTS, ids=["iteration", "during-save", "iteration-2-workers"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, shapes_root, reference, when, workers):
+    run_dir = tmp_path / "run"
+    args = run_overrides(shapes_root, run_dir, **{"trainer.num_workers": workers})
+    proc = start(args, tmp_path)
+    ckpt_dir = run_dir / "checkpoints"
+    if when == "while writing a checkpoint":
+        kill_after = random.Random(os.getpid()).randint(2, MAX_ITERS - 2)
+        wait_for(lambda: (ckpt_dir / f"iter_{kill_after:07d}.pt").exists(), proc)
+        wait_for(lambda: any(ckpt_dir.glob(".*.tmp")), proc)  # the next checkpoint is being written right now
+    else:
+        kill_at = random.Random(os.getpid() + workers).randint(2, MAX_ITERS - 2)
+        log = run_dir / "train.log"
+        wait_for(lambda: log.exists() and f"iter {kill_at}/" in log.read_text(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = finish([*args, "resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert_bit_identical(final_model(run_dir), reference)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_143_and_resumes_identically(tmp_path, shapes_root, reference):
+    run_dir = tmp_path / "run"
+    args = run_overrides(shapes_root, run_dir, **{"trainer.ckpt_interval": 100})
+    proc = start(args, tmp_path)
+    log = run_dir / "train.log"
+    wait_for(lambda: log.exists() and "iter 5/" in log.read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM after iteration" in stderr and "resume=auto" in stderr
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"]
+    assert 5 <= stopped_at < MAX_ITERS
+    resumed = finish([*args, "resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bit_identical(final_model(run_dir), reference)
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes_root, caplog):
+    overrides = tiny_overrides(shapes_root, **{"trainer.max_iters": 6, "trainer.ckpt_interval": 3})
+    train(compose_config("train", overrides), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # also truncates iter_0000006.pt: last.pt is a hard link
+    with caplog.at_level("INFO"):
+        result = train(compose_config("train", [*overrides, "resume=auto", "trainer.max_iters=7"]), tmp_path)
+    assert f"skipping unusable checkpoint: cannot read checkpoint {last}" in caplog.text
+    assert f"resumed from {tmp_path / 'checkpoints' / 'iter_0000003.pt'} at iteration 3" in caplog.text
+    assert result["history"][0]["iteration"] == 4
+
+
+class Evil:
+    """Unpickling this calls Path.touch: a stand-in for arbitrary code in a stranger's checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, shapes_root):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Evil(marker), "config": "trainer: {}"}, evil)
+    # The payload is genuine: unpickling the same kind of file without weights_only creates the file.
+    probe = tmp_path / "probe"
+    torch.save({"x": Evil(probe)}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert probe.exists()
+    for args in (["eval", f"ckpt={evil}"], ["train", *tiny_overrides(shapes_root), f"resume={evil}"]):
+        result = subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 2
+        last = result.stderr.strip().splitlines()[-1]
+        assert f"refusing to load {evil}" in last and "could run code" in last
+        assert not marker.exists()
+    with pytest.raises(WeightsError, match="refusing to load"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+@pytest.fixture()
+def nan_at(monkeypatch):
+    """Make the loss NaN at the given iterations (counted in optimizer steps)."""
+    def install(iterations: set[int], accum: int = 1):
+        calls = {"n": 0}
+        original = trainer_module.segmentation_loss
+
+        def loss(*args, **kwargs):
+            calls["n"] += 1
+            value = original(*args, **kwargs)
+            iteration = (calls["n"] - 1) // accum + 1
+            return value * float("nan") if iteration in iterations else value
+
+        monkeypatch.setattr(trainer_module, "segmentation_loss", loss)
+    return install
+
+
+def test_nan_loss_stops_naming_iteration_lr_and_last_good_checkpoint(tmp_path, shapes_root, nan_at):
+    nan_at({5})
+    cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 8, "trainer.ckpt_interval": 2,
+                                                                 "logging.interval": 4}))
+    with pytest.raises(TrainingStopped) as stopped:
+        train(cfg, tmp_path)
+    message = str(stopped.value)
+    assert "non-finite loss at iteration 5 (lr " in message
+    assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'last.pt'}" in message
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 4  # nothing saved after the NaN
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+
+
+def test_nan_loss_skip_policy_skips_counts_and_limits(tmp_path, shapes_root, nan_at):
+    nan_at({3, 5})
+    overrides = tiny_overrides(shapes_root, **{"trainer.max_iters": 6, "trainer.nan_policy": "skip"})
+    result = train(compose_config("train", overrides), tmp_path / "a")
+    assert result["skipped_steps"] == 2
+    assert all(torch.isfinite(v.float()).all() for v in result["model"].state_dict().values())
+    nan_at({2, 3, 4})
+    with pytest.raises(TrainingStopped, match=r"3 steps had a non-finite loss \(trainer.max_skipped_steps=2\)"):
+        train(compose_config("train", [*overrides, "trainer.max_skipped_steps=2"]), tmp_path / "b")
+
+
+def test_out_of_memory_message_suggests_accumulation(tmp_path, shapes_root, monkeypatch):
+    from segtrain.models.segmentor import Segmentor
+
+    def exhausted(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Segmentor, "forward", exhausted)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(compose_config("train", tiny_overrides(shapes_root)), tmp_path)
+    message = str(stopped.value)
+    for part in ("out of GPU memory at iteration 1", "4 images of [32, 32] per pass", "trainer.batch_size=4",
+                 "trainer.amp=off", "trainer.grad_accum_steps"):
+        assert part in message
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, shapes_root, monkeypatch):
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, handle, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 3:  # best.pt at 3, iter_3: fine; then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 6}))
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*intact"):
+        train(cfg, tmp_path)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 3
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_requested_without_a_gpu_fails_before_any_work(tmp_path, shapes_root):
+    from segtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.device=cuda but no CUDA GPU"):
+        train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.device": "cuda"})), tmp_path)
