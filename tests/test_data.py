@@ -108,3 +108,19 @@ def test_invalid_label_value_names_the_file(tmp_path, shapes_root):
     dataset.samples[0] = (image_path, bad)
     with pytest.raises(DataError, match=r"bad\.png.*\[37\]"):
         dataset[0]
+
+
+def test_empty_and_trailing_data_images(tmp_path):
+    import cv2
+
+    from segtrain.data.dataset import decode_image
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="empty file"):
+        decode_image(tmp_path / "empty.jpg")
+    ok, encoded = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))
+    (tmp_path / "motion.jpg").write_bytes(encoded.tobytes() + b"\x00" * 500)  # data after the image
+    assert decode_image(tmp_path / "motion.jpg")[0].shape == (8, 8, 3)
+    (tmp_path / "cut.jpg").write_bytes(encoded.tobytes()[:-40])
+    with pytest.raises(DataError, match="truncated"):
+        decode_image(tmp_path / "cut.jpg")

@@ -119,3 +119,13 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.amp": "bf16", "trainer.max_iters": 2}))
     result = train(cfg, tmp_path)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+
+
+def test_resume_with_a_longer_schedule_follows_the_new_one(tmp_path, shapes_root, caplog):
+    train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 4})), tmp_path)
+    longer = tiny_overrides(shapes_root, **{"trainer.max_iters": 8}) + ["resume=auto"]
+    with caplog.at_level("WARNING"):
+        result = train(compose_config("train", longer), tmp_path)
+    assert "the schedule differs from the checkpoint's" in caplog.text
+    lr0 = compose_config("train", longer).optimizer.lr
+    assert [h["lr"] for h in result["history"]] == pytest.approx([poly_lr(lr0, i, 8) for i in range(4, 8)])

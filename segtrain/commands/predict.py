@@ -1,6 +1,7 @@
 """`segtrain predict ckpt=PATH input=FILE|DIR|GLOB output=DIR`: segment images of any size.
 
-For each image: <stem>.png (class indices, palette-encoded so viewers show colours),
+For each image (named by its stem, or by its relative path where stems repeat): <stem>.png
+(class indices, palette-encoded so viewers show colours),
 <stem>_color.png (the colour mask) and <stem>_overlay.png (mask over image, `predict.alpha`).
 Files that cannot be read as images are skipped with a warning and listed at the end.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -44,6 +46,15 @@ def input_files(spec: str) -> list[Path]:
     return files
 
 
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """File stems, or, where two inputs share a stem, their paths relative to a common folder."""
+    stems = [f.stem for f in files]
+    if len(set(stems)) == len(stems):
+        return dict(zip(files, stems))
+    root = Path(os.path.commonpath([str(f.parent.resolve()) for f in files]))
+    return {f: str(f.resolve().relative_to(root)).replace(os.sep, "__").replace(".", "_") for f in files}
+
+
 def normalise(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
     array = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -65,6 +76,7 @@ def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
     out = Path(composed.output)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, []
+    names = output_names(files)
     for path in files:
         try:
             image, _ = decode_image(path)
@@ -77,9 +89,10 @@ def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
             prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
         index_png = Image.fromarray(prediction, mode="P")
         index_png.putpalette(flat_palette)
-        index_png.save(out / f"{path.stem}.png")
-        cv2.imwrite(str(out / f"{path.stem}_color.png"), cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / f"{path.stem}_overlay.png"),
+        name = names[path]
+        index_png.save(out / f"{name}.png")
+        cv2.imwrite(str(out / f"{name}_color.png"), cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / f"{name}_overlay.png"),
                     cv2.cvtColor(overlay(image, prediction, palette, alpha), cv2.COLOR_RGB2BGR))
         written += 1
     print(f"segmented {written} image(s) into {out}")

@@ -76,11 +76,16 @@ def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise DataError(f"image {path} is an empty file")
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
-        raise DataError(f"image {path} is a truncated JPEG (no end-of-image marker)")
+        _check_jpeg_complete(path)  # rare: data after the image (motion photos), or truncation
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
         raise DataError(f"image {path} is a truncated PNG (no IEND chunk)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        image = None
     if image is None:
         raise DataError(f"cannot decode image {path} (not an image, or corrupt)")
     note = None
@@ -93,6 +98,15 @@ def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
     if image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB), note or "rgba"
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), note
+
+
+def _check_jpeg_complete(path: Path) -> None:
+    """Decode fully with PIL, which refuses truncated JPEGs (OpenCV would return a grey-filled image)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except OSError as exc:
+        raise DataError(f"image {path} is a truncated or corrupt JPEG ({exc})") from None
 
 
 def read_image(path: Path) -> np.ndarray:

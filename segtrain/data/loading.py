@@ -129,6 +129,7 @@ def eval_loader(dataset: SegmentationDataset, batch_size: int, num_workers: int,
         sampler=sampler,
         shuffle=False,
         num_workers=num_workers,
+        worker_init_fn=_seed_worker,
         pin_memory=pin_memory,
         collate_fn=list_collate,
     )

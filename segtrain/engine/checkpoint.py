@@ -29,6 +29,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from teammates
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
@@ -78,8 +81,8 @@ def rng_state() -> dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's own device only
     return state
 
 
@@ -89,7 +92,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda_state = state["cuda"]
+        if isinstance(cuda_state, (list, tuple)):  # older checkpoints held every visible device's state
+            cuda_state = cuda_state[min(torch.cuda.current_device(), len(cuda_state) - 1)]
+        torch.cuda.set_rng_state(cuda_state)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -114,8 +120,10 @@ def save_periodic(state: dict[str, Any], ckpt_dir: Path, keep_last: int) -> Path
     tmp.unlink(missing_ok=True)
     try:
         os.link(path, tmp)
-    except OSError:  # file systems without hard links
+    except OSError:  # file systems without hard links: a full copy, made durable before the rename
         shutil.copyfile(path, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
     os.replace(tmp, last)
     for old in _periodic(ckpt_dir)[max(1, keep_last):]:
         old.unlink(missing_ok=True)

@@ -143,24 +143,38 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
     aux_weight = float(cfg.model.get("aux_weight", 0.0))
     ignore_index = cfg.dataset.ignore_index
 
-    start_iter, best_miou = 0, -1.0
+    start_iter, best_miou, resumed_skips = 0, -1.0, 0
     resume = _resolve_resume(cfg, run_dir)
     if resume is not None:
         path, state = resume
         _check_same_classes(state, class_names, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        configured = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
         scheduler.load_state_dict(state["scheduler"])
+        for fn, fields in zip(scheduler.lr_lambdas, configured):
+            if vars(fn) != fields:
+                log.warning("the schedule differs from the checkpoint's (%s -> %s): continuing with the configured one",
+                            vars(fn), fields)
+                fn.__dict__.update(fields)
+                for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
         scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         start_iter, best_miou = int(state["iteration"]), float(state["best_miou"])
-        log.info("resumed from %s at iteration %d (lr %.6g)", path, start_iter, scheduler.get_last_lr()[0])
+        resumed_skips = int(state.get("skipped_steps", 0))
+        log.info("resumed from %s at iteration %d (lr %.6g)", path, start_iter, optimizer.param_groups[0]["lr"])
 
     if ctx.enabled:
-        net: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # An auxiliary head that the loss ignores (aux_weight 0) gets no gradient: tell DDP.
+        unused_aux = aux_weight == 0 and any(name.startswith("aux") for name, _ in model.named_children())
+        ddp: nn.Module | None = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused_aux
+        )
+        eager: nn.Module = ddp
     else:
-        net = model
-    net = compiled(net, t.compile)
+        ddp, eager = None, model
+    net = compiled(eager, t.compile)
 
     loader = train_loader(train_set, micro_batch, t.num_workers, t.seed, start_iter * t.batch_size,
                           pin_memory=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size)
@@ -185,12 +199,16 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
             "scaler": scaler.state_dict(),
             "iteration": iteration,
             "best_miou": best_miou,
+            "skipped_steps": skipped_steps,
             "rng": rng_state(),
             "class_names": class_names,
             "config": OmegaConf.to_yaml(cfg, resolve=True),
         }
 
     def validate(iteration: int, log_images: bool) -> float:
+        if ctx.enabled:  # without SyncBatchNorm each rank's running statistics drift; evaluate rank 0's model
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         result = evaluate(model, val_loader, num_classes, device, t.amp, ignore_index, settings,
                           num_examples=cfg.logging.num_images if log_images and ctx.is_main else 0)
         m = result.metrics
@@ -222,7 +240,7 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
     last_miou, last_images, tic = math.nan, start_iter // cfg.logging.image_interval, time.perf_counter()
     history: list[dict[str, float]] = []
     skipped: set[str] = set()
-    skipped_count = skipped_steps = 0
+    skipped_count, skipped_steps = 0, resumed_skips
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     # First iteration with a non-finite loss, tracked on the device (no host sync per step) and
     # checked at every logging interval and before every checkpoint: a bad state is never saved.
@@ -233,7 +251,10 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
         return str(ckpt_dir / "last.pt") if (ckpt_dir / "last.pt").exists() else "none written yet"
 
     def check_finite() -> None:
-        bad = int(first_bad)
+        worst = first_bad.clone()
+        if ctx.enabled:  # a NaN on any rank poisons every rank's weights through the gradient average
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        bad = int(worst)
         if bad:
             raise TrainingStopped(
                 f"non-finite loss at iteration {bad} (lr {lrs.get(bad, float('nan')):.6g}); trainer.nan_policy=stop. "
@@ -246,6 +267,18 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
         if ctx.is_main:
             return save_periodic(checkpoint_state(iteration), ckpt_dir, t.keep_last)
         return None
+
+    def forward(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        nonlocal net
+        if net is eager:
+            return net(images)
+        try:  # torch.compile compiles lazily: its failures surface at the first call
+            return net(images)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            log.warning("trainer.compile=true: compilation failed (%s: %s); training without torch.compile",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            net = eager
+            return net(images)
 
     def train_step(iteration: int) -> torch.Tensor:
         nonlocal skipped_count
@@ -265,18 +298,21 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
         normalizer = labelled.clamp(min=1) / ctx.world_size
         loss_sum = torch.zeros((), device=device)
         for step, (images, masks) in enumerate(batches):
-            skip_sync = ctx.enabled and step < len(batches) - 1 and isinstance(net, DistributedDataParallel)
-            with net.no_sync() if skip_sync else contextlib.nullcontext():
+            skip_sync = ddp is not None and step < len(batches) - 1
+            with ddp.no_sync() if skip_sync else contextlib.nullcontext():
                 with autocast(device, t.amp):
-                    outputs = net(images)
+                    outputs = forward(images)
                 loss = segmentation_loss(outputs, masks, aux_weight, ignore_index, normalizer)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
 
-    with PreemptionHandler() as preemption:
+    with PreemptionHandler() as preemption, contextlib.ExitStack() as cleanup:
+        cleanup.callback(bar.close)
+        if writer is not None:  # flush TensorBoard events on any exit, preemption and errors included
+            cleanup.callback(writer.close)
         for iteration in range(start_iter + 1, t.max_iters + 1):
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]  # the base (backbone) LR of this step
             lrs[iteration] = lr
             try:
                 loss_sum = train_step(iteration)
@@ -357,9 +393,6 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
                     f"{ckpt_dir / 'last.pt'}. Resume with the same command plus hydra.run.dir={run_dir} resume=auto",
                     signum,
                 )
-    bar.close()
-    if writer is not None:
-        writer.close()
     barrier(ctx)
     log.info("done: final val mIoU %.4f, best %.4f; checkpoints in %s", last_miou, best_miou, ckpt_dir)
     if skipped:
