@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     import segmentation_models_pytorch as smp
 
@@ -56,9 +57,10 @@ def main() -> None:
                                        {"output_stride": 16, "pretrained": False}), 21)
     theirs = smp.DeepLabV3Plus("resnet50", encoder_weights=None, encoder_output_stride=16, classes=21)
     results = {}
-    # Interleave the two so that machine noise hits both alike.
-    for _round in range(2):
-        for name, model, forward in (("segtrain", ours, lambda x: ours(x)["out"]), ("smp", theirs, theirs)):
+    contenders = [("segtrain", ours, lambda x: ours(x)["out"]), ("smp", theirs, theirs)]
+    # Interleave the two, alternating which goes first, so that machine noise hits both alike.
+    for round_ in range(args.rounds):
+        for name, model, forward in contenders if round_ % 2 == 0 else contenders[::-1]:
             results.setdefault(name, []).extend(step_times(model, forward, images, masks, args.steps, args.warmup))
     params = {n: sum(p.numel() for p in m.parameters()) / 1e6 for n, m in (("segtrain", ours), ("smp", theirs))}
     print(f"input {tuple(images.shape)}, {args.threads} threads, {len(results['smp'])} timed steps each")
