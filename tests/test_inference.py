@@ -241,3 +241,14 @@ def test_export_torchscript_matches_pytorch(tmp_path, demo_checkpoint):
                       f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "model.pt").is_file() and "max difference" in result.stdout
+
+
+def test_predict_output_names_stay_unique(tmp_path):
+    from segtrain.commands.predict import output_names
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = [tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", tmp_path / "a" / "y.png"]
+    names = output_names(files)
+    assert len(set(names.values())) == 3 and names[files[0]] == "a__x_jpg"
+    assert output_names(files[:1] + files[2:]) == {files[0]: "x", files[2]: "y"}
