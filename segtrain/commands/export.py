@@ -8,7 +8,6 @@ input and the largest absolute difference is printed.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from torch import nn
 from segtrain.commands.evaluate import load_for_inference
 from segtrain.errors import ConfigError, SegtrainError
 
-log = logging.getLogger("segtrain.export")
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
 

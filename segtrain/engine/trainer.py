@@ -41,6 +41,7 @@ from segtrain.engine.distributed import (
     broadcast_object,
     init_distributed,
     micro_batch_size,
+    should_sync_bn,
 )
 from segtrain.engine.evaluate import autocast, evaluate
 from segtrain.engine.inference import InferenceSettings
@@ -120,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
     if not ctx.is_main:
         logging.getLogger("segtrain").setLevel(logging.WARNING)
     micro_batch = micro_batch_size(t.batch_size, ctx.world_size, t.grad_accum_steps)
-    if micro_batch < 2 and not t.freeze_bn and not _sync_bn_active(cfg, ctx):
+    if micro_batch < 2 and not t.freeze_bn and not should_sync_bn(t.sync_bn, ctx.world_size, device.type):
         raise ConfigError(
             f"trainer.batch_size={t.batch_size} gives {micro_batch} image per process and step: BatchNorm needs "
             "at least 2 (raise trainer.batch_size, use fewer accumulation steps, or trainer.freeze_bn=true)"
@@ -399,9 +400,3 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
         log.warning("%d unusable samples were skipped (%d distinct problems)", skipped_count, len(skipped))
     return {"final_miou": last_miou, "best_miou": best_miou, "history": history, "model": model,
             "skipped": skipped_count, "skipped_steps": skipped_steps}
-
-
-def _sync_bn_active(cfg: DictConfig, ctx: DistContext) -> bool:
-    from segtrain.engine.distributed import should_sync_bn
-
-    return should_sync_bn(cfg.trainer.sync_bn, ctx.world_size, ctx.device.type)
