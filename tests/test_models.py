@@ -3,7 +3,7 @@ import torch
 from omegaconf import OmegaConf
 
 from segtrain.errors import ConfigError
-from segtrain.models import build_model
+from segtrain.models import build_model, resize
 
 MODEL = {"_target_": "segtrain.models.deeplab.DeepLabV3Plus", "aspp_channels": 16, "decoder_channels": 16,
          "low_level_channels": 8, "aux_weight": 0.0}
@@ -58,3 +58,29 @@ def test_unknown_model_key_names_itself():
 def test_unknown_backbone_name_is_a_config_error():
     with pytest.raises(ConfigError, match="backbone.name"):
         _model("resnet7")
+
+
+@pytest.mark.parametrize("size_in,size_out", [((16, 16), (64, 64)), ((33, 47), (129, 185)), ((128, 100), (64, 50)),
+                                              ((1, 1), (5, 7)), ((7, 9), (100, 3))])
+def test_training_resize_equals_bilinear_interpolation(size_in, size_out):
+    x = torch.randn(2, 3, *size_in, requires_grad=True)
+    assert resize._use_matmul(x)  # the matrix form is the one a CPU training step takes
+    fast = resize.resize_to(x, size_out)
+    reference = torch.nn.functional.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    grad_out = torch.randn_like(reference)
+    (fast_grad,) = torch.autograd.grad(fast, x, grad_out)
+    (reference_grad,) = torch.autograd.grad(reference, x, grad_out)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=2e-5)
+    torch.testing.assert_close(fast_grad, reference_grad, rtol=0, atol=1e-4)
+
+
+def test_resize_uses_the_direct_kernel_outside_cpu_training():
+    x = torch.randn(1, 4, 8, 8)
+    assert not resize._use_matmul(x)  # inference: no gradient wanted
+    assert not resize._use_matmul(x.requires_grad_().contiguous(memory_format=torch.channels_last))
+    assert not resize._use_matmul(torch.randn(1, 2, 300, 8, requires_grad=True))  # dense matrices too big
+    with torch.no_grad():
+        assert not resize._use_matmul(x)
+    out = resize.resize_to(x.contiguous(memory_format=torch.channels_last), (16, 16))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the memory format is kept
+    assert resize.resize_to(x, (8, 8)) is x

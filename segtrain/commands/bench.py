@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -26,6 +25,8 @@ from segtrain.data.dataset import SegmentationDataset
 from segtrain.data.loading import train_loader
 from segtrain.data.transforms import train_transform
 from segtrain.engine.evaluate import autocast
+from segtrain.engine.losses import segmentation_loss
+from segtrain.engine.optim import build_optimizer
 from segtrain.engine.runtime import check_amp, resolve_device
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
@@ -100,17 +101,15 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = torch.compile(model) if t.compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = build_optimizer(cfg.optimizer, model)  # the training loop's own update (fused where possible)
+    aux_weight = float(cfg.model.get("aux_weight", 0.0))
     images = torch.randn(b.batch_size, 3, *crop, device=device).contiguous(memory_format=memory_format)
     masks = torch.randint(0, num_classes, (b.batch_size, *crop), device=device)
 
     def train_step() -> None:
         with autocast(device, amp):
             outputs = net(images)
-        loss = F.cross_entropy(outputs["out"], masks, ignore_index=255)
-        if "aux" in outputs:
-            loss = loss + 0.4 * F.cross_entropy(outputs["aux"], masks, ignore_index=255)
-        loss.backward()
+        segmentation_loss(outputs, masks, aux_weight).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

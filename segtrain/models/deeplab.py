@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from segtrain.models.backbones.base import Backbone
-from segtrain.models.heads.aspp import ASPP, conv3x3_bn_relu, conv_bn_relu, resize_to, scaled_rates
+from segtrain.models.heads.aspp import ASPP, conv3x3_bn_relu, conv_bn_relu, scaled_rates
+from segtrain.models.resize import resize_to
 from segtrain.models.segmentor import Segmentor
 
 

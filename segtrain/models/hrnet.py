@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from segtrain.models.backbones.base import Backbone
-from segtrain.models.heads.aspp import conv_bn_relu, resize_to
+from segtrain.models.heads.aspp import conv_bn_relu
+from segtrain.models.resize import resize_to
 from segtrain.models.segmentor import Segmentor
 
 

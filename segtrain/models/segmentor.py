@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segtrain.models.backbones.base import Backbone
-from segtrain.models.heads.aspp import resize_to
+from segtrain.models.resize import resize_to
 
 
 class Segmentor(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -67,8 +66,3 @@ def scaled_rates(rates_at_os16: list[int], output_stride: int) -> list[int]:
     """ASPP rates are specified at output stride 16 and scale inversely with it (6/12/18 -> 12/24/36)."""
     return [int(r * 16 // output_stride) for r in rates_at_os16]
 
-
-def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
