@@ -61,7 +61,7 @@ def test_unknown_backbone_name_is_a_config_error():
 
 
 @pytest.mark.parametrize("size_in,size_out", [((16, 16), (64, 64)), ((33, 47), (129, 185)), ((128, 100), (64, 50)),
-                                              ((1, 1), (5, 7)), ((7, 9), (100, 3))])
+                                              ((1, 3), (5, 7)), ((7, 9), (100, 3)), ((50, 41), (17, 23))])
 def test_training_resize_equals_bilinear_interpolation(size_in, size_out):
     x = torch.randn(2, 3, *size_in, requires_grad=True)
     assert resize._use_matmul(x)  # the matrix form is the one a CPU training step takes
@@ -79,6 +79,9 @@ def test_resize_uses_the_direct_kernel_outside_cpu_training():
     assert not resize._use_matmul(x)  # inference: no gradient wanted
     assert not resize._use_matmul(x.requires_grad_().contiguous(memory_format=torch.channels_last))
     assert not resize._use_matmul(torch.randn(1, 2, 300, 8, requires_grad=True))  # dense matrices too big
+    assert not resize._use_matmul(torch.randn(1, 4, 1, 1, requires_grad=True))  # may be channels_last: keep it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not resize._use_matmul(x)  # the products would run in bf16
     with torch.no_grad():
         assert not resize._use_matmul(x)
     out = resize.resize_to(x.contiguous(memory_format=torch.channels_last), (16, 16))

@@ -39,3 +39,16 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, fused=fused)
     raise ConfigError(f"optimizer.name={cfg.name!r} is unknown; available: sgd, adamw")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this optimizer's update implementation.
+
+    `load_state_dict` takes every group setting from the checkpoint, `fused` and `foreach` included:
+    a checkpoint from a loop-update optimizer would silently turn the fused update off, and a
+    GradScaler (trainer.amp=fp16), which hands its scale only to fused updates, then fails the step.
+    """
+    implementation = ("fused", "foreach")
+    groups = [{**saved, **{key: current[key] for key in implementation if key in current}}
+              for saved, current in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})

@@ -46,7 +46,7 @@ from segtrain.engine.distributed import (
 from segtrain.engine.evaluate import autocast, evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.losses import segmentation_loss
-from segtrain.engine.optim import build_optimizer
+from segtrain.engine.optim import build_optimizer, load_optimizer_state
 from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.runtime import check_amp, progress_enabled, seed_everything
 from segtrain.engine.schedules import build_scheduler
@@ -150,7 +150,7 @@ def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -
         path, state = resume
         _check_same_classes(state, class_names, path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         configured = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
         scheduler.load_state_dict(state["scheduler"])
         for fn, fields in zip(scheduler.lr_lambdas, configured):

@@ -27,13 +27,13 @@ def interpolation_matrix(size_in: int, size_out: int) -> torch.Tensor:
     Source positions are computed in float32 as PyTorch's CPU kernel does, so the weights match
     its own: src = (dst + 0.5) * in / out - 0.5, clamped at 0, blending floor(src) and the next pixel.
     """
-    scale = torch.tensor(size_in / size_out, dtype=torch.float32)
-    src = ((torch.arange(size_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    scale = torch.tensor(size_in / size_out, dtype=torch.float32, device="cpu")
+    src = ((torch.arange(size_out, dtype=torch.float32, device="cpu") + 0.5) * scale - 0.5).clamp(min=0)
     lower = src.floor().long().clamp(max=size_in - 1)
     upper = (lower + 1).clamp(max=size_in - 1)
     upper_weight = src - lower
-    rows = torch.arange(size_out)
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float32)
+    rows = torch.arange(size_out, device="cpu")
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float32, device="cpu")
     matrix.index_put_((rows, lower), 1 - upper_weight, accumulate=True)
     matrix.index_put_((rows, upper), upper_weight, accumulate=True)
     return matrix
@@ -49,9 +49,11 @@ def _use_matmul(x: torch.Tensor) -> bool:
         not _tracing()  # graphs keep F.interpolate: one op, and sizes stay symbolic
         and x.device.type == "cpu"
         and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")  # autocast would run the products in bf16
         and x.requires_grad
         and torch.is_grad_enabled()
         and x.is_contiguous()
+        and not x.is_contiguous(memory_format=torch.channels_last)  # 1x1 maps are both: keep their format
         and max(x.shape[-2:]) <= _MAX_MATMUL_SIDE
     )
 
