@@ -65,4 +65,3 @@ class ASPP(nn.Module):
 def scaled_rates(rates_at_os16: list[int], output_stride: int) -> list[int]:
     """ASPP rates are specified at output stride 16 and scale inversely with it (6/12/18 -> 12/24/36)."""
     return [int(r * 16 // output_stride) for r in rates_at_os16]
-
