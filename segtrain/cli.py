@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from segtrain.config import register_configs
+from segtrain.config import check_options, register_configs
 from segtrain.errors import Preempted, SegtrainError, user_message
 
 COMMANDS = {
@@ -87,7 +87,9 @@ def precheck(config_name: str, args: list[str]) -> None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=config_name):
-            compose(config_name=config_name, overrides=overrides)
+            check_options(compose(config_name=config_name, overrides=overrides))
+    except SegtrainError as exc:
+        _fail(command, str(exc))
     except Exception as exc:  # noqa: BLE001 - any composition failure is a config error to the user
         _fail(command, _one_line(exc))
     finally:

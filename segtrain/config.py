@@ -1,18 +1,49 @@
 """The configuration schema.
 
-Typed sections (trainer, eval, logging, dataset, optimizer, schedule) are dataclasses registered in
-Hydra's ConfigStore, so a misspelt key in a YAML file or on the command line fails at composition
-time. `model` and `backbone` are `_target_` nodes whose keys are the constructor's arguments; they are
-checked against the constructor's signature when the model is built (see segtrain.models.build).
+Typed sections (trainer, eval, logging, data, dataset) are dataclasses registered in Hydra's
+ConfigStore, so a misspelt key or an option outside its fixed set of values fails at composition
+time. `model`, `backbone`, `loss`, `optimizer`, `schedule` and `dataset.source` are `_target_` nodes
+whose keys are the arguments of the function or class they name; `segtrain.instantiate` checks them
+against its signature. `check_options` covers the option fields whose values YAML would otherwise
+read as booleans (`off`, `true`) or that have a free form (`cuda:N`); the CLI runs it right after
+composition, so they fail just as early.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
+
+from segtrain.errors import ConfigError
+
+
+class Choice(str, Enum):
+    """An option with a fixed set of values: compares equal to, and prints as, its plain string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def _choice(name: str, values: list[str]) -> type[Choice]:
+    # The functional form allows members named after keywords (`raise`).
+    return Choice(name, [(value, value) for value in values])  # type: ignore[return-value]
+
+
+NanPolicy = _choice("NanPolicy", ["stop", "skip"])
+EvalMode = _choice("EvalMode", ["whole", "slide"])
+OnError = _choice("OnError", ["raise", "skip"])
+PadWith = _choice("PadWith", ["mean", "zero"])
+
+AMP_MODES = ("off", "bf16", "fp16")
+SYNC_BN_MODES = ("auto", "true", "false")
 
 
 @dataclass
@@ -23,21 +54,21 @@ class TrainerConfig:
     grad_accum_steps: int = 1
     val_interval: int = 2000
     ckpt_interval: int = 1000
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "off"  # off | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by check_options)
+    amp: str = "off"  # off | bf16 | fp16 (checked by check_options: YAML reads a bare `off` as false)
     num_workers: int = 4
     seed: int = 0
     deterministic: bool = False
     # Periodic checkpoints (iter_XXXXXXX.pt) kept on disk; last.pt always names the newest.
     keep_last: int = 2
     # BatchNorm -> SyncBatchNorm across processes: auto = exactly when world size > 1 on CUDA.
-    sync_bn: str = "auto"
+    sync_bn: str = "auto"  # auto | true | false (checked by check_options)
     # Keep BatchNorm layers in eval mode (running statistics frozen), e.g. for tiny batches.
     freeze_bn: bool = False
     channels_last: bool = False
     compile: bool = False
     # Non-finite loss: stop (name the iteration and the last good checkpoint) or skip the step.
-    nan_policy: str = "stop"
+    nan_policy: NanPolicy = NanPolicy.stop  # type: ignore[attr-defined]
     max_skipped_steps: int = 10
 
 
@@ -47,7 +78,7 @@ class EvalConfig:
     batch_size: int = 1
     num_workers: int = 2
     # Test-time protocol (segtrain.engine.inference), shared by validation, eval and predict.
-    mode: str = "whole"  # whole | slide
+    mode: EvalMode = EvalMode.whole  # type: ignore[attr-defined]
     crop_size: Any = None  # slide: [H, W] window (null: the training crop)
     stride: Any = None  # slide: [H, W] step (null: 2/3 of the window)
     scales: list[float] = field(default_factory=lambda: [1.0])
@@ -70,7 +101,7 @@ class LoggingConfig:
 class DataConfig:
     # raise: stop at the first unusable training sample, naming it; skip: warn once per file,
     # replace it by the next usable sample, count it (TensorBoard data/skipped_samples, summary).
-    on_error: str = "raise"
+    on_error: OnError = OnError["raise"]
     # Split read by `segtrain data check` (null: the dataset's train and val splits).
     split: Any = None
 
@@ -80,7 +111,7 @@ class AugmentConfig:
     crop_size: list[int] = field(default_factory=lambda: [513, 513])
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip: bool = True
-    pad_image_with: str = "mean"  # mean | zero
+    pad_image_with: PadWith = PadWith.mean  # type: ignore[attr-defined]
     color_jitter: float = 0.0
 
 
@@ -102,34 +133,14 @@ class DatasetConfig:
 
 
 @dataclass
-class OptimizerConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.007
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 4e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    # LR multiplier for every parameter outside the (pretrained) backbone.
-    head_lr_mult: float = 1.0
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "poly"
-    power: float = 0.9
-    warmup_iters: int = 0
-    warmup_ratio: float = 0.1
-    min_lr: float = 0.0
-
-
-@dataclass
 class CommonConfig:
     model: Any = MISSING
     backbone: Any = MISSING
     dataset: DatasetConfig = MISSING
-    optimizer: OptimizerConfig = MISSING
-    schedule: ScheduleConfig = MISSING
+    # `_target_` nodes: segtrain.engine.losses, torch.optim (+ head_lr_mult), segtrain.engine.schedules.
+    loss: Any = MISSING
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -207,3 +218,38 @@ def register_configs() -> None:
     store.store(name="bench_schema", node=BenchAppConfig)
     store.store(name="predict_schema", node=PredictAppConfig)
     store.store(name="export_schema", node=ExportAppConfig)
+
+
+def _normalised(value: Any) -> str:
+    # YAML 1.1 reads bare off/on/true/false as booleans; the options mean the words.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).lower()
+
+
+def amp_mode(value: Any) -> str:
+    """trainer.amp as one of AMP_MODES (a YAML `off`, read as false, is off)."""
+    amp = _normalised(value)
+    amp = "off" if amp == "false" else amp
+    if amp not in AMP_MODES:
+        raise ConfigError(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {value!r}")
+    return amp
+
+
+def sync_bn_mode(value: Any) -> str:
+    """trainer.sync_bn as one of SYNC_BN_MODES."""
+    mode = _normalised(value)
+    if mode not in SYNC_BN_MODES:
+        raise ConfigError(f"trainer.sync_bn must be one of {', '.join(SYNC_BN_MODES)}, got {value!r}")
+    return mode
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Options with a fixed set of values that the schema cannot type; one line naming the key."""
+    trainer = cfg.get("trainer")
+    if trainer is None:
+        return
+    amp_mode(trainer.amp)
+    sync_bn_mode(trainer.sync_bn)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(trainer.device)):
+        raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {trainer.device!r}")

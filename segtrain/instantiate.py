@@ -6,6 +6,7 @@ a misspelt key names itself instead of surfacing as a TypeError deep inside the 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Any
@@ -29,10 +30,17 @@ def _resolve_target(section: str, node: dict[str, Any]) -> Any:
 def instantiate_checked(
     section: str, node: DictConfig | dict, drop: tuple[str, ...] = (), **extra: Any
 ) -> Any:
-    """Call node._target_ with the node's keys (minus `drop`, plus `extra`); unknown keys raise."""
+    """Call node._target_ with the node's keys (minus `drop`, plus `extra`); unknown keys raise.
+
+    With `_partial_: true` in the node, return the call with the node's keys bound instead
+    (functools.partial), for the caller to complete: optimizers and schedules.
+    """
+    if node is None:
+        raise ConfigError(f"{section} is missing: choose one of the conf/{section}/ options ({section}=NAME)")
     kwargs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     cls = _resolve_target(section, kwargs)
     kwargs.pop("_target_")
+    partial = bool(kwargs.pop("_partial_", False))
     for key in drop:
         kwargs.pop(key, None)
     params = inspect.signature(cls).parameters
@@ -43,4 +51,6 @@ def instantiate_checked(
             raise ConfigError(
                 f"unknown key {section}.{unknown[0]} for {cls.__name__}; allowed keys: {allowed}"
             )
+    if partial:
+        return functools.partial(cls, **kwargs, **extra)
     return cls(**kwargs, **extra)

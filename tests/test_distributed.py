@@ -77,7 +77,7 @@ def test_channels_last_training_runs(tmp_path, shapes_root):
 
 
 def test_compile_falls_back_with_a_message(monkeypatch, caplog):
-    from segtrain.engine import trainer as trainer_module
+    from segtrain.engine import step as step_module
 
     def broken(model):
         raise RuntimeError("no compiler")
@@ -85,6 +85,6 @@ def test_compile_falls_back_with_a_message(monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", broken)
     model = nn.Linear(2, 2)
     with caplog.at_level("WARNING"):
-        assert trainer_module.compiled(model, True) is model
+        assert step_module.compiled(model, True) is model
     assert "torch.compile is unavailable" in caplog.text and "no compiler" in caplog.text
-    assert trainer_module.compiled(model, False) is model
+    assert step_module.compiled(model, False) is model

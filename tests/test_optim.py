@@ -1,15 +1,19 @@
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from segtrain.engine.optim import build_optimizer, fused_update, load_optimizer_state, parameter_groups
+from segtrain.errors import ConfigError
 from segtrain.models import build_model
 
-SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "head_lr_mult": 10.0}
-ADAMW = {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "head_lr_mult": 1.0}
+SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01, "momentum": 0.9, "nesterov": False,
+       "weight_decay": 1e-4, "head_lr_mult": 10.0}
+ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+         "weight_decay": 0.01, "head_lr_mult": 1.0}
 
 
 def _model():
-    backbone = {"_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": "resnet18",
+    backbone = {"_target_": "segtrain.models.backbones.timm_encoder.TimmBackbone", "name": "resnet18",
                 "output_stride": 16, "pretrained": False}
     head = {"_target_": "segtrain.models.deeplab.DeepLabV3", "aspp_channels": 8}
     return build_model(OmegaConf.create(head), OmegaConf.create(backbone), 3)
@@ -17,23 +21,31 @@ def _model():
 
 def test_cpu_optimizers_use_the_fused_update_with_both_groups():
     model = _model()
-    for cfg in (SGD, ADAMW):
+    for cfg, kind in ((SGD, torch.optim.SGD), (ADAMW, torch.optim.AdamW)):
         optimizer = build_optimizer(OmegaConf.create(cfg), model)
+        assert isinstance(optimizer, kind)
         assert [g["fused"] for g in optimizer.param_groups] == [True, True]
         assert [g["lr"] for g in optimizer.param_groups] == [cfg["lr"], cfg["lr"] * cfg["head_lr_mult"]]
+        assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, cfg["head_lr_mult"]]
 
 
-def test_resuming_a_loop_update_checkpoint_keeps_the_fused_update_and_works_with_grad_scaling():
+def test_optimizer_keys_are_checked_against_the_class():
+    with pytest.raises(ConfigError, match="unknown key optimizer.momentun for SGD"):
+        build_optimizer(OmegaConf.create({**SGD, "momentun": 0.8}), _model())
+
+
+def test_resuming_takes_the_state_but_keeps_this_runs_settings_and_fused_update():
     model = _model()
     images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
-    old = torch.optim.SGD(parameter_groups(model, 0.01, 1.0), lr=0.01, momentum=0.9)  # a loop update, as before
+    old = torch.optim.SGD(parameter_groups(model, 0.02, 1.0), lr=0.02, momentum=0.5, weight_decay=0.1)  # loop update
     torch.nn.functional.cross_entropy(model(images)["out"], masks).backward()
     old.step()
     model.zero_grad()
     optimizer = build_optimizer(OmegaConf.create({**SGD, "head_lr_mult": 1.0}), model)
     load_optimizer_state(optimizer, old.state_dict())
     assert [g["fused"] for g in optimizer.param_groups] == [True, True]
-    assert [g["lr"] for g in optimizer.param_groups] == [0.01, 0.01]  # hyper-parameters are the checkpoint's
+    # A changed learning rate, momentum or weight decay is this run's, not the checkpoint's.
+    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups] == [(0.01, 0.9, 1e-4)] * 2
     momentum = next(iter(optimizer.state.values()))["momentum_buffer"].clone()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(torch.nn.functional.cross_entropy(model(images)["out"], masks)).backward()

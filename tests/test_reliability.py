@@ -15,8 +15,8 @@ import torch
 
 from conftest import compose_config, tiny_overrides
 from segtrain.engine import checkpoint as checkpoint_module
-from segtrain.engine import trainer as trainer_module
 from segtrain.engine.checkpoint import load_checkpoint
+from segtrain.engine.losses import SegmentationLoss
 from segtrain.engine.trainer import train
 from segtrain.errors import CheckpointWriteError, TrainingStopped, WeightsError
 
@@ -160,15 +160,15 @@ def nan_at(monkeypatch):
     """Make the loss NaN at the given iterations (counted in optimizer steps)."""
     def install(iterations: set[int], accum: int = 1):
         calls = {"n": 0}
-        original = trainer_module.segmentation_loss
+        original = SegmentationLoss.forward
 
-        def loss(*args, **kwargs):
+        def loss(self, *args, **kwargs):
             calls["n"] += 1
-            value = original(*args, **kwargs)
+            value = original(self, *args, **kwargs)
             iteration = (calls["n"] - 1) // accum + 1
             return value * float("nan") if iteration in iterations else value
 
-        monkeypatch.setattr(trainer_module, "segmentation_loss", loss)
+        monkeypatch.setattr(SegmentationLoss, "forward", loss)
     return install
 
 

@@ -11,6 +11,8 @@ import json
 import resource
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -18,16 +20,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch import nn
 
 from segtrain.commands.info import model_complexity
-from segtrain.config import AugmentConfig
+from segtrain.config import AugmentConfig, amp_mode, check_options
 from segtrain.data.dataset import SegmentationDataset
 from segtrain.data.loading import train_loader
 from segtrain.data.transforms import train_transform
+from segtrain.engine.distributed import DistContext
 from segtrain.engine.evaluate import autocast
-from segtrain.engine.losses import segmentation_loss
-from segtrain.engine.optim import build_optimizer
-from segtrain.engine.runtime import check_amp, resolve_device
+from segtrain.engine.runtime import resolve_device
+from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
 
@@ -85,53 +88,63 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
+@dataclass
+class BenchSetup:
+    model: nn.Module
+    step: TrainStep
+    images: torch.Tensor
+    masks: torch.Tensor
+
+
+def bench_train_step(cfg: DictConfig, device: torch.device) -> BenchSetup:
+    """The trainer's own step (segtrain.engine.step) for cfg's model on random images of bench.crop_size."""
+    b = cfg.bench
+    crop = [int(v) for v in b.crop_size]
+    num_classes = len(cfg.dataset.class_names)
+    backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "weights": None})
+    model = build_model(cfg.model, backbone_cfg, num_classes).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step = build_train_step(cfg, model, DistContext(0, 1, 0, device), num_classes)
+    images = torch.randn(b.batch_size, 3, *crop, device=device).contiguous(memory_format=step.memory_format)
+    masks = torch.randint(0, num_classes, (b.batch_size, *crop), device=device)
+    return BenchSetup(model, step, images, masks)
+
+
+def _timed(step: Callable[[int], object], warmup: int, count: int, batch_size: int, device: torch.device) -> float:
+    for n in range(warmup):
+        step(n + 1)
+    _sync(device)
+    start = time.perf_counter()
+    for n in range(count):
+        step(warmup + n + 1)
+    _sync(device)
+    return batch_size * count / (time.perf_counter() - start)
+
+
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     b, t = cfg.bench, cfg.trainer
     if b.batch_size < 2 or b.steps < 1 or b.warmup < 0:
         raise ConfigError("bench.batch_size must be >= 2 (BatchNorm), bench.steps >= 1, bench.warmup >= 0")
+    check_options(cfg)
     crop = [int(v) for v in b.crop_size]
     device = resolve_device(t.device)
-    amp = check_amp(t.amp)
+    amp = amp_mode(t.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    num_classes = len(cfg.dataset.class_names)
-    backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "weights": None})
-    model = build_model(cfg.model, backbone_cfg, num_classes).to(device)
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    net = torch.compile(model) if t.compile else model
-    optimizer = build_optimizer(cfg.optimizer, model)  # the training loop's own update (fused where possible)
-    aux_weight = float(cfg.model.get("aux_weight", 0.0))
-    images = torch.randn(b.batch_size, 3, *crop, device=device).contiguous(memory_format=memory_format)
-    masks = torch.randint(0, num_classes, (b.batch_size, *crop), device=device)
+    setup = bench_train_step(cfg, device)
+    batches = [(setup.images, setup.masks)]
+    setup.model.train()
+    train_rate = _timed(lambda it: setup.step(it, batches), b.warmup, b.steps, b.batch_size, device)
 
-    def train_step() -> None:
-        with autocast(device, amp):
-            outputs = net(images)
-        segmentation_loss(outputs, masks, aux_weight).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def timed(step, count: int) -> float:
-        for _ in range(b.warmup):
-            step()
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(count):
-            step()
-        _sync(device)
-        return b.batch_size * count / (time.perf_counter() - start)
-
-    model.train()
-    train_rate = timed(train_step, b.steps)
-
-    def infer_step() -> None:
+    def infer_step(_: int) -> None:
         with torch.no_grad(), autocast(device, amp):
-            net(images)
+            setup.step.forward(setup.images)
 
-    model.eval()
-    infer_rate = timed(infer_step, b.steps)
+    setup.model.eval()
+    infer_rate = _timed(infer_step, b.warmup, b.steps, b.batch_size, device)
+    num_classes = len(cfg.dataset.class_names)
     memory, memory_kind = peak_memory_mb(device)
     complexity = model_complexity(cfg.model, cfg.backbone, num_classes, tuple(crop))
     with tempfile.TemporaryDirectory() as tmp:

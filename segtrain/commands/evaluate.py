@@ -13,13 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from segtrain.config import CommonConfig
+from segtrain.config import CommonConfig, amp_mode
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.report import format_table, write_metrics
-from segtrain.engine.runtime import check_amp, resolve_device
+from segtrain.engine.runtime import resolve_device
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
@@ -110,7 +110,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     loaded = load_for_inference(composed, overrides)
     cfg, class_names, state = loaded.cfg, loaded.class_names, loaded.state
     ckpt = Path(composed.ckpt)
-    amp = check_amp(cfg.trainer.amp)
+    amp = amp_mode(cfg.trainer.amp)
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
     loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")

@@ -20,10 +20,10 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain.commands.evaluate import load_for_inference
+from segtrain.config import amp_mode
 from segtrain.data.dataset import decode_image
 from segtrain.engine.evaluate import autocast
 from segtrain.engine.inference import InferenceSettings, infer
-from segtrain.engine.runtime import check_amp
 from segtrain.errors import ConfigError, DataError
 from segtrain.visualize import colorize, make_palette, overlay
 
@@ -70,7 +70,7 @@ def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
     loaded = load_for_inference(composed, overrides)
     cfg = loaded.cfg
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    amp = check_amp(cfg.trainer.amp)
+    amp = amp_mode(cfg.trainer.amp)
     palette = make_palette(cfg.dataset.palette, len(loaded.class_names))
     flat_palette = palette.flatten().tolist()
     out = Path(composed.output)

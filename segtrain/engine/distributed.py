@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from segtrain.config import sync_bn_mode
 from segtrain.engine.runtime import resolve_device
 from segtrain.errors import ConfigError
 
@@ -68,9 +69,7 @@ def micro_batch_size(global_batch: int, world_size: int, accum_steps: int) -> in
 
 def should_sync_bn(setting: str | bool, world_size: int, device_type: str) -> bool:
     """auto: SyncBatchNorm exactly when training on several CUDA processes."""
-    setting = str(setting).lower()
-    if setting not in ("auto", "true", "false"):
-        raise ConfigError(f"trainer.sync_bn must be auto, true or false, got {setting!r}")
+    setting = sync_bn_mode(setting)
     if setting == "false" or world_size == 1:
         return False
     if device_type != "cuda":

@@ -1,31 +1,132 @@
-"""Cross-entropy over the main output plus the weighted auxiliary output, ignoring label 255."""
+"""Segmentation losses: the `loss` config group (conf/loss/), one class per loss.
+
+A loss sees the model's outputs (`{"out": ..., plus the auxiliary outputs the model declares in
+training}`) and the target, and returns a scalar. The main output counts fully, every auxiliary
+output with `aux_weight` (PSPNet's FCN head on layer3: 0.4 in the paper).
+
+Global-batch normalisation: a loss is `total(pass) / normalizer`, where `total` is what one forward
+pass contributes and `normalizer(target)` is computable from the target alone, before the forward
+pass. The training step sums `normalizer` over every pass of the global batch (accumulation steps
+and processes) and divides each pass's total by that sum, so any split of the batch gives the loss,
+and the gradient, of one big batch. Called without a normalizer, a loss is the plain mean over its
+own input.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from segtrain.errors import ConfigError
 
 
-def segmentation_loss(
-    outputs: dict[str, torch.Tensor],
-    target: torch.Tensor,
-    aux_weight: float = 0.0,
-    ignore_index: int = 255,
-    normalizer: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean cross-entropy over the labelled pixels; with `normalizer`, the sum divided by it instead.
+class SegmentationLoss(nn.Module):
+    """Base class: `pass_total` and `normalizer` define a loss; `forward` adds the auxiliary terms."""
 
-    The training loop passes the number of labelled pixels of the whole global batch (all
-    accumulation steps and processes), so that any split of the batch gives the loss, and the
-    gradient, of one big batch.
+    def __init__(self, num_classes: int, ignore_index: int = 255, aux_weight: float = 0.4) -> None:
+        super().__init__()
+        if aux_weight < 0:
+            raise ConfigError(f"loss.aux_weight must be >= 0, got {aux_weight}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.aux_weight = float(aux_weight)
+
+    def pass_total(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def normalizer(self, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(
+        self, outputs: dict[str, torch.Tensor], target: torch.Tensor, normalizer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if normalizer is None:
+            normalizer = self.normalizer(target).clamp(min=1e-12)
+        loss = self.pass_total(outputs["out"], target)
+        if self.aux_weight > 0:
+            for key, logits in outputs.items():
+                if key != "out":
+                    loss = loss + self.aux_weight * self.pass_total(logits, target)
+        return loss / normalizer
+
+
+def _class_weights(class_weights: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
+    if class_weights is None:
+        return None
+    weights = [float(w) for w in class_weights]
+    if len(weights) != num_classes:
+        raise ConfigError(f"loss.class_weights has {len(weights)} values for {num_classes} classes; give one "
+                          "weight per class (dataset.class_names), or null")
+    if any(w < 0 for w in weights) or not any(weights):
+        raise ConfigError("loss.class_weights must be >= 0 and not all zero")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class CrossEntropy(SegmentationLoss):
+    """Pixel-wise cross-entropy, ignoring `ignore_index` (the dataset's), optionally class-weighted.
+
+    With `class_weights` w it is PyTorch's weighted mean: sum_i w[y_i] * ce_i / sum_i w[y_i] over the
+    labelled pixels i; the global batch is normalised by the sum of w[y_i] over all its labelled pixels.
     """
-    reduction = "mean" if normalizer is None else "sum"
 
-    def term(logits: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
-        return loss if normalizer is None else loss / normalizer
+    def __init__(self, num_classes: int, ignore_index: int = 255, aux_weight: float = 0.4,
+                 class_weights: Sequence[float] | None = None) -> None:
+        super().__init__(num_classes, ignore_index, aux_weight)
+        weights = _class_weights(class_weights, num_classes)
+        self.register_buffer("class_weights", weights, persistent=False)
 
-    loss = term(outputs["out"])
-    if "aux" in outputs and aux_weight > 0:
-        loss = loss + aux_weight * term(outputs["aux"])
-    return loss
+    def pass_total(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=self.ignore_index,
+                               reduction="sum")
+
+    def normalizer(self, target: torch.Tensor) -> torch.Tensor:
+        labelled = target != self.ignore_index
+        if self.class_weights is None:
+            return labelled.sum().float()
+        return (self.class_weights.to(target.device)[target.clamp(0, self.num_classes - 1)] * labelled).sum()
+
+
+class OhemCrossEntropy(CrossEntropy):
+    """Online hard example mining cross-entropy, as in the PSPNet/HRNet reference code.
+
+    Within each forward pass, keep the labelled pixels whose predicted probability of the true class
+    is below `threshold`; if fewer than `min_kept` are that hard, raise the threshold to the
+    `min_kept`-th smallest probability. The pass's loss is the mean (class-weighted per pixel) over the
+    kept pixels. The selection is per pass, as in the reference code (per GPU), so a global batch's
+    loss is the mean of its passes' losses: `normalizer` counts passes, not pixels.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, aux_weight: float = 0.4,
+                 class_weights: Sequence[float] | None = None, threshold: float = 0.7,
+                 min_kept: int = 100000) -> None:
+        super().__init__(num_classes, ignore_index, aux_weight, class_weights)
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"loss.threshold must be in (0, 1], got {threshold}")
+        if min_kept < 0:
+            raise ConfigError(f"loss.min_kept must be >= 0, got {min_kept}")
+        self.threshold = float(threshold)
+        self.min_kept = int(min_kept)
+
+    def hard_pixels(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the kept pixels (no host synchronisation: sizes stay on the device)."""
+        labelled = target != self.ignore_index
+        safe_target = torch.where(labelled, target, torch.zeros_like(target))
+        prob = logits.detach().float().softmax(dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
+        # Unlabelled pixels sort last: probabilities are <= 1.
+        ranked = torch.where(labelled, prob, torch.full_like(prob, 2.0)).flatten().sort().values
+        count = labelled.sum()
+        kth = ranked[torch.clamp(torch.minimum(count - 1, count.new_tensor(self.min_kept)), min=0)]
+        cutoff = torch.clamp(kth, min=self.threshold)
+        return labelled & (prob < cutoff)
+
+    def pass_total(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        keep = self.hard_pixels(logits, target)
+        losses = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=self.ignore_index,
+                                 reduction="none")
+        return (losses * keep).sum() / keep.sum().clamp(min=1)
+
+    def normalizer(self, target: torch.Tensor) -> torch.Tensor:
+        return torch.ones((), device=target.device)

@@ -1,19 +1,28 @@
-"""Optimizers with two parameter groups: the (pretrained) backbone and everything else."""
+"""Optimizers from the `optimizer` config group (conf/optimizer/): `_target_` names the class.
+
+The node's keys are the optimizer's constructor arguments (`_partial_: true`: the parameters are
+added here), plus `head_lr_mult`, the learning-rate multiplier of every parameter outside the
+(pretrained) backbone. Every parameter group carries its `lr_scale`, so that the schedule sets
+`lr = schedule(iteration) * lr_scale` per group.
+"""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from segtrain.config import OptimizerConfig
 from segtrain.errors import ConfigError
+from segtrain.instantiate import instantiate_checked
 
 
 def parameter_groups(model: nn.Module, base_lr: float, head_lr_mult: float) -> list[dict]:
     backbone = [p for p in model.backbone_parameters() if p.requires_grad]
     head = [p for p in model.head_parameters() if p.requires_grad]
-    groups = [{"params": backbone, "lr": base_lr, "name": "backbone"}]
-    groups.append({"params": head, "lr": base_lr * head_lr_mult, "name": "head"})
+    groups = [{"params": backbone, "lr": base_lr, "lr_scale": 1.0, "name": "backbone"}]
+    groups.append({"params": head, "lr": base_lr * head_lr_mult, "lr_scale": head_lr_mult, "name": "head"})
     return [g for g in groups if g["params"]]
 
 
@@ -28,27 +37,41 @@ def fused_update(groups: list[dict]) -> bool:
     return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Build the optimizer; call it after the model is on its device (the fused update depends on it)."""
-    groups = parameter_groups(model, cfg.lr, cfg.head_lr_mult)
-    fused = fused_update(groups)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, fused=fused)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, fused=fused)
-    raise ConfigError(f"optimizer.name={cfg.name!r} is unknown; available: sgd, adamw")
+    if cfg.get("lr") is None:
+        raise ConfigError("optimizer.lr is missing: the base learning rate of the schedule")
+    head_lr_mult = float(cfg.get("head_lr_mult", 1.0))
+    if head_lr_mult < 0:
+        raise ConfigError(f"optimizer.head_lr_mult must be >= 0, got {head_lr_mult}")
+    groups = parameter_groups(model, float(cfg.lr), head_lr_mult)
+    factory = instantiate_checked("optimizer", cfg, drop=("head_lr_mult",))
+    if not callable(factory) or not hasattr(factory, "func"):
+        raise ConfigError("optimizer._partial_ must be true: segtrain adds the model's parameters")
+    accepts_fused = "fused" in inspect.signature(factory.func).parameters
+    optimizer = factory(groups, **({"fused": True} if accepts_fused and fused_update(groups) else {}))
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer._target_={cfg._target_!r} is not a torch.optim.Optimizer")
+    return optimizer
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a checkpoint's optimizer state but keep this optimizer's update implementation.
+    """Load a checkpoint's per-parameter state (momentum buffers, moments) and nothing else.
 
-    `load_state_dict` takes every group setting from the checkpoint, `fused` and `foreach` included:
-    a checkpoint from a loop-update optimizer would silently turn the fused update off, and a
-    GradScaler (trainer.amp=fp16), which hands its scale only to fused updates, then fails the step.
+    Group settings (learning rate and its scale, weight decay, momentum, and the update
+    implementation: `fused`/`foreach`) stay this run's configuration. `load_state_dict` alone would
+    take them all from the checkpoint: a changed `optimizer.weight_decay` would be silently ignored,
+    and a checkpoint from a loop-update optimizer would turn the fused update off, which fails the
+    GradScaler step of trainer.amp=fp16.
     """
-    implementation = ("fused", "foreach")
-    groups = [{**saved, **{key: current[key] for key in implementation if key in current}}
-              for saved, current in zip(state["param_groups"], optimizer.param_groups)]
-    optimizer.load_state_dict({**state, "param_groups": groups})
+    saved = state["param_groups"]
+    current = optimizer.param_groups
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in current]:
+        raise ConfigError(
+            "the checkpoint's optimizer holds parameter groups of sizes "
+            f"{[len(g['params']) for g in saved]}, this model {[len(g['params']) for g in current]}: it was "
+            "trained with another model or backbone; resume with the configuration it was trained with"
+        )
+    groups = [{**{k: v for k, v in mine.items() if k != "params"}, "params": theirs["params"]}
+              for theirs, mine in zip(saved, current)]
+    optimizer.load_state_dict({"state": state["state"], "param_groups": groups})

@@ -11,8 +11,6 @@ import torch
 
 from segtrain.errors import ConfigError
 
-AMP_MODES = ("off", "bf16", "fp16")
-
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
@@ -27,12 +25,6 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
     raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {requested!r}")
-
-
-def check_amp(amp: str) -> str:
-    if amp not in AMP_MODES:
-        raise ConfigError(f"trainer.amp must be one of {AMP_MODES}, got {amp!r}")
-    return amp
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -1,8 +1,13 @@
-"""The training loop: iteration-based, poly LR every step, periodic validation and checkpoints.
+"""The training loop: a `Trainer` with explicit state (`TrainState`) and small named steps.
 
-Runs alike in one process or under torchrun: `trainer.batch_size` is the global batch, split over
-processes and accumulation steps; the loss is normalised by the labelled pixels of the whole
-global batch, so any split gives the gradient of one big batch. Only rank 0 writes.
+    trainer = Trainer(cfg, run_dir)
+    trainer.setup()        # model, optimizer, schedule, loss (TrainStep), loaders, TensorBoard
+    trainer.resume()       # weights, optimizer state, RNG and TrainState from a checkpoint
+    trainer.fit()          # loop: step -> log -> validate -> save, until trainer.max_iters
+
+`train(cfg, run_dir)` does all three. Runs alike in one process or under torchrun:
+`trainer.batch_size` is the global batch, split over processes and accumulation steps, and the
+loss is normalised over the whole global batch (segtrain.engine.losses). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -13,16 +18,17 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from segtrain.config import check_options
 from segtrain.data.loading import build_dataset, eval_loader, train_loader
 from segtrain.engine.checkpoint import (
     CHECKPOINT_DIR,
@@ -43,13 +49,12 @@ from segtrain.engine.distributed import (
     micro_batch_size,
     should_sync_bn,
 )
-from segtrain.engine.evaluate import autocast, evaluate
+from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
-from segtrain.engine.losses import segmentation_loss
-from segtrain.engine.optim import build_optimizer, load_optimizer_state
+from segtrain.engine.optim import load_optimizer_state
 from segtrain.engine.preemption import PreemptionHandler
-from segtrain.engine.runtime import check_amp, progress_enabled, seed_everything
-from segtrain.engine.schedules import build_scheduler
+from segtrain.engine.runtime import progress_enabled, seed_everything
+from segtrain.engine.step import Batch, StepResult, TrainStep, build_train_step
 from segtrain.errors import ConfigError, Preempted, TrainingStopped
 from segtrain.models import build_model
 from segtrain.visualize import denormalize, make_palette, panel
@@ -59,7 +64,35 @@ log = logging.getLogger("segtrain.train")
 StepCallback = Callable[[int, nn.Module], None]
 
 
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint (with weights, optimizer, scaler and RNG)."""
+
+    iteration: int = 0  # optimizer steps done
+    samples_seen: int = 0  # position in the training stream: iteration x global batch
+    best_miou: float = -1.0
+    best_iteration: int = 0
+    last_miou: float = math.nan
+    skipped_steps: int = 0  # steps dropped for a non-finite loss (nan_policy=skip)
+    skipped_samples: int = 0  # unusable samples replaced (data.on_error=skip), this process
+    history: list[dict[str, float]] = field(default_factory=list)  # logged loss and lr (not saved)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "history"}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], batch_size: int) -> TrainState:
+        saved = state.get("train_state") or {  # checkpoints written before TrainState existed
+            "iteration": state["iteration"], "best_miou": state["best_miou"],
+            "skipped_steps": state.get("skipped_steps", 0)}
+        known = {f.name for f in fields(cls)} - {"history"}
+        restored = cls(**{k: v for k, v in saved.items() if k in known})
+        restored.samples_seen = restored.iteration * batch_size
+        return restored
+
+
 def check_trainer_config(cfg: DictConfig) -> None:
+    check_options(cfg)
     t = cfg.trainer
     for key in ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval", "keep_last"):
         if t[key] < 1:
@@ -67,21 +100,12 @@ def check_trainer_config(cfg: DictConfig) -> None:
     for key in ("interval", "image_interval"):
         if cfg.logging[key] < 1:
             raise ConfigError(f"logging.{key} must be >= 1, got {cfg.logging[key]}")
-    check_amp(t.amp)
-    if t.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"trainer.nan_policy must be 'stop' or 'skip', got {t.nan_policy!r}")
 
 
-def _resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    if cfg.resume in (None, "", False):
-        return None
-    if cfg.resume == "auto":
-        found = find_resume_checkpoint(run_dir)
-        if found is None:
-            log.info("resume=auto: no checkpoint in %s; starting from scratch", run_dir / CHECKPOINT_DIR)
-        return found
-    path = Path(str(cfg.resume))
-    return path, load_checkpoint(path)
+def freeze_batchnorm(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _check_same_classes(state: dict, class_names: list[str], path: Path) -> None:
@@ -93,310 +117,325 @@ def _check_same_classes(state: dict, class_names: list[str], path: Path) -> None
         )
 
 
-def freeze_batchnorm(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
-def compiled(model: nn.Module, enabled: bool) -> nn.Module:
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
-        log.warning("trainer.compile=true: torch.compile is unavailable here (%s); training without it", exc)
-        return model
-
-
-def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -> dict:
-    """Train per `cfg`, writing checkpoints, TensorBoard events and metrics under `run_dir` (rank 0).
+class Trainer:
+    """Trains per `cfg`, writing checkpoints, TensorBoard events and metrics under `run_dir` (rank 0).
 
     `on_step(iteration, model)` is called after every optimizer step (tests, instrumentation).
     """
-    check_trainer_config(cfg)
-    t = cfg.trainer
-    ctx: DistContext = init_distributed(t.device)
-    device = ctx.device
-    if not ctx.is_main:
-        logging.getLogger("segtrain").setLevel(logging.WARNING)
-    micro_batch = micro_batch_size(t.batch_size, ctx.world_size, t.grad_accum_steps)
-    if micro_batch < 2 and not t.freeze_bn and not should_sync_bn(t.sync_bn, ctx.world_size, device.type):
-        raise ConfigError(
-            f"trainer.batch_size={t.batch_size} gives {micro_batch} image per process and step: BatchNorm needs "
-            "at least 2 (raise trainer.batch_size, use fewer accumulation steps, or trainer.freeze_bn=true)"
-        )
-    run_dir = Path(broadcast_object(str(run_dir), ctx))  # every rank reads rank 0's run directory
-    seed_everything(t.seed, t.deterministic)
-    class_names = list(cfg.dataset.class_names)
-    num_classes = len(class_names)
 
-    train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error)
-    val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False)
-    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    model = build_model(cfg.model, cfg.backbone, num_classes)
-    model = apply_sync_bn(model, t.sync_bn, ctx.world_size, device.type).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    scheduler = build_scheduler(cfg.schedule, optimizer, t.max_iters, cfg.optimizer.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
-    aux_weight = float(cfg.model.get("aux_weight", 0.0))
-    ignore_index = cfg.dataset.ignore_index
+    def __init__(self, cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -> None:
+        self.cfg, self.run_dir, self.on_step = cfg, Path(run_dir), on_step
+        self.state = TrainState()
+        self.problems: set[str] = set()  # distinct unusable-sample messages already logged
+        self.lrs: dict[int, float] = {}  # learning rate of each iteration since the last check
 
-    start_iter, best_miou, resumed_skips = 0, -1.0, 0
-    resume = _resolve_resume(cfg, run_dir)
-    if resume is not None:
-        path, state = resume
-        _check_same_classes(state, class_names, path)
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
-        configured = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
-        scheduler.load_state_dict(state["scheduler"])
-        for fn, fields in zip(scheduler.lr_lambdas, configured):
-            if vars(fn) != fields:
-                log.warning("the schedule differs from the checkpoint's (%s -> %s): continuing with the configured one",
-                            vars(fn), fields)
-                fn.__dict__.update(fields)
-                for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                    group["lr"] = base * factor(scheduler.last_epoch)
-        scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
-        start_iter, best_miou = int(state["iteration"]), float(state["best_miou"])
-        resumed_skips = int(state.get("skipped_steps", 0))
-        log.info("resumed from %s at iteration %d (lr %.6g)", path, start_iter, optimizer.param_groups[0]["lr"])
+    # -- setup ---------------------------------------------------------------------------------
 
-    if ctx.enabled:
-        # An auxiliary head that the loss ignores (aux_weight 0) gets no gradient: tell DDP.
-        unused_aux = aux_weight == 0 and any(name.startswith("aux") for name, _ in model.named_children())
-        ddp: nn.Module | None = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused_aux
-        )
-        eager: nn.Module = ddp
-    else:
-        ddp, eager = None, model
-    net = compiled(eager, t.compile)
+    def setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        check_trainer_config(cfg)
+        self.ctx: DistContext = init_distributed(t.device)
+        self.device = self.ctx.device
+        if not self.ctx.is_main:
+            logging.getLogger("segtrain").setLevel(logging.WARNING)
+        self.micro_batch = micro_batch_size(t.batch_size, self.ctx.world_size, t.grad_accum_steps)
+        if (self.micro_batch < 2 and not t.freeze_bn
+                and not should_sync_bn(t.sync_bn, self.ctx.world_size, self.device.type)):
+            raise ConfigError(
+                f"trainer.batch_size={t.batch_size} gives {self.micro_batch} image per process and step: BatchNorm "
+                "needs at least 2 (raise trainer.batch_size, use fewer accumulation steps, or trainer.freeze_bn=true)"
+            )
+        self.run_dir = Path(broadcast_object(str(self.run_dir), self.ctx))  # every rank uses rank 0's directory
+        seed_everything(t.seed, t.deterministic)
+        self.class_names = list(cfg.dataset.class_names)
+        self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error)
+        self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False)
+        self.settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
+        self.model = self.build_model()
+        self.step: TrainStep = build_train_step(cfg, self.model, self.ctx, len(self.class_names))
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
+        self.palette = make_palette(cfg.dataset.palette, len(self.class_names))
+        self.writer = SummaryWriter(str(self.run_dir)) if cfg.logging.tensorboard and self.ctx.is_main else None
 
-    loader = train_loader(train_set, micro_batch, t.num_workers, t.seed, start_iter * t.batch_size,
-                          pin_memory=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size)
-    val_loader = eval_loader(val_set, cfg.eval.batch_size, cfg.eval.num_workers, device.type == "cuda")
-    log.info(
-        "model %s + %s: %.2fM parameters; %d train / %d val images; effective (global) batch %d = %d per "
-        "pass x accumulation %d x world size %d; device %s, amp %s%s",
-        cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_),
-        sum(p.numel() for p in model.parameters()) / 1e6, len(train_set), len(val_set), t.batch_size,
-        micro_batch, t.grad_accum_steps, ctx.world_size, device, t.amp,
-        ", SyncBatchNorm" if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else "",
-    )
-    writer = SummaryWriter(str(run_dir)) if cfg.logging.tensorboard and ctx.is_main else None
-    palette = make_palette(cfg.dataset.palette, num_classes)
-    ckpt_dir = run_dir / CHECKPOINT_DIR
+    def build_model(self) -> nn.Module:
+        t = self.cfg.trainer
+        model = build_model(self.cfg.model, self.cfg.backbone, len(self.class_names))
+        model = apply_sync_bn(model, t.sync_bn, self.ctx.world_size, self.device.type).to(self.device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
 
-    def checkpoint_state(iteration: int) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "iteration": iteration,
-            "best_miou": best_miou,
-            "skipped_steps": skipped_steps,
-            "rng": rng_state(),
-            "class_names": class_names,
-            "config": OmegaConf.to_yaml(cfg, resolve=True),
-        }
+    def build_loaders(self) -> None:
+        """Loaders start at the resumed position of the training stream."""
+        t, cfg = self.cfg.trainer, self.cfg
+        pin = self.device.type == "cuda"
+        self.loader = train_loader(self.train_set, self.micro_batch, t.num_workers, t.seed, self.state.samples_seen,
+                                   pin_memory=pin, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.val_loader = eval_loader(self.val_set, cfg.eval.batch_size, cfg.eval.num_workers, pin)
+        self.data = iter(self.loader)
 
-    def validate(iteration: int, log_images: bool) -> float:
-        if ctx.enabled:  # without SyncBatchNorm each rank's running statistics drift; evaluate rank 0's model
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
-        result = evaluate(model, val_loader, num_classes, device, t.amp, ignore_index, settings,
-                          num_examples=cfg.logging.num_images if log_images and ctx.is_main else 0)
-        m = result.metrics
-        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f", iteration, m["miou"],
-                 m["pixel_acc"], m["mean_acc"])
-        if writer is not None:
-            writer.add_scalar("val/mIoU", m["miou"], iteration)
-            writer.add_scalar("val/pixel_acc", m["pixel_acc"], iteration)
-            writer.add_scalar("val/mean_acc", m["mean_acc"], iteration)
-            for name, iou in zip(class_names, m["iou"]):
-                if not math.isnan(iou):
-                    writer.add_scalar(f"val_iou/{name}", iou, iteration)
-            for k, (image, mask, pred) in enumerate(result.examples):
-                rgb = denormalize(image, cfg.dataset.mean, cfg.dataset.std)
-                writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, palette), iteration,
-                                 dataformats="HWC")
-        return m["miou"]
+    # -- resume --------------------------------------------------------------------------------
 
-    def set_train_mode() -> None:
-        model.train()
-        if t.freeze_bn:
-            freeze_batchnorm(model)
+    def resume(self) -> None:
+        """Restore from `resume` (auto: this run directory's newest usable checkpoint, or a path)."""
+        found = self.find_checkpoint()
+        if found is None:
+            return
+        path, saved = found
+        _check_same_classes(saved, self.class_names, path)
+        self.model.load_state_dict(saved["model"])
+        load_optimizer_state(self.step.optimizer, saved["optimizer"])
+        self.step.scaler.load_state_dict(saved["scaler"])
+        restore_rng_state(saved["rng"])
+        self.state = TrainState.from_checkpoint(saved, self.cfg.trainer.batch_size)
+        log.info("resumed from %s at iteration %d (lr %.6g)", path, self.state.iteration,
+                 self.step.lr(self.state.iteration + 1))
 
-    set_train_mode()
-    show_progress = progress_enabled(cfg.logging.progress) and ctx.is_main
-    bar = tqdm(total=t.max_iters, initial=start_iter, desc="train", unit="it", disable=not show_progress,
-               dynamic_ncols=True)
-    data = iter(loader)
-    last_miou, last_images, tic = math.nan, start_iter // cfg.logging.image_interval, time.perf_counter()
-    history: list[dict[str, float]] = []
-    skipped: set[str] = set()
-    skipped_count, skipped_steps = 0, resumed_skips
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    # First iteration with a non-finite loss, tracked on the device (no host sync per step) and
-    # checked at every logging interval and before every checkpoint: a bad state is never saved.
-    first_bad = torch.zeros((), dtype=torch.long, device=device)
-    lrs: dict[int, float] = {}
+    def find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        resume = self.cfg.get("resume")
+        if resume in (None, "", False):
+            return None
+        if resume == "auto":
+            found = find_resume_checkpoint(self.run_dir)
+            if found is None:
+                log.info("resume=auto: no checkpoint in %s; starting from scratch", self.ckpt_dir)
+            return found
+        return Path(str(resume)), load_checkpoint(Path(str(resume)))
 
-    def last_good_checkpoint() -> str:
-        return str(ckpt_dir / "last.pt") if (ckpt_dir / "last.pt").exists() else "none written yet"
+    # -- one iteration -------------------------------------------------------------------------
 
-    def check_finite() -> None:
-        worst = first_bad.clone()
-        if ctx.enabled:  # a NaN on any rank poisons every rank's weights through the gradient average
+    def next_batches(self) -> list[Batch]:
+        """One (images, masks) pair per accumulation pass; unusable samples are reported once each."""
+        batches = []
+        for _ in range(self.cfg.trainer.grad_accum_steps):
+            batch = next(self.data)
+            for report in batch["skipped"]:
+                for problem in filter(None, report.split("\n")):
+                    self.state.skipped_samples += 1
+                    if problem not in self.problems:
+                        self.problems.add(problem)
+                        log.warning("data.on_error=skip: skipping a sample: %s", problem)
+            batches.append((batch["image"], batch["mask"]))
+        return batches
+
+    def train_step(self, iteration: int) -> StepResult:
+        t = self.cfg.trainer
+        try:
+            return self.step(iteration, self.next_batches())
+        except torch.OutOfMemoryError:
+            raise TrainingStopped(
+                f"out of GPU memory at iteration {iteration}: {self.micro_batch} images of "
+                f"{list(self.cfg.dataset.augment.crop_size)} per pass (trainer.batch_size={t.batch_size}, "
+                f"world size {self.ctx.world_size}, trainer.grad_accum_steps={t.grad_accum_steps}), "
+                f"trainer.amp={t.amp}. Raise trainer.grad_accum_steps (same global batch, fewer images per "
+                "pass), use trainer.amp=bf16, or a smaller dataset.augment.crop_size"
+            ) from None
+
+    def account_non_finite(self, iteration: int, result: StepResult) -> None:
+        """nan_policy=skip: count and limit skipped steps. stop: remember the first bad iteration on
+        the device (no host sync per step); `check_finite` raises at the next log or checkpoint."""
+        t = self.cfg.trainer
+        if not result.skipped:
+            self.first_bad = torch.where((self.first_bad == 0) & ~result.finite, iteration, self.first_bad)
+            return
+        self.state.skipped_steps += 1
+        lr = self.lrs[iteration]
+        log.warning("non-finite loss at iteration %d (lr %.6g): step skipped (%d of at most %d)",
+                    iteration, lr, self.state.skipped_steps, t.max_skipped_steps)
+        if self.writer is not None:
+            self.writer.add_scalar("train/skipped_steps", self.state.skipped_steps, iteration)
+        if self.state.skipped_steps > t.max_skipped_steps:
+            raise TrainingStopped(
+                f"{self.state.skipped_steps} steps had a non-finite loss (trainer.max_skipped_steps="
+                f"{t.max_skipped_steps}); last at iteration {iteration} (lr {lr:.6g}). Last good checkpoint: "
+                f"{self.last_good_checkpoint()}. Lower optimizer.lr or check the data (segtrain data check)"
+            )
+
+    def last_good_checkpoint(self) -> str:
+        last = self.ckpt_dir / "last.pt"
+        return str(last) if last.exists() else "none written yet"
+
+    def check_finite(self) -> None:
+        worst = self.first_bad.clone()
+        if self.ctx.enabled:  # a NaN on any rank poisons every rank's weights through the gradient average
             torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
         bad = int(worst)
         if bad:
             raise TrainingStopped(
-                f"non-finite loss at iteration {bad} (lr {lrs.get(bad, float('nan')):.6g}); trainer.nan_policy=stop. "
-                f"Last good checkpoint: {last_good_checkpoint()}. Lower optimizer.lr, add schedule.warmup_iters, "
-                "check the data with `segtrain data check`, or set trainer.nan_policy=skip"
+                f"non-finite loss at iteration {bad} (lr {self.lrs.get(bad, float('nan')):.6g}); "
+                f"trainer.nan_policy=stop. Last good checkpoint: {self.last_good_checkpoint()}. Lower "
+                "optimizer.lr, add schedule.warmup_iters, check the data with `segtrain data check`, or set "
+                "trainer.nan_policy=skip"
             )
 
-    def save_periodic_checkpoint(iteration: int) -> Path | None:
-        check_finite()
-        if ctx.is_main:
-            return save_periodic(checkpoint_state(iteration), ckpt_dir, t.keep_last)
+    # -- logging, validation, checkpoints ------------------------------------------------------
+
+    def log_progress(self, iteration: int, result: StepResult) -> None:
+        """Once per logging interval: the loop's only host synchronisation."""
+        self.check_finite()
+        lr = self.lrs[iteration]
+        loss = float(all_reduce_sum(result.loss, self.ctx)) / self.ctx.world_size  # the global batch's loss
+        now = time.perf_counter()
+        rate = self.cfg.logging.interval / max(now - self.tic, 1e-9)
+        self.tic = now
+        self.state.history.append({"iteration": iteration, "loss": loss, "lr": lr})
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if not self.show_progress and self.ctx.is_main:
+            log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, self.cfg.trainer.max_iters, loss, lr,
+                     rate)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, iteration)
+            self.writer.add_scalar("train/lr", lr, iteration)
+            if self.cfg.data.on_error == "skip":
+                self.writer.add_scalar("data/skipped_samples", self.state.skipped_samples, iteration)
+
+    def set_train_mode(self) -> None:
+        self.model.train()
+        if self.cfg.trainer.freeze_bn:
+            freeze_batchnorm(self.model)
+
+    def validate(self, iteration: int, log_images: bool) -> float:
+        """mIoU on the validation split; a new best is saved as best.pt."""
+        if self.ctx.enabled:  # without SyncBatchNorm each rank's running statistics drift; use rank 0's
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        num_images = self.cfg.logging.num_images if log_images and self.ctx.is_main else 0
+        result = evaluate(self.model, self.val_loader, len(self.class_names), self.device, self.step.amp,
+                          self.cfg.dataset.ignore_index, self.settings, num_examples=num_images)
+        self.set_train_mode()
+        m = result.metrics
+        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f", iteration, m["miou"], m["pixel_acc"],
+                 m["mean_acc"])
+        self.write_validation(iteration, m, result.examples)
+        self.state.last_miou = m["miou"]
+        if m["miou"] > self.state.best_miou:
+            self.state.best_miou, self.state.best_iteration = m["miou"], iteration
+            if self.ctx.is_main:
+                save_checkpoint(self.checkpoint(), self.ckpt_dir / "best.pt")
+                log.info("new best mIoU %.4f at iteration %d: %s", m["miou"], iteration, self.ckpt_dir / "best.pt")
+        return m["miou"]
+
+    def write_validation(self, iteration: int, metrics: dict, examples: list) -> None:
+        if self.writer is None:
+            return
+        for key, tag in (("miou", "val/mIoU"), ("pixel_acc", "val/pixel_acc"), ("mean_acc", "val/mean_acc")):
+            self.writer.add_scalar(tag, metrics[key], iteration)
+        for name, iou in zip(self.class_names, metrics["iou"]):
+            if not math.isnan(iou):
+                self.writer.add_scalar(f"val_iou/{name}", iou, iteration)
+        for k, (image, mask, pred) in enumerate(examples):
+            rgb = denormalize(image, self.cfg.dataset.mean, self.cfg.dataset.std)
+            self.writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, self.palette), iteration, dataformats="HWC")
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything a resume needs. The schedule is not in it: the learning rate is a function of
+        the configuration and the iteration."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.step.optimizer.state_dict(),
+            "scaler": self.step.scaler.state_dict(),
+            "train_state": self.state.to_checkpoint(),
+            "iteration": self.state.iteration,
+            "best_miou": self.state.best_miou,
+            "skipped_steps": self.state.skipped_steps,
+            "rng": rng_state(),
+            "class_names": self.class_names,
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+
+    def save(self) -> Path | None:
+        """A periodic checkpoint (iter_N.pt, last.pt); never of a state reached through a non-finite loss."""
+        self.check_finite()
+        if self.ctx.is_main:
+            return save_periodic(self.checkpoint(), self.ckpt_dir, self.cfg.trainer.keep_last)
         return None
 
-    def forward(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        nonlocal net
-        if net is eager:
-            return net(images)
-        try:  # torch.compile compiles lazily: its failures surface at the first call
-            return net(images)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-            log.warning("trainer.compile=true: compilation failed (%s: %s); training without torch.compile",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            net = eager
-            return net(images)
+    def stop_if_preempted(self, iteration: int, saved: Path | None) -> None:
+        stop = self.preemption.requested
+        if self.ctx.enabled:  # every rank must stop at the same step
+            stop = bool(all_reduce_sum(torch.tensor(float(stop), device=self.device), self.ctx) > 0)
+        if not stop or iteration >= self.cfg.trainer.max_iters:
+            return
+        if saved is None:
+            self.save()
+        barrier(self.ctx)
+        signum = self.preemption.signum or signal.SIGTERM
+        raise Preempted(
+            f"stopped by {signal.Signals(signum).name} after iteration {iteration}; checkpoint "
+            f"{self.ckpt_dir / 'last.pt'}. Resume with the same command plus hydra.run.dir={self.run_dir} resume=auto",
+            signum,
+        )
 
-    def train_step(iteration: int) -> torch.Tensor:
-        nonlocal skipped_count
-        batches = []
-        for _ in range(t.grad_accum_steps):
-            batch = next(data)
-            for report in batch["skipped"]:
-                for problem in filter(None, report.split("\n")):
-                    skipped_count += 1
-                    if problem not in skipped:
-                        skipped.add(problem)
-                        log.warning("data.on_error=skip: skipping a sample: %s", problem)
-            batches.append((batch["image"].to(device, non_blocking=True, memory_format=memory_format),
-                            batch["mask"].to(device, non_blocking=True)))
-        # Labelled pixels of the whole global batch; DDP averages gradients over ranks, hence x world.
-        labelled = all_reduce_sum(sum((m != ignore_index).sum() for _, m in batches).float(), ctx)
-        normalizer = labelled.clamp(min=1) / ctx.world_size
-        loss_sum = torch.zeros((), device=device)
-        for step, (images, masks) in enumerate(batches):
-            skip_sync = ddp is not None and step < len(batches) - 1
-            with ddp.no_sync() if skip_sync else contextlib.nullcontext():
-                with autocast(device, t.amp):
-                    outputs = forward(images)
-                loss = segmentation_loss(outputs, masks, aux_weight, ignore_index, normalizer)
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        return loss_sum
+    # -- the loop ------------------------------------------------------------------------------
 
-    with PreemptionHandler() as preemption, contextlib.ExitStack() as cleanup:
-        cleanup.callback(bar.close)
-        if writer is not None:  # flush TensorBoard events on any exit, preemption and errors included
-            cleanup.callback(writer.close)
-        for iteration in range(start_iter + 1, t.max_iters + 1):
-            lr = optimizer.param_groups[0]["lr"]  # the base (backbone) LR of this step
-            lrs[iteration] = lr
-            try:
-                loss_sum = train_step(iteration)
-            except torch.OutOfMemoryError:
-                raise TrainingStopped(
-                    f"out of GPU memory at iteration {iteration}: {micro_batch} images of "
-                    f"{list(cfg.dataset.augment.crop_size)} per pass (trainer.batch_size={t.batch_size}, "
-                    f"world size {ctx.world_size}, trainer.grad_accum_steps={t.grad_accum_steps}), "
-                    f"trainer.amp={t.amp}. Raise trainer.grad_accum_steps (same global batch, fewer images per "
-                    "pass), use trainer.amp=bf16, or a smaller dataset.augment.crop_size"
-                ) from None
-            finite = torch.isfinite(loss_sum)
-            if t.nan_policy == "skip" and not bool(all_reduce_sum(finite.float(), ctx) == ctx.world_size):
-                skipped_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("non-finite loss at iteration %d (lr %.6g): step skipped (%d of at most %d)",
-                            iteration, lr, skipped_steps, t.max_skipped_steps)
-                if writer is not None:
-                    writer.add_scalar("train/skipped_steps", skipped_steps, iteration)
-                if skipped_steps > t.max_skipped_steps:
-                    raise TrainingStopped(
-                        f"{skipped_steps} steps had a non-finite loss (trainer.max_skipped_steps="
-                        f"{t.max_skipped_steps}); last at iteration {iteration} (lr {lr:.6g}). Last good checkpoint: "
-                        f"{last_good_checkpoint()}. Lower optimizer.lr or check the data (segtrain data check)"
-                    )
-            else:
-                first_bad = torch.where((first_bad == 0) & ~finite, iteration, first_bad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            bar.update(1)
-            if on_step is not None:
-                on_step(iteration, model)
+    def describe(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        model = self.model
+        log.info(
+            "model %s + %s: %.2fM parameters; loss %s; %d train / %d val images; effective (global) batch %d = %d "
+            "per pass x accumulation %d x world size %d; device %s, amp %s%s",
+            cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_),
+            sum(p.numel() for p in model.parameters()) / 1e6, type(self.step.loss).__name__, len(self.train_set),
+            len(self.val_set), t.batch_size, self.micro_batch, t.grad_accum_steps, self.ctx.world_size, self.device,
+            self.step.amp, ", SyncBatchNorm" if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else "",
+        )
 
-            if iteration % cfg.logging.interval == 0 or iteration == t.max_iters:
-                check_finite()  # the only host synchronisation of the loop, once per logging interval
-                loss_value = float(all_reduce_sum(loss_sum, ctx)) / ctx.world_size  # the global batch's mean CE
-                rate = cfg.logging.interval / max(time.perf_counter() - tic, 1e-9)
-                tic = time.perf_counter()
-                history.append({"iteration": iteration, "loss": loss_value, "lr": lr})
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                if not show_progress and ctx.is_main:
-                    log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, t.max_iters, loss_value, lr,
-                             rate)
-                if writer is not None:
-                    writer.add_scalar("train/loss", loss_value, iteration)
-                    writer.add_scalar("train/lr", lr, iteration)
-                    if cfg.data.on_error == "skip":
-                        writer.add_scalar("data/skipped_samples", skipped_count, iteration)
+    def run_iteration(self, iteration: int) -> None:
+        t, interval = self.cfg.trainer, self.cfg.logging.interval
+        last = iteration == t.max_iters
+        self.lrs[iteration] = self.step.lr(iteration)
+        result = self.train_step(iteration)
+        self.account_non_finite(iteration, result)
+        self.state.iteration, self.state.samples_seen = iteration, iteration * t.batch_size
+        self.bar.update(1)
+        if self.on_step is not None:
+            self.on_step(iteration, self.model)
+        if iteration % interval == 0 or last:
+            self.log_progress(iteration, result)
+        if iteration % t.val_interval == 0 or last:
+            self.check_finite()
+            image_interval = self.cfg.logging.image_interval
+            images_due = iteration // image_interval > self.last_images or last
+            self.validate(iteration, images_due)
+            if images_due:
+                self.last_images = iteration // image_interval
+        saved = self.save() if iteration % t.ckpt_interval == 0 or last else None
+        self.stop_if_preempted(iteration, saved)
 
-            if iteration % t.val_interval == 0 or iteration == t.max_iters:
-                check_finite()
-                images_due = iteration // cfg.logging.image_interval > last_images or iteration == t.max_iters
-                last_miou = validate(iteration, images_due)
-                set_train_mode()
-                if images_due:
-                    last_images = iteration // cfg.logging.image_interval
-                if last_miou > best_miou:
-                    best_miou = last_miou
-                    if ctx.is_main:
-                        save_checkpoint(checkpoint_state(iteration), ckpt_dir / "best.pt")
-                        log.info("new best mIoU %.4f at iteration %d: %s", best_miou, iteration,
-                                 ckpt_dir / "best.pt")
-            saved = None
-            if iteration % t.ckpt_interval == 0 or iteration == t.max_iters:
-                saved = save_periodic_checkpoint(iteration)
-            stop = preemption.requested
-            if ctx.enabled:  # every rank must stop at the same step
-                stop = bool(all_reduce_sum(torch.tensor(float(stop), device=device), ctx) > 0)
-            if stop and iteration < t.max_iters:
-                if saved is None:
-                    saved = save_periodic_checkpoint(iteration)
-                barrier(ctx)
-                signum = preemption.signum or signal.SIGTERM
-                raise Preempted(
-                    f"stopped by {signal.Signals(signum).name} after iteration {iteration}; checkpoint "
-                    f"{ckpt_dir / 'last.pt'}. Resume with the same command plus hydra.run.dir={run_dir} resume=auto",
-                    signum,
-                )
-    barrier(ctx)
-    log.info("done: final val mIoU %.4f, best %.4f; checkpoints in %s", last_miou, best_miou, ckpt_dir)
-    if skipped:
-        log.warning("%d unusable samples were skipped (%d distinct problems)", skipped_count, len(skipped))
-    return {"final_miou": last_miou, "best_miou": best_miou, "history": history, "model": model,
-            "skipped": skipped_count, "skipped_steps": skipped_steps}
+    def fit(self) -> dict:
+        t = self.cfg.trainer
+        self.build_loaders()
+        self.describe()
+        self.set_train_mode()
+        self.show_progress = progress_enabled(self.cfg.logging.progress) and self.ctx.is_main
+        self.bar = tqdm(total=t.max_iters, initial=self.state.iteration, desc="train", unit="it",
+                        disable=not self.show_progress, dynamic_ncols=True)
+        self.last_images = self.state.iteration // self.cfg.logging.image_interval
+        self.first_bad = torch.zeros((), dtype=torch.long, device=self.device)
+        self.tic = time.perf_counter()
+        with PreemptionHandler() as self.preemption, contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.bar.close)
+            if self.writer is not None:  # flush TensorBoard events on any exit, preemption and errors included
+                cleanup.callback(self.writer.close)
+            for iteration in range(self.state.iteration + 1, t.max_iters + 1):
+                self.run_iteration(iteration)
+        barrier(self.ctx)
+        return self.summary()
+
+    def summary(self) -> dict:
+        s = self.state
+        log.info("done: final val mIoU %.4f, best %.4f at iteration %d; checkpoints in %s", s.last_miou, s.best_miou,
+                 s.best_iteration, self.ckpt_dir)
+        if self.problems:
+            log.warning("%d unusable samples were skipped (%d distinct problems)", s.skipped_samples,
+                        len(self.problems))
+        return {"final_miou": s.last_miou, "best_miou": s.best_miou, "history": s.history, "model": self.model,
+                "skipped": s.skipped_samples, "skipped_steps": s.skipped_steps}
+
+
+def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -> dict:
+    """Set up, resume if asked, and train; returns the summary (mIoU, loss history, model)."""
+    trainer = Trainer(cfg, run_dir, on_step)
+    trainer.setup()
+    trainer.resume()
+    return trainer.fit()

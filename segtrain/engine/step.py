@@ -1,0 +1,182 @@
+"""The training step: the one implementation of an optimizer step in segtrain.
+
+`segtrain train`, `segtrain bench` and the scripts under benchmarks/ all run `TrainStep`, built by
+`build_train_step` from the same config sections (loss, optimizer, schedule, trainer).
+
+One call is one optimizer step over the global batch's share of this process: set the learning
+rate of the iteration, run each accumulation pass under autocast (DDP synchronises the gradients
+on the last pass only), scale the loss for fp16 (GradScaler), and either update the weights or, with
+`trainer.nan_policy=skip` and a non-finite loss on any process, drop the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from segtrain.config import amp_mode
+from segtrain.engine.distributed import DistContext, all_reduce_sum
+from segtrain.engine.evaluate import autocast
+from segtrain.engine.losses import SegmentationLoss
+from segtrain.engine.optim import build_optimizer
+from segtrain.errors import ConfigError
+from segtrain.instantiate import instantiate_checked
+
+log = logging.getLogger("segtrain.train")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this process's share of the global batch's loss (detached, on the device)
+    finite: torch.Tensor  # whether that loss is finite (a device bool: reading it synchronises)
+    skipped: bool  # nan_policy=skip and a non-finite loss on some process: the weights were not updated
+
+
+class FirstCallFallback:
+    """Run a torch.compile'd module; if its first call fails, run the eager module from then on.
+
+    torch.compile compiles lazily, so an unusable compiler surfaces at the first call. Only that call
+    is guarded: a later failure (out of memory, a CUDA error) is raised as what it is.
+    """
+
+    def __init__(self, compiled: Callable, eager: nn.Module) -> None:
+        self.module, self.eager, self.checked = compiled, eager, False
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.checked:
+            return self.module(images)
+        try:
+            outputs = self.module(images)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            log.warning("trainer.compile=true: compilation failed (%s: %s); training without torch.compile",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.module = self.eager
+            outputs = self.module(images)
+        self.checked = True
+        return outputs
+
+
+def compiled(model: nn.Module, enabled: bool) -> Callable:
+    if not enabled:
+        return model
+    try:
+        return FirstCallFallback(torch.compile(model), model)
+    except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
+        log.warning("trainer.compile=true: torch.compile is unavailable here (%s); training without it", exc)
+        return model
+
+
+def auxiliary_outputs(model: nn.Module) -> tuple[str, ...]:
+    """The output keys besides "out" that a model declares for training (segmentor contract)."""
+    declared = getattr(model, "auxiliary_outputs", None)
+    return tuple(declared()) if callable(declared) else ()
+
+
+def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int) -> SegmentationLoss:
+    loss = instantiate_checked("loss", cfg.loss, num_classes=num_classes, ignore_index=ignore_index)
+    if not isinstance(loss, SegmentationLoss):
+        raise ConfigError(f"loss._target_={cfg.loss._target_!r} is not a segtrain.engine.losses.SegmentationLoss")
+    return loss
+
+
+def build_lr_schedule(cfg: DictConfig) -> Callable[[int], float]:
+    """iteration -> base learning rate: the schedule node applied to optimizer.lr and trainer.max_iters."""
+    schedule = instantiate_checked("schedule", cfg.schedule)
+    if not callable(schedule):
+        raise ConfigError("schedule._partial_ must be true: segtrain calls the schedule every iteration")
+    base_lr, max_iters = float(cfg.optimizer.lr), int(cfg.trainer.max_iters)
+
+    def lr_at(iteration: int) -> float:
+        return schedule(base_lr=base_lr, iteration=iteration, max_iters=max_iters)
+
+    try:
+        lr_at(0)  # a bad key value fails now, not at the first step
+    except TypeError as exc:
+        raise ConfigError(f"schedule: {exc}") from None
+    return lr_at
+
+
+class TrainStep:
+    """One optimizer step: `step(iteration, batches)` with one (images, masks) pair per accumulation pass."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: SegmentationLoss,
+                 lr_at: Callable[[int], float], ctx: DistContext, amp: str = "off", nan_policy: str = "stop",
+                 channels_last: bool = False, compile: bool = False) -> None:
+        self.model, self.optimizer, self.loss, self.lr_at, self.ctx = model, optimizer, loss, lr_at, ctx
+        self.device, self.amp, self.nan_policy = ctx.device, amp, nan_policy
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.ddp: DistributedDataParallel | None = None
+        network: nn.Module = model
+        if ctx.enabled:
+            # A declared auxiliary head that the loss does not weight gets no gradient: tell DDP.
+            unused = bool(auxiliary_outputs(model)) and loss.aux_weight == 0
+            self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                               else None, find_unused_parameters=unused)
+            network = self.ddp
+        self.forward = compiled(network, compile)
+
+    def lr(self, iteration: int) -> float:
+        """The base (backbone) learning rate of iteration `iteration` (1-based)."""
+        return self.lr_at(iteration - 1)
+
+    def set_lr(self, iteration: int) -> None:
+        base = self.lr(iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = base * group.get("lr_scale", 1.0)
+
+    def to_device(self, batches: Sequence[Batch]) -> list[Batch]:
+        return [(images.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                 masks.to(self.device, non_blocking=True)) for images, masks in batches]
+
+    def backward(self, batches: list[Batch]) -> torch.Tensor:
+        """Forward and backward over every pass; the loss is normalised over the global batch."""
+        local = sum(self.loss.normalizer(masks) for _, masks in batches)
+        # DDP averages gradients over processes, hence the x world size.
+        normalizer = all_reduce_sum(local.float(), self.ctx).clamp(min=1e-12) / self.ctx.world_size
+        total = torch.zeros((), device=self.device)
+        for n, (images, masks) in enumerate(batches):
+            last = n == len(batches) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with autocast(self.device, self.amp):
+                    outputs = self.forward(images)
+                loss = self.loss(outputs, masks, normalizer)
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        return total
+
+    def update(self, finite: torch.Tensor) -> bool:
+        """Apply the gradients; False if they were dropped (nan_policy=skip and a non-finite loss)."""
+        if self.nan_policy == "skip" and not bool(all_reduce_sum(finite.float(), self.ctx) == self.ctx.world_size):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def __call__(self, iteration: int, batches: Sequence[Batch]) -> StepResult:
+        self.set_lr(iteration)
+        total = self.backward(self.to_device(batches))
+        finite = torch.isfinite(total)
+        return StepResult(total, finite, skipped=not self.update(finite))
+
+
+def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, num_classes: int) -> TrainStep:
+    """The trainer's step for `model` (already on its device) from cfg's loss, optimizer, schedule, trainer."""
+    t = cfg.trainer
+    loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, amp=amp_mode(t.amp),
+                     nan_policy=str(t.nan_policy), channels_last=bool(t.channels_last), compile=bool(t.compile))
