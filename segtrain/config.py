@@ -253,3 +253,16 @@ def check_options(cfg: DictConfig) -> None:
     sync_bn_mode(trainer.sync_bn)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(trainer.device)):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {trainer.device!r}")
+
+
+def command_line_keys() -> set[str]:
+    """Keys set on the command line of the running Hydra app (empty outside one, e.g. in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = set()
+    for text in HydraConfig.get().overrides.task:
+        key = text.split("=", 1)[0].lstrip("+~")
+        keys.add(key)
+    return keys

@@ -29,10 +29,11 @@ def test_train_help_is_hydras_with_the_config_groups(tmp_path):
     assert result.returncode == 0
     group_section = result.stdout.split("== Config ==")[0]
     groups = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in group_section.splitlines()
-              if line.split(":")[0] in ("model", "backbone", "dataset", "optimizer", "schedule", "experiment")}
+              if line.split(":")[0] in ("model", "backbone", "dataset", "loss", "optimizer", "schedule", "experiment")}
     assert {"resnet50", "xception65", "hrnet_w48", "drn_d_105", "dla34", "timm"} <= set(groups["backbone"])
     assert {"deeplabv3plus", "pspnet", "hrnetv2", "drnseg", "dla_up"} <= set(groups["model"])
     assert "quickstart" in groups["experiment"] and groups["optimizer"] == ["adamw", "sgd"]
+    assert groups["loss"] == ["cross_entropy", "ohem"] and "cosine" in groups["schedule"]
 
 
 def test_unknown_command_is_one_line_naming_it(tmp_path):
@@ -47,6 +48,15 @@ def test_unknown_command_is_one_line_naming_it(tmp_path):
     ("dataset.augment.cropsize=[3,3]", "unknown config key 'dataset.augment.cropsize'"),
     ("trainer.max_iters=many", "invalid value for 'trainer.max_iters'"),
     ("backbone=resnet7", "Could not find 'backbone/resnet7'"),
+    ("optimizer=sgdd", "Could not find 'optimizer/sgdd'"),
+    ("loss=focal", "Could not find 'loss/focal'"),
+    ("trainer.nan_policy=skp", "invalid value for 'trainer.nan_policy'"),
+    ("eval.mode=slid", "invalid value for 'eval.mode'"),
+    ("data.on_error=skp", "invalid value for 'data.on_error'"),
+    ("dataset.augment.pad_image_with=zeros", "invalid value for 'dataset.augment.pad_image_with'"),
+    ("trainer.amp=bf61", "trainer.amp must be one of off, bf16, fp16, got 'bf61'"),
+    ("trainer.sync_bn=maybe", "trainer.sync_bn must be one of auto, true, false"),
+    ("trainer.device=gpu", "trainer.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
 ])
 def test_config_errors_are_one_line_naming_the_key(tmp_path, override, needle):
     result = segtrain("train", override, cwd=tmp_path)

@@ -26,7 +26,7 @@ from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
 log = logging.getLogger("segtrain.eval")
 
-GROUPS = ("model", "backbone", "dataset", "optimizer", "schedule")
+GROUPS = ("model", "backbone", "dataset", "loss", "optimizer", "schedule")
 # Keys of the command's own config, never taken from (or written into) the training config.
 COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "info")
 
@@ -54,8 +54,20 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
     return stored
 
 
+def upgrade_legacy_config(stored: DictConfig) -> DictConfig:
+    """Configs of checkpoints written before the loss group: `model.aux_weight` became `loss.aux_weight`;
+    `optimizer.name` / `schedule.name` nodes are not rebuilt by eval, predict or export."""
+    model = stored.get("model")
+    if isinstance(model, DictConfig) and "aux_weight" in model:
+        aux_weight = model.pop("aux_weight")
+        if stored.get("loss") is None:
+            stored.loss = {"_target_": "segtrain.engine.losses.CrossEntropy", "aux_weight": aux_weight,
+                           "class_weights": None}
+    return stored
+
+
 def checkpoint_config(state: dict, composed: DictConfig, overrides: list[str]) -> DictConfig:
-    stored = OmegaConf.create(state["config"])
+    stored = upgrade_legacy_config(OmegaConf.create(state["config"]))
     for key in COMMAND_KEYS:
         stored.pop(key, None)
     stored = apply_overrides(stored, composed, overrides)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from segtrain.config import amp_mode
+from segtrain.config import amp_mode, command_line_keys
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.evaluate import autocast
 from segtrain.engine.losses import SegmentationLoss
@@ -173,9 +173,17 @@ class TrainStep:
         return StepResult(total, finite, skipped=not self.update(finite))
 
 
+def check_aux_weight(model: nn.Module, given: set[str]) -> None:
+    """`loss.aux_weight` given for a model without auxiliary heads would do nothing: refuse it."""
+    if "loss.aux_weight" in given and not auxiliary_outputs(model):
+        raise ConfigError(f"loss.aux_weight is set, but {type(model).__name__} has no auxiliary head (only PSPNet "
+                          "has one, with model.aux=true); remove the key")
+
+
 def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, num_classes: int) -> TrainStep:
     """The trainer's step for `model` (already on its device) from cfg's loss, optimizer, schedule, trainer."""
     t = cfg.trainer
+    check_aux_weight(model, command_line_keys())
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
     return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, amp=amp_mode(t.amp),

@@ -1,0 +1,112 @@
+"""The one training step: shared by the trainer and `segtrain bench`, the loss group end to end."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from dist_helpers import train_rank
+from torch import nn
+
+from conftest import compose_config, tiny_overrides
+from segtrain.commands.bench import bench_train_step
+from segtrain.engine.step import FirstCallFallback
+from segtrain.engine.trainer import Trainer, train
+
+
+def test_bench_and_trainer_run_the_same_step(tmp_path, shapes_root):
+    overrides = tiny_overrides(shapes_root, **{"model.dropout": 0.0, "optimizer.lr": 0.05})
+    trainer = Trainer(compose_config("train", overrides), tmp_path)
+    trainer.setup()
+    bench = bench_train_step(compose_config("bench", [*overrides, "bench.batch_size=4", "bench.crop_size=[32,32]"]),
+                             torch.device("cpu"))
+    bench.model.load_state_dict(trainer.model.state_dict())
+    trainer.model.train()
+    bench.model.train()
+    batches = [(bench.images.clone(), bench.masks.clone())]
+    for iteration in (1, 2):
+        ours = trainer.step(iteration, batches)
+        theirs = bench.step(iteration, batches)
+        assert torch.equal(ours.loss, theirs.loss)
+    before = dict(bench_train_step(compose_config("bench", overrides), torch.device("cpu")).model.state_dict())
+    changed = 0
+    for (name, a), b in zip(trainer.model.state_dict().items(), bench.model.state_dict().values()):
+        assert torch.equal(a, b), name
+        changed += not torch.equal(a, before[name]) if a.shape == before[name].shape else 1
+    assert changed > 0  # the two steps did update the weights
+    assert trainer.step.optimizer.param_groups[0]["lr"] == bench.step.optimizer.param_groups[0]["lr"]
+
+
+def test_compile_fallback_guards_only_the_first_call(caplog):
+    eager = nn.Linear(2, 2)
+    calls = {"n": 0}
+
+    def flaky(x):
+        calls["n"] += 1
+        raise RuntimeError("compiler missing" if calls["n"] == 1 else "CUDA error: an illegal memory access")
+
+    forward = FirstCallFallback(flaky, eager)
+    with caplog.at_level("WARNING"):
+        assert forward(torch.zeros(1, 2)).shape == (1, 2)  # first call: falls back to eager
+    assert "compilation failed (RuntimeError: compiler missing)" in caplog.text
+    assert forward.module is eager
+    compiled_ok = FirstCallFallback(lambda x: eager(x), eager)
+    compiled_ok(torch.zeros(1, 2))
+    compiled_ok.module = flaky  # a later failure of the compiled module is raised as what it is
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        compiled_ok(torch.zeros(1, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["loss=ohem", "loss.min_kept=64"], ["loss.class_weights=[0.5,2,2,2,2]"]])
+def test_train_with_ohem_or_class_weights_from_the_command_line(tmp_path, extra):
+    overrides = tiny_overrides(tmp_path / "data" / "shapes", **{"trainer.max_iters": 2, "trainer.val_interval": 2})
+    result = subprocess.run([sys.executable, "-m", "segtrain", "train", *overrides, *extra,
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert ("loss OhemCrossEntropy" if "loss=ohem" in extra else "loss CrossEntropy") in log
+    assert "iter 2/2: loss " in log
+
+
+def test_aux_weight_for_a_model_without_auxiliary_heads_is_refused(tmp_path):
+    overrides = tiny_overrides(tmp_path / "data" / "shapes", **{"trainer.max_iters": 1})
+    result = subprocess.run([sys.executable, "-m", "segtrain", "train", *overrides, "loss.aux_weight=0.3",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "segtrain train: error: loss.aux_weight is set, but DeepLabV3Plus has no auxiliary head (only PSPNet has "
+        "one, with model.aux=true); remove the key")
+
+
+def _pspnet(shapes_root, **extra) -> list[str]:
+    values = {"trainer.max_iters": 2, "trainer.val_interval": 2, "trainer.ckpt_interval": 2, "model.dropout": 0.0,
+              "trainer.freeze_bn": "true", "trainer.batch_size": 4, "backbone.output_stride": 8,
+              "model.channels": 16, "model.aux_channels": 8, **extra}
+    return ["model=pspnet", "backbone=resnet18", *tiny_overrides(shapes_root, **values)[1:]]
+
+
+def test_pspnet_aux_weight_comes_from_the_loss(tmp_path, shapes_root):
+    with_aux = train(compose_config("train", _pspnet(shapes_root)), tmp_path / "a")
+    without = train(compose_config("train", _pspnet(shapes_root, **{"loss.aux_weight": 0.0})), tmp_path / "b")
+    assert with_aux["model"].auxiliary_outputs() == ("aux",)
+    assert with_aux["history"][0]["loss"] > without["history"][0]["loss"]  # the aux term adds 0.4 x its CE
+
+
+@pytest.mark.slow
+def test_ddp_with_an_unweighted_auxiliary_head(tmp_path, shapes_root):
+    """aux_weight 0: the declared aux head gets no gradient, and DDP is told so by the declaration."""
+    overrides = _pspnet(shapes_root, **{"loss.aux_weight": 0.0})
+    single = train(compose_config("train", overrides), tmp_path / "single")
+    run_dir = tmp_path / "ddp" / "run"
+    run_dir.parent.mkdir()
+    mp.spawn(train_rank, args=(2, str(tmp_path / "init"), overrides, str(run_dir), str(tmp_path / "ddp.pt")),
+             nprocs=2, join=True)
+    result = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert result["agreed"] == [True, True]
+    for (name, a), b in zip(single["model"].state_dict().items(), result["state"].values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
