@@ -127,7 +127,13 @@ def test_built_wheel_finds_its_configs(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("segtrain-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
-    assert (tmp_path / "site" / "segtrain" / "conf" / "experiment" / "quickstart.yaml").is_file()
+    # Every config file of every group folder ships, a group added later included.
+    shipped = {p.relative_to(tmp_path / "site" / "segtrain" / "conf") for p in
+               (tmp_path / "site" / "segtrain" / "conf").rglob("*.yaml")}
+    source = {p.relative_to(root / "conf") for p in (root / "conf").rglob("*.yaml")}
+    assert shipped == source
+    assert {p.parent.name for p in source} >= {"model", "backbone", "dataset", "loss", "optimizer", "schedule",
+                                                "experiment", "help"}
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     run = subprocess.run([sys.executable, "-m", "segtrain", "train", "experiment=quickstart", "--cfg", "job"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
