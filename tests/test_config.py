@@ -1,11 +1,18 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import compose_config
 from segtrain.cli import config_dir
+from segtrain.config import amp_mode, check_options, sync_bn_mode
+from segtrain.engine.losses import SegmentationLoss
+from segtrain.engine.optim import build_optimizer
+from segtrain.engine.step import build_loss, build_lr_schedule
+from segtrain.errors import ConfigError
 
-GROUPS = ["model", "backbone", "dataset", "optimizer", "schedule", "experiment"]
+GROUPS = ["model", "backbone", "dataset", "loss", "optimizer", "schedule", "experiment"]
+PRIMARY = ["train", "eval", "predict", "export", "info", "bench", "data_check"]
 
 
 def _options(group: str) -> list[str]:
@@ -28,6 +35,38 @@ def test_every_option_composes(command, group, option):
         assert cfg[group]["_target_"].startswith("segtrain.")
     if group == "dataset":
         assert cfg.dataset.name == option
+    if group == "loss":
+        assert isinstance(build_loss(cfg, len(cfg.dataset.class_names), 255), SegmentationLoss)
+    if group == "schedule":
+        assert build_lr_schedule(cfg)(0) > 0
+    if group == "optimizer":
+        model = torch.nn.Linear(2, 2)
+        model.backbone_parameters, model.head_parameters = lambda: [model.weight], lambda: [model.bias]
+        assert isinstance(build_optimizer(cfg.optimizer, model), torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("command", PRIMARY)
+def test_primary_configs_share_the_groups_from_common(command):
+    extra = ["ckpt=x.pt"] if command in ("eval", "predict", "export") else []
+    cfg = compose_config(command, extra)
+    for group in ("model", "backbone", "dataset", "loss", "optimizer", "schedule"):
+        assert cfg[group] is not None, group
+    assert cfg.loss._target_ == "segtrain.engine.losses.CrossEntropy"
+
+
+@pytest.mark.parametrize("value,expected", [(False, "off"), ("off", "off"), ("OFF", "off"), ("bf16", "bf16")])
+def test_amp_accepts_yamls_boolean_off(value, expected):
+    assert amp_mode(value) == expected
+
+
+def test_option_checks_name_the_key():
+    with pytest.raises(ConfigError, match="trainer.sync_bn must be one of auto, true, false, got 'sometimes'"):
+        check_options(compose_config("train", ["trainer.sync_bn=sometimes"]))
+    assert sync_bn_mode(True) == "true" and sync_bn_mode("False") == "false"
+    for device in ("auto", "cpu", "cuda", "cuda:3"):
+        check_options(compose_config("train", [f"trainer.device={device}"]))
+    with pytest.raises(ConfigError, match="trainer.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"):
+        check_options(compose_config("train", ["trainer.device=cuda:x"]))
 
 
 def test_experiment_overrides_groups_and_values():
