@@ -105,6 +105,8 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
     def run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from segtrain.engine.runtime import stop_worker_processes
+
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             body(cfg, run_dir)
@@ -113,6 +115,8 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
             raise SystemExit(exc.exit_code) from None
         except SegtrainError as exc:
             _fail(command, user_message(exc))
+        finally:
+            stop_worker_processes()
 
     return run
 

@@ -236,3 +236,35 @@ def test_cuda_requested_without_a_gpu_fails_before_any_work(tmp_path, shapes_roo
 
     with pytest.raises(ConfigError, match="trainer.device=cuda but no CUDA GPU"):
         train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.device": "cuda"})), tmp_path)
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
+    """Workers ignore SIGTERM (preemption checkpoints first); the error must still end the process."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        mask = rng.integers(0, 2, (40, 40), dtype=np.uint8)
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    split = (root / "splits")
+    split.mkdir()
+    (split / "train.txt").write_text("\n".join(str(i) for i in range(10)))
+    (split / "val.txt").write_text("10\n11\n")
+    bad = 3 if where == "train" else 11  # an RGB mask: a DataError raised inside a worker
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8) + 1).save(root / "masks" / f"{bad}.png")
+    args = ["dataset=folder", f"dataset.root={root}", "dataset.source.split_dir=splits", "backbone=resnet18",
+            "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=2",
+            "eval.num_workers=2", "trainer.max_iters=4", "trainer.val_interval=2", "logging.progress=false",
+            f"hydra.run.dir={tmp_path / 'run'}", "trainer.device=cpu"]
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "segtrain", "train", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert time.perf_counter() - start < 60
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"segtrain train: error: mask {root / 'masks'}")

@@ -43,3 +43,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def progress_enabled(requested: bool) -> bool:
     """Progress bars only on an interactive terminal; logs and CI get plain log lines."""
     return bool(requested) and sys.stderr.isatty()
+
+
+def stop_worker_processes() -> None:
+    """Kill this process's child processes (data-loader workers) on the way out of a command.
+
+    Loader workers ignore SIGTERM and SIGINT so that a preempted run can finish its step and write a
+    checkpoint; Python's exit terminates daemonic children with SIGTERM and then joins them, which
+    would wait forever. Every exit path of a command (success, error, NaN stop, preemption,
+    KeyboardInterrupt) ends here, so the process exits within seconds.
+    """
+    import multiprocessing
+    import signal
+    import threading
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():
+        # PyTorch's SIGCHLD handler reports a killed worker as an error; these deaths are ours.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in multiprocessing.active_children():
+        child.join(timeout=5)
