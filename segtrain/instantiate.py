@@ -54,3 +54,44 @@ def instantiate_checked(
     if partial:
         return functools.partial(cls, **kwargs, **extra)
     return cls(**kwargs, **extra)
+
+
+# Where `_target_`s of a checkpoint's stored config may point: segtrain's own models, backbones,
+# dataset sources and losses. A checkpoint is untrusted data; its config must not name code.
+TRUSTED_TARGET_PREFIXES = ("segtrain.models.", "segtrain.data.", "segtrain.engine.losses.")
+# Sections rebuilt from a checkpoint's config (eval, predict, export).
+REBUILT_SECTIONS = ("model", "backbone", "dataset", "loss")
+
+
+def _targets(node: Any, path: str) -> list[tuple[str, str]]:
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                found.append((where, str(value)))
+            else:
+                found.extend(_targets(value, where))
+    elif isinstance(node, list):
+        for n, value in enumerate(node):
+            found.extend(_targets(value, f"{path}[{n}]"))
+    return found
+
+
+def check_stored_targets(stored: dict[str, Any], source: str, trusted_keys: set[str]) -> None:
+    """Refuse any `_target_` of a stored config outside segtrain's packages, before importing it.
+
+    `trusted_keys` are the keys the user set on the command line (trusted, as their own YAML files
+    are): a `_target_` key itself or a section that contains it. The message says how to trust a
+    target deliberately.
+    """
+    for section in REBUILT_SECTIONS:
+        for key, target in _targets(stored.get(section), section):
+            parents = {key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)}
+            if key in trusted_keys or parents & trusted_keys or target.startswith(TRUSTED_TARGET_PREFIXES):
+                continue
+            raise ConfigError(
+                f"refusing {key}={target!r} from the config stored in {source}: a checkpoint's config may only "
+                f"name segtrain's own models, backbones, dataset sources and losses. If you trust this code, "
+                f"pass {key}={target} on the command line"
+            )

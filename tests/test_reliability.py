@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import compose_config, tiny_overrides
 from segtrain.engine import checkpoint as checkpoint_module
@@ -149,6 +150,7 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, shapes_root)
         assert result.returncode == 2
         last = result.stderr.strip().splitlines()[-1]
         assert f"refusing to load {evil}" in last and "could run code" in last
+        assert "it names the Python global getattr" in last and "\x1b" not in last
         assert not marker.exists()
     with pytest.raises(WeightsError, match="refusing to load"):
         load_checkpoint(evil)
@@ -268,3 +270,34 @@ def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
     assert time.perf_counter() - start < 60
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"segtrain train: error: mask {root / 'masks'}")
+
+
+def test_a_checkpoint_config_naming_code_outside_segtrain_runs_nothing(tmp_path, shapes_root):
+    """Weights load cleanly with weights_only=True; the stored config is the payload."""
+    overrides = tiny_overrides(shapes_root, **{"trainer.max_iters": 1, "trainer.val_interval": 1})
+    train(compose_config("train", overrides), tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    marker = tmp_path / "pwned"
+    config = yaml.safe_load(state["config"])
+    config["backbone"] = {"_target_": "builtins.open", "file": str(marker), "mode": "w"}  # would create the file
+    state["config"] = yaml.safe_dump(config)
+    evil = tmp_path / "evil.pt"
+    torch.save(state, evil)
+    commands = {
+        "eval": ["eval", f"ckpt={evil}", f"hydra.run.dir={tmp_path / 'ev'}"],
+        "predict": ["predict", f"ckpt={evil}", f"input={shapes_root / 'JPEGImages'}", f"output={tmp_path / 'pred'}"],
+        "export": ["export", f"ckpt={evil}", f"hydra.run.dir={tmp_path / 'ex'}"],
+    }
+    for name, args in commands.items():
+        result = subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 2, (name, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert f"refusing backbone._target_='builtins.open' from the config stored in {evil}" in last, last
+        assert not marker.exists(), name
+    # resume rebuilds the model from the command's own config, never from the checkpoint's
+    resumed = subprocess.run([sys.executable, "-m", "segtrain", "train", *tiny_overrides(
+        shapes_root, **{"trainer.max_iters": 2, "trainer.val_interval": 2}), f"resume={evil}",
+        f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not marker.exists()

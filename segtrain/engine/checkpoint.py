@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,6 +55,17 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         os.close(dir_fd)
 
 
+def unpickling_culprit(exc: Exception) -> str:
+    """What PyTorch's weights_only loader refused, in one plain line (its message is a paragraph,
+    sometimes with terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it names the Python global {found.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "it needs arbitrary unpickling"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with weights_only=True: nothing in the file can run code."""
     path = Path(path)
@@ -62,10 +74,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise WeightsError(
-            f"refusing to load {path}: it is not a plain segtrain checkpoint (it needs arbitrary "
-            f"unpickling, which could run code; {first[:200]})"
+            f"refusing to load {path}: it is not a plain segtrain checkpoint ({unpickling_culprit(exc)}; "
+            "loading it could run code)"
         ) from None
     except Exception as exc:  # noqa: BLE001 - truncated or foreign files raise many types
         raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
