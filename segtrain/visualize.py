@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from segtrain.errors import ConfigError
+
 IGNORE_COLOR = (224, 224, 192)  # VOC's colour for the void / border label
 
 
@@ -23,14 +25,29 @@ def voc_palette(num_colors: int = 256) -> np.ndarray:
     return palette
 
 
+def _class_colors(colors: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """`dataset.palette` as an Nx3 uint8 array, or a ConfigError saying what the key must hold."""
+    expected = (f"dataset.palette must be null (the VOC colour map) or one [r, g, b] colour (0-255) per class "
+                f"in dataset.class_names order, at least {num_classes} and at most 255 (255 is the ignore label)")
+    try:
+        table = np.asarray(colors)
+    except ValueError:  # rows of different lengths
+        raise ConfigError(f"{expected}; some entries are not [r, g, b] triples") from None
+    if table.ndim != 2 or table.shape[1] != 3 or not np.issubdtype(table.dtype, np.integer):
+        raise ConfigError(f"{expected}; got {colors!r:.80}")
+    if table.min() < 0 or table.max() > 255:
+        raise ConfigError(f"{expected}; got a value of {table.min() if table.min() < 0 else table.max()}")
+    if not num_classes <= len(table) <= 255:
+        raise ConfigError(f"{expected}; got {len(table)} colours for {num_classes} classes")
+    return table.astype(np.uint8)
+
+
 def make_palette(colors: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
     """A 256x3 palette: the given class colours (or VOC's), IGNORE_COLOR at index 255."""
     palette = voc_palette(256)
     if colors is not None:
-        colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
-        if len(colors) < num_classes:
-            raise ValueError(f"palette has {len(colors)} colours for {num_classes} classes")
-        palette[: len(colors)] = colors
+        table = _class_colors(colors, num_classes)
+        palette[: len(table)] = table
     palette[255] = IGNORE_COLOR
     return palette
 

@@ -181,6 +181,19 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert "train images/s" in result.stdout and "GFLOPs per image" in result.stdout
 
 
+@pytest.mark.parametrize("args,needle", [
+    (("model=dla_up", "backbone=resnet50"), "segtrain info: error: model.down_ratio=2 needs a backbone feature at "
+                                            "stride 2"),
+    (("model=hrnetv2", "backbone=resnet18", "model.branches=5"), "segtrain info: error: model.branches=5"),
+    (("backbone.name=resnet50.tv_in2k",), "segtrain info: error: backbone.name='resnet50.tv_in2k'"),
+])
+def test_a_model_that_cannot_be_built_is_one_line_naming_the_key(tmp_path, args, needle):
+    result = segtrain("info", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith(needle), result.stderr
+
+
 def test_info_estimates_training_memory(tmp_path):
     result = segtrain("info", "experiment=quickstart", "info.input_size=[128,128]", "info.batch_size=4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -6,12 +6,12 @@ from segtrain.errors import ConfigError
 from segtrain.models import build_model, resize
 
 MODEL = {"_target_": "segtrain.models.deeplab.DeepLabV3Plus", "aspp_channels": 16, "decoder_channels": 16,
-         "low_level_channels": 8, "aux_weight": 0.0}
+         "low_level_channels": 8}
 
 
 def _model(name: str = "resnet18", output_stride: int = 16, **model_extra):
-    backbone = {"_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": name,
-                "output_stride": output_stride, "pretrained": False}
+    backbone = {"_target_": "segtrain.models.backbones.timm_encoder.TimmBackbone", "name": name,
+                "output_stride": output_stride, "out_indices": [1, 2, 3, 4], "pretrained": False}
     return build_model(OmegaConf.create({**MODEL, **model_extra}), OmegaConf.create(backbone), 3)
 
 
@@ -60,30 +60,94 @@ def test_unknown_backbone_name_is_a_config_error():
         _model("resnet7")
 
 
-@pytest.mark.parametrize("size_in,size_out", [((16, 16), (64, 64)), ((33, 47), (129, 185)), ((128, 100), (64, 50)),
-                                              ((1, 3), (5, 7)), ((7, 9), (100, 3)), ((50, 41), (17, 23))])
-def test_training_resize_equals_bilinear_interpolation(size_in, size_out):
-    x = torch.randn(2, 3, *size_in, requires_grad=True)
-    assert resize._use_matmul(x)  # the matrix form is the one a CPU training step takes
-    fast = resize.resize_to(x, size_out)
-    reference = torch.nn.functional.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
-    grad_out = torch.randn_like(reference)
-    (fast_grad,) = torch.autograd.grad(fast, x, grad_out)
-    (reference_grad,) = torch.autograd.grad(reference, x, grad_out)
-    torch.testing.assert_close(fast, reference, rtol=0, atol=2e-5)
-    torch.testing.assert_close(fast_grad, reference_grad, rtol=0, atol=1e-4)
+def test_backbone_names_take_timm_pretrained_tags():
+    assert _model("resnet50.tv_in1k").backbone.strides == [4, 8, 16, 16]
+    with pytest.raises(ConfigError, match=r"^backbone.name='resnet50.tv_in2k': timm has no weights tagged") as info:
+        _model("resnet50.tv_in2k")
+    assert "\n" not in str(info.value) and "resnet50.tv_in1k" in str(info.value)  # the tags to choose from
 
 
-def test_resize_uses_the_direct_kernel_outside_cpu_training():
-    x = torch.randn(1, 4, 8, 8)
-    assert not resize._use_matmul(x)  # inference: no gradient wanted
-    assert not resize._use_matmul(x.requires_grad_().contiguous(memory_format=torch.channels_last))
-    assert not resize._use_matmul(torch.randn(1, 2, 300, 8, requires_grad=True))  # dense matrices too big
-    assert not resize._use_matmul(torch.randn(1, 4, 1, 1, requires_grad=True))  # may be channels_last: keep it
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not resize._use_matmul(x)  # the products would run in bf16
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_resnet_from_timm_computes_what_torchvisions_dilated_resnet_did(output_stride):
+    """segtrain's ResNet-50 came from torchvision (replace_stride_with_dilation): the timm build has its
+    module names, so torchvision-format weights and old checkpoints load, and its dilations, so they
+    compute the same features."""
+    import torchvision
+
+    torch.manual_seed(0)
+    dilate = {8: [False, True, True], 16: [False, False, True]}[output_stride]
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=dilate).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics: identity BNs would hide a swapped layer
+        for bn in (m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.1)
+    backbone = _model("resnet50.tv_in1k", output_stride).backbone.eval()
+    expected_keys = ["net." + k for k in reference.state_dict() if not k.startswith("fc.")]
+    assert list(backbone.state_dict()) == expected_keys  # net.conv1.weight, net.layer1.0.conv1.weight, ...
+    backbone.load_state_dict({"net." + k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(1, 3, 49, 67)
     with torch.no_grad():
-        assert not resize._use_matmul(x)
-    out = resize.resize_to(x.contiguous(memory_format=torch.channels_last), (16, 16))
-    assert out.is_contiguous(memory_format=torch.channels_last)  # the memory format is kept
-    assert resize.resize_to(x, (8, 8)) is x
+        y = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        layers = (reference.layer1, reference.layer2, reference.layer3, reference.layer4)
+        for layer, feature in zip(layers, backbone(x)):
+            y = layer(y)
+            assert torch.equal(feature, y)
+
+
+def test_checkpoint_of_a_torchvision_resnet_config_rebuilds_through_timm():
+    """Checkpoints written when ResNets came from torchvision name `ResNetBackbone` in their config."""
+    from segtrain.commands.evaluate import upgrade_legacy_config
+
+    stored = OmegaConf.create({"model": MODEL, "backbone": {
+        "_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": "resnet50", "output_stride": 8,
+        "pretrained": False, "weights": None}})
+    upgraded = upgrade_legacy_config(stored)
+    model = build_model(upgraded.model, upgraded.backbone, 3)
+    assert model.backbone.strides == [4, 8, 8, 8]
+    model.load_state_dict(_model("resnet50", 8).state_dict(), strict=True)
+
+
+def test_resize_is_bilinear_interpolation_in_training_and_inference():
+    x = torch.randn(2, 3, 7, 9, requires_grad=True)
+    reference = torch.nn.functional.interpolate(x, size=(20, 5), mode="bilinear", align_corners=False)
+    assert torch.equal(resize.resize_to(x, (20, 5)), reference)
+    assert torch.equal(resize.resize_to(x, torch.Size([20, 5])), reference)
+    with torch.no_grad():
+        assert torch.equal(resize.resize_to(x, (20, 5)), reference)
+    assert resize.resize_to(x, (7, 9)) is x  # already the size: no copy, no op in an exported graph
+
+
+@pytest.mark.parametrize("model_extra,backbone_name,needle", [
+    ({"_target_": "segtrain.models.dla_up.DLAUp", "down_ratio": 2}, "resnet50",
+     "model.down_ratio=2 needs a backbone feature at stride 2"),
+    ({"_target_": "segtrain.models.hrnet.HRNetV2", "branches": 5}, "resnet18", "model.branches=5"),
+    ({"dropout": 1.5}, "resnet18", "model.dropout is a probability"),
+    ({"_target_": "segtrain.models.pspnet.PSPNet", "aux_index": 4}, "resnet18", "model.aux_index=4"),
+    ({"_target_": "segtrain.models.pspnet.PSPNet", "bins": []}, "resnet18", "model.bins"),
+])
+def test_model_config_that_cannot_work_is_a_one_line_config_error(model_extra, backbone_name, needle):
+    node = dict(model_extra) if "_target_" in model_extra else {**MODEL, **model_extra}
+    backbone = {"_target_": "segtrain.models.backbones.timm_encoder.TimmBackbone", "name": backbone_name,
+                "output_stride": 16, "out_indices": [1, 2, 3, 4]}
+    with pytest.raises(ConfigError, match=needle) as info:
+        build_model(OmegaConf.create(node), OmegaConf.create(backbone), 3)
+    assert "\n" not in str(info.value)
+
+
+def test_deeplabv3plus_without_a_stride_4_feature_names_the_backbone():
+    with pytest.raises(ConfigError, match=r"^backbone: DeepLab v3\+ decodes with a stride-4 feature.*\[8, 16, 16\]"):
+        build_model(OmegaConf.create(MODEL), OmegaConf.create({
+            "_target_": "segtrain.models.backbones.timm_encoder.TimmBackbone", "name": "resnet18",
+            "output_stride": 16, "out_indices": [2, 3, 4]}), 3)
+
+
+def test_auxiliary_outputs_declare_the_training_outputs():
+    psp = {"_target_": "segtrain.models.pspnet.PSPNet", "channels": 8, "aux_channels": 8}
+    backbone = {"_target_": "segtrain.models.backbones.timm_encoder.TimmBackbone", "name": "resnet18",
+                "output_stride": 8, "out_indices": [1, 2, 3, 4]}
+    with_aux = build_model(OmegaConf.create(psp), OmegaConf.create(backbone), 3).train()
+    without = build_model(OmegaConf.create({**psp, "aux": False}), OmegaConf.create(backbone), 3).train()
+    x = torch.randn(2, 3, 32, 32)
+    assert with_aux.auxiliary_outputs() == ("aux",) and set(with_aux(x)) == {"out", "aux"}
+    assert without.auxiliary_outputs() == () and set(without(x)) == {"out"}
+    assert _model().auxiliary_outputs() == ()
+    assert set(with_aux.eval()(x)) == {"out"}  # auxiliary heads are for training only

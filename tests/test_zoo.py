@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -179,22 +178,6 @@ def test_mismatched_weights_file_is_named(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="wrong.pth"):
         instantiate_checked("backbone", _node("backbone", "drn_d_22", weights=str(tmp_path / "wrong.pth")))
-
-
-@pytest.mark.parametrize("backbone_name", ["resnet101", "resnet18", "hrnet_w48", "drn_d_105"])
-def test_offline_pretrained_fails_fast_naming_the_weights(monkeypatch, tmp_path, backbone_name):
-    import huggingface_hub
-
-    monkeypatch.setenv("SEGTRAIN_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    start = time.perf_counter()
-    try:
-        with pytest.raises(WeightsError, match="backbone.pretrained=true.*(put it at|copy).*backbone.weights="):
-            instantiate_checked("backbone", _node("backbone", backbone_name, pretrained=True))
-    finally:
-        torch.hub.set_dir(str(Path.home() / ".cache" / "torch" / "hub"))
-    assert time.perf_counter() - start < 30
 
 
 def test_info_counts_parameters_and_multiply_adds():

@@ -21,6 +21,7 @@ from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.report import format_table, write_metrics
 from segtrain.engine.runtime import resolve_device
 from segtrain.errors import ConfigError
+from segtrain.instantiate import check_stored_targets
 from segtrain.models import build_model
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 

@@ -7,10 +7,7 @@ from torch import nn
 
 from segtrain.instantiate import instantiate_checked
 
-# Keys of the model node that the training loop reads; they are not constructor arguments.
-LOOP_KEYS = ("aux_weight",)
-
 
 def build_model(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classes: int) -> nn.Module:
     backbone = instantiate_checked("backbone", backbone_cfg)
-    return instantiate_checked("model", model_cfg, drop=LOOP_KEYS, backbone=backbone, num_classes=num_classes)
+    return instantiate_checked("model", model_cfg, backbone=backbone, num_classes=num_classes)

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone
 from segtrain.models.heads.aspp import ASPP, conv3x3_bn_relu, conv_bn_relu, scaled_rates
 from segtrain.models.resize import resize_to
-from segtrain.models.segmentor import Segmentor
+from segtrain.models.segmentor import Segmentor, check_dropout
 
 
 class DeepLabV3(Segmentor):
@@ -19,6 +20,7 @@ class DeepLabV3(Segmentor):
     def __init__(self, backbone: Backbone, num_classes: int, aspp_channels: int = 256,
                  aspp_rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1, separable: bool = False) -> None:
         super().__init__(backbone, num_classes)
+        check_dropout(dropout)
         rates = scaled_rates(list(aspp_rates), backbone.strides[-1])
         self.aspp = ASPP(backbone.channels[-1], aspp_channels, rates, dropout, separable)
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
@@ -39,7 +41,11 @@ class DeepLabV3Plus(DeepLabV3):
                  dropout: float = 0.1, separable: bool = False) -> None:
         super().__init__(backbone, num_classes, aspp_channels, aspp_rates, dropout, separable)
         if 4 not in backbone.strides:
-            raise ValueError(f"DeepLab v3+ needs a stride-4 feature; backbone strides are {backbone.strides}")
+            raise ConfigError(
+                f"backbone: DeepLab v3+ decodes with a stride-4 feature, but this backbone's features have strides "
+                f"{backbone.strides}; use a backbone with a stride-4 level (resnet18/34/50/101, xception65, "
+                "hrnet_w*, dla*, drn_*; for backbone=timm include it in backbone.out_indices) or model=deeplabv3"
+            )
         self.low_level_index = backbone.strides.index(4)
         self.low_level = conv_bn_relu(backbone.channels[self.low_level_index], low_level_channels)
         self.fuse = nn.Sequential(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone
 from segtrain.models.heads.aspp import conv_bn_relu
 from segtrain.models.heads.upsample import bilinear_upsampler
@@ -67,8 +68,15 @@ class DLAUpDecoder(nn.Module):
 class DLAUp(Segmentor):
     def __init__(self, backbone: Backbone, num_classes: int, down_ratio: int = 2) -> None:
         super().__init__(backbone, num_classes)
-        if down_ratio not in (2, 4, 8) or down_ratio not in backbone.strides:
-            raise ValueError(f"model.down_ratio must be 2, 4 or 8 and a backbone stride ({backbone.strides})")
+        if down_ratio not in (2, 4, 8):
+            raise ConfigError(f"model.down_ratio must be 2, 4 or 8, got {down_ratio}")
+        if down_ratio not in backbone.strides:
+            fitting = [r for r in (2, 4, 8) if r in backbone.strides]
+            raise ConfigError(
+                f"model.down_ratio={down_ratio} needs a backbone feature at stride {down_ratio}, but this backbone's "
+                f"strides are {backbone.strides}; DLA-Up is made for backbone=dla34|dla60|dla102 (strides 2 to 32)"
+                + (f", or set model.down_ratio to one of {fitting}" if fitting else "")
+            )
         self.first = backbone.strides.index(down_ratio)
         channels, strides = backbone.channels[self.first:], backbone.strides[self.first:]
         self.decoder = DLAUpDecoder(channels, strides)

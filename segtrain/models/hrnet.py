@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone
 from segtrain.models.heads.aspp import conv_bn_relu
 from segtrain.models.resize import resize_to
@@ -17,8 +18,12 @@ class HRNetV2(Segmentor):
 
     def __init__(self, backbone: Backbone, num_classes: int, branches: int = 4) -> None:
         super().__init__(backbone, num_classes)
-        if len(backbone.channels) < branches:
-            raise ValueError(f"HRNetV2 fuses {branches} branches; the backbone gives {len(backbone.channels)}")
+        if not 1 <= branches <= len(backbone.channels):
+            raise ConfigError(
+                f"model.branches={branches}: HRNetV2 fuses that many backbone features, and this backbone gives "
+                f"{len(backbone.channels)}; use backbone=hrnet_w18|hrnet_w32|hrnet_w48 (4 branches) or set "
+                f"model.branches between 1 and {len(backbone.channels)}"
+            )
         self.branches = branches
         width = sum(backbone.channels[-branches:])
         self.fuse = conv_bn_relu(width, width)

@@ -6,12 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone
 from segtrain.models.resize import resize_to
 
 
+def check_dropout(dropout: float, key: str = "model.dropout") -> None:
+    """torch's Dropout would refuse it with a ValueError from inside the head; name the key instead."""
+    if not 0.0 <= dropout <= 1.0:
+        raise ConfigError(f"{key} is a probability, between 0 and 1; got {dropout}")
+
+
 class Segmentor(nn.Module):
-    """Runs `backbone` then `decode(features)`; returns {"out": logits at the input size}.
+    """Runs `backbone` then `decode(features)`; returns {"out": logits at the input size}, plus the
+    keys of `auxiliary_outputs()` in training mode.
 
     The input is zero-padded at the bottom/right to the backbone's size divisor and the logits are
     cropped back, so any input size (513x513 included) gives logits of exactly that size. Logits are
@@ -25,6 +33,14 @@ class Segmentor(nn.Module):
 
     def decode(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    def auxiliary_outputs(self) -> tuple[str, ...]:
+        """The output keys besides "out" that the model returns in training mode (auxiliary heads).
+
+        The loss weights them (`loss.aux_weight`), and DDP's unused-parameter setting comes from them:
+        a declared head whose loss weight is 0 gets no gradient. In evaluation only "out" is returned.
+        """
+        return ()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = x.shape[-2:]

@@ -1,4 +1,7 @@
-"""The backbone contract and weight-file loading shared by every backbone."""
+"""The backbone contract, and loading a local weight file (`backbone.weights=`) into any backbone.
+
+Pretrained downloads and caches live in segtrain.models.backbones.weights.
+"""
 
 from __future__ import annotations
 
@@ -68,18 +71,3 @@ def load_backbone_weights(
         )
     backbone.load_state_dict(state, strict=True)
 
-
-def load_url_weights(url: str, name: str) -> dict[str, torch.Tensor]:
-    """Download (or take from torch's cache) an ImageNet checkpoint; offline, say where to put it."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    try:
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=False,
-                                                   weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - network failures come in many types
-        raise WeightsError(
-            f"backbone.pretrained=true: could not download the ImageNet weights of {name} from {url} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}). Without "
-            f"internet, put the file at {cache}, or pass backbone.weights=/path/to/{Path(url).name}, or set "
-            "backbone.pretrained=false."
-        ) from None
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from segtrain.errors import ConfigError
-from segtrain.models.backbones.base import Backbone, load_backbone_weights, load_url_weights
-from segtrain.models.backbones.weights import require_url_weights
+from segtrain.models.backbones.base import Backbone, load_backbone_weights
+from segtrain.models.backbones.weights import load_url_weights
 
 CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)
 
@@ -133,7 +133,6 @@ class DRN(Backbone):
         if weights:
             load_backbone_weights(self, weights)
         elif pretrained:
-            require_url_weights(WEIGHT_URLS[name], name)
             self.load_state_dict(load_url_weights(WEIGHT_URLS[name], name), strict=True)
 
     def _residual_level(self, block: type[nn.Module], planes: int, count: int, stride: int = 1, dilation: int = 1,

@@ -1,4 +1,4 @@
-"""Any timm model with `features_only` as a backbone: Xception-65, HRNet, DLA and the rest of timm."""
+"""Any timm model with `features_only` as a backbone: ResNets, Xception-65, HRNet, DLA and the rest of timm."""
 
 from __future__ import annotations
 
@@ -6,18 +6,25 @@ from typing import Any
 
 import torch
 
-from segtrain.errors import ConfigError, WeightsError
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone, load_backbone_weights
-from segtrain.models.backbones.weights import require_timm_weights
+from segtrain.models.backbones.weights import require_timm_weights, timm_download_error
 
 # Keys of a full timm checkpoint that a features_only model lacks (heads and classifiers).
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.", "incre_modules.", "downsamp_modules.",
                        "final_layer.")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
 class TimmBackbone(Backbone):
     """timm encoder returning the feature maps at `out_indices`, with timm's declared channels/strides.
 
+    `name` is a timm model name, optionally with a pretrained tag (`resnet50.tv_in1k`) choosing the
+    weights that `pretrained=true` loads.
     `output_stride` (8 or 16) dilates the encoder where timm supports it (ResNets, aligned Xception).
     `size_divisor` pads inputs so every stage divides evenly; it defaults to the largest stride, which
     HRNet and DLA need (their branches are fused by exact 2x resampling).
@@ -37,8 +44,12 @@ class TimmBackbone(Backbone):
         super().__init__()
         import timm
 
-        if name not in timm.list_models():
+        # is_model, not list_models(): it accepts pretrained tags (`resnet50.tv_in1k`).
+        if not timm.is_model(name):
             raise ConfigError(f"backbone.name={name!r} is not a timm model (see timm.list_models())")
+        if "." in name and name not in timm.list_pretrained(name):
+            raise ConfigError(f"backbone.name={name!r}: timm has no weights tagged {name.split('.', 1)[1]!r}; "
+                              f"tags: {timm.list_pretrained(name.split('.')[0] + '.*')}")
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
@@ -46,22 +57,22 @@ class TimmBackbone(Backbone):
             if output_stride not in (8, 16, 32):
                 raise ConfigError(f"backbone.output_stride must be 8, 16 or 32, got {output_stride}")
             kwargs["output_stride"] = output_stride
-        if pretrained and not weights:
+        download = bool(pretrained and not weights)
+        if download:
             require_timm_weights(name)
         try:
-            self.net = timm.create_model(name, features_only=True, pretrained=bool(pretrained and not weights),
-                                         **kwargs)
+            self.net = timm.create_model(name, features_only=True, pretrained=download, **kwargs)
         except TypeError as exc:
-            raise ConfigError(f"timm model {name!r} does not accept these backbone options {kwargs}: {exc}") from None
+            raise ConfigError(f"backbone: timm model {name!r} does not accept the options {kwargs}: "
+                              f"{_first_line(exc)}") from None
+        except (IndexError, KeyError, AssertionError) as exc:
+            # timm indexes its stage list with out_indices and asserts on an output_stride it cannot dilate to.
+            raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs} ({type(exc).__name__}: "
+                              f"{_first_line(exc)}); check backbone.out_indices and backbone.output_stride") from None
         except (OSError, RuntimeError, ValueError) as exc:
-            if pretrained and not weights:
-                raise WeightsError(
-                    f"backbone.pretrained=true: could not get the ImageNet weights of timm model {name!r} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}). Without "
-                    "internet, pre-fill the Hugging Face cache (HF_HOME) on a connected machine, or pass "
-                    f"backbone.weights=/path/to/{name}.pth (a timm state dict), or set backbone.pretrained=false."
-                ) from None
-            raise ConfigError(f"timm could not build {name!r} with {kwargs}: {exc}") from None
+            if download:
+                raise timm_download_error(name, exc) from None
+            raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs}: {_first_line(exc)}") from None
         if weights:
             load_backbone_weights(self, weights, inner="net.", ignore_prefixes=CLASSIFIER_PREFIXES)
         self.channels = list(self.net.feature_info.channels())
