@@ -95,7 +95,7 @@ def test_resnet_from_timm_computes_what_torchvisions_dilated_resnet_did(output_s
 
 def test_checkpoint_of_a_torchvision_resnet_config_rebuilds_through_timm():
     """Checkpoints written when ResNets came from torchvision name `ResNetBackbone` in their config."""
-    from segtrain.commands.evaluate import upgrade_legacy_config
+    from segtrain.engine.resume import upgrade_legacy_config
 
     stored = OmegaConf.create({"model": MODEL, "backbone": {
         "_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": "resnet50", "output_stride": 8,

@@ -120,7 +120,8 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, shap
     last.write_bytes(last.read_bytes()[:1000])  # also truncates iter_0000006.pt: last.pt is a hard link
     with caplog.at_level("INFO"):
         result = train(compose_config("train", [*overrides, "resume=auto", "trainer.max_iters=7"]), tmp_path)
-    assert f"skipping unusable checkpoint: cannot read checkpoint {last}" in caplog.text
+    assert f"skipping unusable checkpoint: cannot read checkpoint {tmp_path / 'checkpoints' / 'iter_0000006.pt'}" \
+        in caplog.text
     assert f"resumed from {tmp_path / 'checkpoints' / 'iter_0000003.pt'} at iteration 3" in caplog.text
     assert result["history"][0]["iteration"] == 4
 
@@ -295,9 +296,10 @@ def test_a_checkpoint_config_naming_code_outside_segtrain_runs_nothing(tmp_path,
         last = result.stderr.strip().splitlines()[-1]
         assert f"refusing backbone._target_='builtins.open' from the config stored in {evil}" in last, last
         assert not marker.exists(), name
-    # resume rebuilds the model from the command's own config, never from the checkpoint's
+    # resume builds from the command's own config and compares the stored one as data: refused, runs nothing
     resumed = subprocess.run([sys.executable, "-m", "segtrain", "train", *tiny_overrides(
         shapes_root, **{"trainer.max_iters": 2, "trainer.val_interval": 2}), f"resume={evil}",
         f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 2, resumed.stderr
+    assert "holds a different backbone (backbone._target_: 'builtins.open' in the checkpoint" in resumed.stderr
     assert not marker.exists()

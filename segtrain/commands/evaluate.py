@@ -19,6 +19,7 @@ from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.report import format_table, write_metrics
+from segtrain.engine.resume import stored_config
 from segtrain.engine.runtime import resolve_device
 from segtrain.errors import ConfigError
 from segtrain.instantiate import check_stored_targets
@@ -55,27 +56,6 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
     return stored
 
 
-LEGACY_RESNET_TARGET = "segtrain.models.backbones.resnet.ResNetBackbone"
-
-
-def upgrade_legacy_config(stored: DictConfig) -> DictConfig:
-    """Configs of checkpoints written before the loss group: `model.aux_weight` became `loss.aux_weight`;
-    `optimizer.name` / `schedule.name` nodes are not rebuilt by eval, predict or export.
-    Before ResNets came from timm, they were a `ResNetBackbone` node: the timm build has the same
-    module names and the same dilations, so the stored weights load into it unchanged."""
-    model = stored.get("model")
-    if isinstance(model, DictConfig) and "aux_weight" in model:
-        aux_weight = model.pop("aux_weight")
-        if stored.get("loss") is None:
-            stored.loss = {"_target_": "segtrain.engine.losses.CrossEntropy", "aux_weight": aux_weight,
-                           "class_weights": None}
-    backbone = stored.get("backbone")
-    if isinstance(backbone, DictConfig) and backbone.get("_target_") == LEGACY_RESNET_TARGET:
-        backbone._target_ = "segtrain.models.backbones.timm_encoder.TimmBackbone"
-        backbone.out_indices = [1, 2, 3, 4]
-    return stored
-
-
 def trusted_target_keys(overrides: list[str]) -> set[str]:
     """Keys the command line sets: a group choice (`dataset=folder`) replaces its whole section."""
     return {text.split("=", 1)[0].lstrip("+~") for text in overrides}
@@ -83,14 +63,8 @@ def trusted_target_keys(overrides: list[str]) -> set[str]:
 
 def checkpoint_config(state: dict, composed: DictConfig, overrides: list[str], source: str = "the checkpoint"
                       ) -> DictConfig:
-    try:
-        stored = OmegaConf.create(state["config"])
-    except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted text
-        raise ConfigError(f"the config stored in {source} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(stored, DictConfig):
-        raise ConfigError(f"the config stored in {source} is not a mapping")
+    stored = stored_config(state, source)
     check_stored_targets(OmegaConf.to_container(stored, resolve=False), source, trusted_target_keys(overrides))
-    stored = upgrade_legacy_config(stored)
     for key in COMMAND_KEYS:
         stored.pop(key, None)
     stored = apply_overrides(stored, composed, overrides)

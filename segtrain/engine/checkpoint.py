@@ -82,6 +82,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise WeightsError(f"{path} is not a segtrain checkpoint (no 'model' and 'config' entries)")
+    if not isinstance(state["model"], dict):
+        raise WeightsError(f"{path} is not a segtrain checkpoint ('model' is not a state dict)")
+    bad = nonfinite_tensor(state["model"])
+    if bad is not None:
+        raise WeightsError(f"{path} holds non-finite values (NaN or infinity) in {bad}: its weights are unusable; "
+                           "take an earlier checkpoint")
     return state
 
 
@@ -141,15 +147,48 @@ def save_periodic(state: dict[str, Any], ckpt_dir: Path, keep_last: int) -> Path
     return path
 
 
+def remove_temporary_files(ckpt_dir: Path) -> None:
+    """Partial writes of a killed run (`.<name>.<random>.tmp`); never a complete checkpoint."""
+    for leftover in ckpt_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint of a run directory that loads, with its state; bad ones are reported."""
+    """The newest checkpoint of a run directory that loads, by the iteration in its name.
+
+    `last.pt` is a link to the newest `iter_N.pt`; it is read only when no periodic checkpoint loads
+    (a kill between writing `iter_N.pt` and re-linking leaves a stale `last.pt`). When checkpoints
+    exist but none loads, the error lists what was tried: starting over would overwrite them.
+    """
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    candidates = [ckpt_dir / "last.pt", *_periodic(ckpt_dir)]
-    for path in candidates:
+    remove_temporary_files(ckpt_dir)
+    tried, seen = [], set()
+    for path in [*_periodic(ckpt_dir), ckpt_dir / "last.pt"]:
         if not path.is_file():
             continue
+        identity = (path.stat().st_dev, path.stat().st_ino)
+        if identity in seen:
+            continue
+        seen.add(identity)
         try:
             return path, load_checkpoint(path)
         except WeightsError as exc:
             log.warning("skipping unusable checkpoint: %s; trying an older one", exc)
+            tried.append(path.name)
+    if tried:
+        raise WeightsError(
+            f"resume=auto: checkpoints exist in {ckpt_dir} but none loads (tried {', '.join(tried)}; the log says "
+            "why). Fix or move them, or start a new run directory (resume=null here would overwrite them)"
+        )
     return None
+
+
+def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity (one host sync in all)."""
+    floats = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
+    if bool(finite.all()):
+        return None
+    return floats[int((~finite).nonzero()[0])][0]

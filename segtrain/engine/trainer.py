@@ -34,6 +34,7 @@ from segtrain.engine.checkpoint import (
     CHECKPOINT_DIR,
     find_resume_checkpoint,
     load_checkpoint,
+    nonfinite_tensor,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -53,9 +54,10 @@ from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.optim import load_optimizer_state
 from segtrain.engine.preemption import PreemptionHandler
+from segtrain.engine.resume import check_same_data, check_same_network, data_fingerprint, log_changes, stored_config
 from segtrain.engine.runtime import progress_enabled, seed_everything
 from segtrain.engine.step import Batch, StepResult, TrainStep, build_train_step
-from segtrain.errors import ConfigError, Preempted, TrainingStopped
+from segtrain.errors import ConfigError, Preempted, TrainingStopped, WeightsError
 from segtrain.models import build_model
 from segtrain.visualize import denormalize, make_palette, panel
 
@@ -81,13 +83,16 @@ class TrainState:
         return {k: v for k, v in asdict(self).items() if k != "history"}
 
     @classmethod
-    def from_checkpoint(cls, state: dict[str, Any], batch_size: int) -> TrainState:
-        saved = state.get("train_state") or {  # checkpoints written before TrainState existed
+    def from_checkpoint(cls, state: dict[str, Any], saved_batch_size: int) -> TrainState:
+        """`saved_batch_size`: the batch size the checkpoint was trained with, for checkpoints written
+        before TrainState (their stream position is iteration x that batch size)."""
+        saved = state.get("train_state") or {
             "iteration": state["iteration"], "best_miou": state["best_miou"],
             "skipped_steps": state.get("skipped_steps", 0)}
         known = {f.name for f in fields(cls)} - {"history"}
         restored = cls(**{k: v for k, v in saved.items() if k in known})
-        restored.samples_seen = restored.iteration * batch_size
+        if "samples_seen" not in saved:
+            restored.samples_seen = restored.iteration * saved_batch_size
         return restored
 
 
@@ -149,6 +154,7 @@ class Trainer:
         seed_everything(t.seed, t.deterministic)
         self.class_names = list(cfg.dataset.class_names)
         self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error)
+        self.fingerprint = data_fingerprint(self.train_set.samples, cfg.dataset.root)
         self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False)
         self.settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
         self.model = self.build_model()
@@ -156,6 +162,18 @@ class Trainer:
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.palette = make_palette(cfg.dataset.palette, len(self.class_names))
         self.writer = SummaryWriter(str(self.run_dir)) if cfg.logging.tensorboard and self.ctx.is_main else None
+        self.best_on_disk = self.saved_best_miou()
+
+    def saved_best_miou(self) -> float:
+        """The mIoU of an existing best.pt: it is replaced only by a better one."""
+        best = self.ckpt_dir / "best.pt"
+        if not best.is_file():
+            return -1.0
+        try:
+            return float(load_checkpoint(best)["best_miou"])
+        except (WeightsError, KeyError, TypeError, ValueError):
+            log.warning("%s does not load; the first validation replaces it", best)
+            return -1.0
 
     def build_model(self) -> nn.Module:
         t = self.cfg.trainer
@@ -183,11 +201,16 @@ class Trainer:
             return
         path, saved = found
         _check_same_classes(saved, self.class_names, path)
+        stored = stored_config(saved, str(path))
+        check_same_network(stored, self.cfg, str(path))
+        check_same_data(saved.get("data_fingerprint"), self.fingerprint, str(path))
         self.model.load_state_dict(saved["model"])
         load_optimizer_state(self.step.optimizer, saved["optimizer"])
         self.step.scaler.load_state_dict(saved["scaler"])
         restore_rng_state(saved["rng"])
-        self.state = TrainState.from_checkpoint(saved, self.cfg.trainer.batch_size)
+        saved_batch = OmegaConf.select(stored, "trainer.batch_size", default=self.cfg.trainer.batch_size)
+        self.state = TrainState.from_checkpoint(saved, int(saved_batch))
+        log_changes(stored, self.cfg, self.state.iteration)
         log.info("resumed from %s at iteration %d (lr %.6g)", path, self.state.iteration,
                  self.step.lr(self.state.iteration + 1))
 
@@ -310,7 +333,8 @@ class Trainer:
         self.state.last_miou = m["miou"]
         if m["miou"] > self.state.best_miou:
             self.state.best_miou, self.state.best_iteration = m["miou"], iteration
-            if self.ctx.is_main:
+            if self.ctx.is_main and m["miou"] > self.best_on_disk:
+                self.best_on_disk = m["miou"]
                 save_checkpoint(self.checkpoint(), self.ckpt_dir / "best.pt")
                 log.info("new best mIoU %.4f at iteration %d: %s", m["miou"], iteration, self.ckpt_dir / "best.pt")
         return m["miou"]
@@ -329,9 +353,18 @@ class Trainer:
 
     def checkpoint(self) -> dict[str, Any]:
         """Everything a resume needs. The schedule is not in it: the learning rate is a function of
-        the configuration and the iteration."""
+        the configuration and the iteration. A state with NaN or infinity in a parameter or buffer
+        (e.g. BatchNorm statistics) is never saved."""
+        weights = self.model.state_dict()
+        bad = nonfinite_tensor(weights)
+        if bad is not None:
+            raise TrainingStopped(
+                f"non-finite values (NaN or infinity) in {bad} at iteration {self.state.iteration}: not saved. Last "
+                f"good checkpoint: {self.last_good_checkpoint()}. Lower optimizer.lr, add schedule.warmup_iters or "
+                "check the data with `segtrain data check`"
+            )
         return {
-            "model": self.model.state_dict(),
+            "model": weights,
             "optimizer": self.step.optimizer.state_dict(),
             "scaler": self.step.scaler.state_dict(),
             "train_state": self.state.to_checkpoint(),
@@ -340,6 +373,7 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             "rng": rng_state(),
             "class_names": self.class_names,
+            "data_fingerprint": self.fingerprint,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
 
@@ -386,7 +420,8 @@ class Trainer:
         self.lrs[iteration] = self.step.lr(iteration)
         result = self.train_step(iteration)
         self.account_non_finite(iteration, result)
-        self.state.iteration, self.state.samples_seen = iteration, iteration * t.batch_size
+        self.state.iteration = iteration
+        self.state.samples_seen += t.batch_size
         self.bar.update(1)
         if self.on_step is not None:
             self.on_step(iteration, self.model)

@@ -1,0 +1,127 @@
+"""What a resumed run may change, and what it may not.
+
+A checkpoint continues the run that wrote it: the same model, backbone and training set. Those are
+compared with the command's configuration and a difference is refused, naming what the checkpoint
+holds. Everything else may change at resume (learning rate, weight decay, schedule, iterations,
+batch size, ...): the new values apply from the resumed iteration, and each change is logged.
+The stored config is untrusted data: it is parsed and compared, never instantiated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.errors import ConfigError
+
+log = logging.getLogger("segtrain.train")
+
+LEGACY_RESNET_TARGET = "segtrain.models.backbones.resnet.ResNetBackbone"
+# Keys that do not change the network a checkpoint's weights belong to.
+NOT_ARCHITECTURE = {"pretrained", "weights"}
+# Sections whose changes take effect at resume and are logged.
+CHANGEABLE = ("loss", "optimizer", "schedule", "trainer")
+
+
+def stored_config(state: dict, source: str) -> DictConfig:
+    """The config text of a checkpoint, parsed (not resolved, not instantiated) and upgraded."""
+    try:
+        stored = OmegaConf.create(state["config"])
+    except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted text
+        raise ConfigError(f"the config stored in {source} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(stored, DictConfig):
+        raise ConfigError(f"the config stored in {source} is not a mapping")
+    return upgrade_legacy_config(stored)
+
+
+def upgrade_legacy_config(stored: DictConfig) -> DictConfig:
+    """Configs of checkpoints written before the loss group: `model.aux_weight` became `loss.aux_weight`.
+    Before ResNets came from timm, they were a `ResNetBackbone` node: the timm build has the same
+    module names and the same dilations, so the stored weights load into it unchanged."""
+    model = stored.get("model")
+    if isinstance(model, DictConfig) and "aux_weight" in model:
+        aux_weight = model.pop("aux_weight")
+        if stored.get("loss") is None:
+            stored.loss = {"_target_": "segtrain.engine.losses.CrossEntropy", "aux_weight": aux_weight,
+                           "class_weights": None}
+    backbone = stored.get("backbone")
+    if isinstance(backbone, DictConfig) and backbone.get("_target_") == LEGACY_RESNET_TARGET:
+        backbone._target_ = "segtrain.models.backbones.timm_encoder.TimmBackbone"
+        backbone.out_indices = [1, 2, 3, 4]
+    return stored
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flat(value, f"{prefix}.{key}"))
+        return flat
+    return {prefix: node}
+
+
+def check_same_network(stored: DictConfig, cfg: DictConfig, source: str) -> None:
+    """The model and backbone the weights belong to; the name of a pretrained tag does not count."""
+    for section in ("model", "backbone"):
+        saved = {k: v for k, v in (_plain(stored.get(section)) or {}).items() if k not in NOT_ARCHITECTURE}
+        current = {k: v for k, v in _plain(cfg[section]).items() if k not in NOT_ARCHITECTURE}
+        if section == "backbone" and "name" in saved and "name" in current:
+            saved["name"], current["name"] = str(saved["name"]).split(".")[0], str(current["name"]).split(".")[0]
+        if saved != current:
+            differs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ConfigError(
+                f"{source} holds a different {section} ({section}.{differs[0]}: {saved.get(differs[0])!r} in the "
+                f"checkpoint, {current.get(differs[0])!r} now); resume with the {section} it was trained with, or "
+                "start a new run directory"
+            )
+
+
+def log_changes(stored: DictConfig, cfg: DictConfig, iteration: int) -> list[str]:
+    """Log each value that differs from the checkpoint's config in the sections a resume may change."""
+    changes = []
+    for section in CHANGEABLE:
+        saved = _flat(_plain(stored.get(section)) or {}, section)
+        current = _flat(_plain(cfg[section]), section)
+        for key in sorted(set(saved) | set(current)):
+            if saved.get(key, "(unset)") != current.get(key, "(unset)"):
+                changes.append(f"{key}: {saved.get(key, '(unset)')} -> {current.get(key, '(unset)')}")
+    for change in changes:
+        log.info("resume: %s (from iteration %d)", change, iteration + 1)
+    return changes
+
+
+def data_fingerprint(samples: Iterable[tuple], root: str | Path) -> dict[str, Any]:
+    """The training set as its sorted file list relative to the dataset root (moving the root is fine)."""
+    base = Path(root)
+    names = []
+    for image, mask, *_ in samples:
+        names.append(f"{_relative(image, base)}\t{_relative(mask, base)}")
+    names.sort()
+    return {"count": len(names), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+
+
+def _relative(path: str | Path, base: Path) -> str:
+    try:
+        return str(Path(path).relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def check_same_data(saved: dict | None, current: dict, source: str) -> None:
+    if not saved or saved == current:
+        return
+    raise ConfigError(
+        f"{source} was trained on a different training set ({saved.get('count')} samples, fingerprint "
+        f"{str(saved.get('sha256'))[:12]}) than the configured one ({current['count']} samples, "
+        f"{current['sha256'][:12]}); resume continues a run on its own data: start a new run directory to train "
+        "on this data"
+    )
