@@ -101,6 +101,21 @@ def _fail(command: str, message: str) -> None:
     raise SystemExit(2)
 
 
+def from_loader_worker(exc: BaseException) -> bool:
+    """PyTorch re-raises a worker's exception in the main process with the worker's traceback as text."""
+    return "in DataLoader worker process" in str(exc)
+
+
+def _to_log_file(message: str) -> None:
+    """The run's log file (train.log) gets the final error too; the console already shows it once."""
+    import logging
+
+    record = logging.LogRecord("segtrain", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[[DictConfig], None]:
     def run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -111,10 +126,19 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         try:
             body(cfg, run_dir)
         except Preempted as exc:
+            _to_log_file(f"segtrain {command}: {exc}")
             print(f"segtrain {command}: {exc}", file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
         except SegtrainError as exc:
+            _to_log_file(f"segtrain {command}: error: {user_message(exc)}")
             _fail(command, user_message(exc))
+        except Exception as exc:
+            if not from_loader_worker(exc):
+                raise
+            # MemoryError, a bug in a dataset source, ...: re-raised here by the DataLoader.
+            message = f"a data-loader worker failed: {user_message(exc)}"
+            _to_log_file(f"segtrain {command}: error: {message}")
+            _fail(command, message)
         finally:
             stop_worker_processes()
 

@@ -303,3 +303,43 @@ def test_a_checkpoint_config_naming_code_outside_segtrain_runs_nothing(tmp_path,
     assert resumed.returncode == 2, resumed.stderr
     assert "holds a different backbone (backbone._target_: 'builtins.open' in the checkpoint" in resumed.stderr
     assert not marker.exists()
+
+
+def test_any_exception_in_a_loader_worker_is_one_line_and_exit_2(tmp_path, shapes_root):
+    """Not only DataError: a MemoryError (here raised when a worker opens an image) ends the run too."""
+    (tmp_path / "exploding_source.py").write_text(
+        "from pathlib import Path\n"
+        "from segtrain.data.shapes import shapes_samples\n\n"
+        "class Exploding(type(Path())):\n"
+        "    def __fspath__(self):\n"
+        "        raise MemoryError('simulated: cannot allocate the decoded image')\n\n"
+        "def samples(root, split, **kwargs):\n"
+        "    pairs = shapes_samples(root, split, **kwargs)\n"
+        "    return [(Exploding(image) if split == 'train' else image, mask) for image, mask in pairs]\n")
+    overrides = tiny_overrides(shapes_root, **{"trainer.num_workers": 2, "trainer.max_iters": 2})
+    start_time = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "segtrain", "train", *overrides, "dataset.source._target_=exploding_source.samples",
+         f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert time.perf_counter() - start_time < 60
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == ("segtrain train: error: a data-loader worker failed: MemoryError: simulated: cannot allocate "
+                    "the decoded image")
+    assert last.split(": ", 1)[1] in (tmp_path / "run" / "train.log").read_text()  # also where people look
+
+
+def test_a_full_disk_reported_by_torch_as_a_writer_error_says_no_space_left(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from segtrain.engine.checkpoint import save_checkpoint
+
+    def save(obj, handle, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1472 vs 1366")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(CheckpointWriteError, match=r"\(no space left on device \(0 MB free\)\); nothing was written"):
+        save_checkpoint({"x": 1}, tmp_path / "a.pt")

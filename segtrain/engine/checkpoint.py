@@ -44,7 +44,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         if isinstance(exc, Exception):  # disk full, quota, I/O error (torch may wrap them in RuntimeError)
             kept = (f"the previous {path.name} is intact" if path.exists()
                     else f"nothing was written; the checkpoints already in {path.parent} are intact")
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            reason = write_failure_reason(exc, path.parent)
             raise CheckpointWriteError(f"could not write checkpoint {path} ({reason}); {kept}. Free disk space "
                                        "and resume with resume=auto") from exc
         raise
@@ -64,6 +64,27 @@ def unpickling_culprit(exc: Exception) -> str:
         return f"it names the Python global {found.group(1)}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:200] if lines else "it needs arbitrary unpickling"
+
+
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def write_failure_reason(exc: BaseException, directory: Path) -> str:
+    """Why a write failed, in the user's terms: torch.save reports a full disk as a serialisation
+    error ("PytorchStreamWriter failed writing file"), so the OS error and the free space are looked up."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if free is not None and free < LOW_SPACE_BYTES:
+        return f"no space left on device ({free / 2**20:.0f} MB free)"
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
