@@ -84,6 +84,8 @@ def precheck(config_name: str, args: list[str]) -> None:
             overrides.append(text)
     except Exception as exc:  # noqa: BLE001 - malformed overrides
         _fail(command, _one_line(exc))
+    if config_name == "train" and int(os.environ.get("RANK", "0")) == 0:
+        _refuse_busy_run_dir(command, overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=config_name):
@@ -94,6 +96,18 @@ def precheck(config_name: str, args: list[str]) -> None:
         _fail(command, _one_line(exc))
     finally:
         GlobalHydra.instance().clear()
+
+
+def _refuse_busy_run_dir(command: str, overrides: list[str]) -> None:
+    """Before Hydra writes its files into an explicit hydra.run.dir that a live run holds."""
+    from segtrain.engine.lock import refuse_if_held
+
+    for text in overrides:
+        if text.startswith("hydra.run.dir="):
+            try:
+                refuse_if_held(Path(text.split("=", 1)[1]))
+            except SegtrainError as exc:
+                _fail(command, str(exc))
 
 
 def _fail(command: str, message: str) -> None:

@@ -343,3 +343,28 @@ def test_a_full_disk_reported_by_torch_as_a_writer_error_says_no_space_left(tmp_
     monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(CheckpointWriteError, match=r"\(no space left on device \(0 MB free\)\); nothing was written"):
         save_checkpoint({"x": 1}, tmp_path / "a.pt")
+
+
+def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_root):
+    run_dir = tmp_path / "run"
+    args = run_overrides(shapes_root, run_dir, **{"trainer.max_iters": 100000, "trainer.val_interval": 100000})
+    first = start(args, tmp_path)
+    try:
+        wait_for(lambda: (run_dir / "train.log").exists() and "iter 2/" in (run_dir / "train.log").read_text(),
+                 first)
+        config_before = (run_dir / ".hydra" / "config.yaml").read_text()
+        started = time.perf_counter()
+        second = finish([*args, "trainer.max_iters=3"], tmp_path)
+        assert time.perf_counter() - started < 30
+        assert second.returncode == 2
+        last = second.stderr.strip().splitlines()[-1]
+        assert f"run directory {run_dir} is in use by segtrain train (pid {first.pid}, host " in last
+        assert (run_dir / ".hydra" / "config.yaml").read_text() == config_before  # nothing of the second run
+    finally:
+        first.kill()
+        first.wait()
+    # The holder is gone (SIGKILL: no clean-up): the next run takes the lock over, with a warning.
+    resumed = finish([*args, "trainer.max_iters=4", "resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "taking over" in (run_dir / "train.log").read_text()
+    assert not (run_dir / ".segtrain.lock").exists()  # released on exit

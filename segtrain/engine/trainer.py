@@ -52,6 +52,7 @@ from segtrain.engine.distributed import (
 )
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
+from segtrain.engine.lock import RunLock
 from segtrain.engine.optim import load_optimizer_state
 from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.resume import check_same_data, check_same_network, data_fingerprint, log_changes, stored_config
@@ -133,6 +134,7 @@ class Trainer:
         self.state = TrainState()
         self.problems: set[str] = set()  # distinct unusable-sample messages already logged
         self.lrs: dict[int, float] = {}  # learning rate of each iteration since the last check
+        self.lock: RunLock | None = None
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -151,6 +153,9 @@ class Trainer:
                 "needs at least 2 (raise trainer.batch_size, use fewer accumulation steps, or trainer.freeze_bn=true)"
             )
         self.run_dir = Path(broadcast_object(str(self.run_dir), self.ctx))  # every rank uses rank 0's directory
+        if self.ctx.is_main:  # before anything is written into the run directory
+            self.lock = RunLock(self.run_dir)
+            self.lock.acquire()
         seed_everything(t.seed, t.deterministic)
         self.class_names = list(cfg.dataset.class_names)
         self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error)
@@ -457,6 +462,11 @@ class Trainer:
         barrier(self.ctx)
         return self.summary()
 
+    def close(self) -> None:
+        """Give the run directory back (the lock); safe after a failed setup."""
+        if self.lock is not None:
+            self.lock.release()
+
     def summary(self) -> dict:
         s = self.state
         log.info("done: final val mIoU %.4f, best %.4f at iteration %d; checkpoints in %s", s.last_miou, s.best_miou,
@@ -471,6 +481,9 @@ class Trainer:
 def train(cfg: DictConfig, run_dir: Path, on_step: StepCallback | None = None) -> dict:
     """Set up, resume if asked, and train; returns the summary (mIoU, loss history, model)."""
     trainer = Trainer(cfg, run_dir, on_step)
-    trainer.setup()
-    trainer.resume()
-    return trainer.fit()
+    try:
+        trainer.setup()
+        trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.close()

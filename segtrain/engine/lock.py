@@ -1,0 +1,98 @@
+"""One writer per run directory: `<run dir>/.segtrain.lock` holds the training process's PID and host.
+
+A second `segtrain train` on a live run directory would write over the first one's checkpoints (and
+its `best.pt` with a worse model); it fails at once naming the holder instead. A lock left by a
+process that is gone (killed, crashed machine) is taken over with a warning. Under torchrun only
+rank 0 holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from segtrain.errors import ConfigError
+
+log = logging.getLogger("segtrain.train")
+
+LOCK_NAME = ".segtrain.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def read_lock(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads((Path(run_dir) / LOCK_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable or half-written: treat as held by an unknown process that is gone
+    return holder if isinstance(holder, dict) else {}
+
+
+def live_holder(run_dir: Path) -> dict[str, Any] | None:
+    """The lock's holder if it is a running process (or on another host, where we cannot tell)."""
+    holder = read_lock(run_dir)
+    if not holder:
+        return None
+    if holder.get("host") != socket.gethostname():
+        return holder
+    pid = holder.get("pid")
+    return holder if isinstance(pid, int) and pid != os.getpid() and _alive(pid) else None
+
+
+def refuse_if_held(run_dir: Path) -> None:
+    holder = live_holder(run_dir)
+    if holder is None:
+        return
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    where = "" if holder.get("host") == socket.gethostname() else (
+        f" on another host (if that process is gone, delete {Path(run_dir) / LOCK_NAME})")
+    raise ConfigError(
+        f"run directory {run_dir} is in use by segtrain train (pid {holder.get('pid')}, host {holder.get('host')}, "
+        f"since {since}){where}; wait for it to finish, or choose another hydra.run.dir"
+    )
+
+
+class RunLock:
+    """Acquire with `acquire()`, give back with `release()` (also safe when never acquired)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            refuse_if_held(self.path.parent)
+            log.warning("taking over %s from a process that is gone (%s)", self.path, read_lock(self.path.parent))
+            tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+            tmp.write_text(record)
+            os.replace(tmp, self.path)
+            if read_lock(self.path.parent).get("pid") != os.getpid():  # another process took it over first
+                refuse_if_held(self.path.parent)
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(record)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held and (read_lock(self.path.parent) or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
