@@ -252,3 +252,47 @@ def test_predict_output_names_stay_unique(tmp_path):
     names = output_names(files)
     assert len(set(names.values())) == 3 and names[files[0]] == "a__x_jpg"
     assert output_names(files[:1] + files[2:]) == {files[0]: "x", files[2]: "y"}
+
+
+def test_predict_never_writes_over_the_users_files(tmp_path, demo_checkpoint):
+    import hashlib
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (33, 41, 3), dtype=np.uint8)).save(folder / name)
+
+    def hashes() -> dict:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.suffix == ".png"}
+
+    before = hashes()
+    for output in (folder, folder / "masks"):  # the input folder itself, or a folder inside it
+        result = segtrain("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={output}", cwd=tmp_path)
+        assert result.returncode == 2
+        assert f"output={output} is the input folder or inside it" in result.stderr.strip().splitlines()[-1]
+    assert hashes() == before
+    # An output folder holding a file predict would write: refused, the file untouched.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_color.png").write_bytes(b"the user's own file")
+    result = segtrain("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={out}", cwd=tmp_path)
+    assert result.returncode == 2 and "predict never replaces files" in result.stderr
+    assert (out / "a_color.png").read_bytes() == b"the user's own file"
+    # A fresh folder: every output written through a temporary file and a rename, none left over.
+    result = segtrain("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={tmp_path / 'new'}",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "new").glob("*.png")) == [
+        "a.png", "a_color.png", "a_overlay.png", "b.png", "b_color.png", "b_overlay.png"]
+    assert not list((tmp_path / "new").glob(".*"))
+    assert hashes() == before
+
+
+def test_eval_into_a_directory_holding_an_evaluation_is_refused(tmp_path, demo_checkpoint):
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "metrics.json").write_text('{"miou": 0.5}')
+    result = segtrain("eval", f"ckpt={demo_checkpoint}", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already holds an evaluation (metrics.json)" in result.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "ev" / "metrics.json").read_text() == '{"miou": 0.5}'

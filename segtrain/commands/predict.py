@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -28,6 +29,8 @@ from segtrain.errors import ConfigError, DataError
 from segtrain.visualize import colorize, make_palette, overlay
 
 log = logging.getLogger("segtrain.predict")
+
+OUTPUT_SUFFIXES = (".png", "_color.png", "_overlay.png")
 
 
 def input_files(spec: str) -> list[Path]:
@@ -55,6 +58,34 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     return {f: str(f.resolve().relative_to(root)).replace(os.sep, "__").replace(".", "_") for f in files}
 
 
+def check_output_folder(spec: str, out: Path, files: list[Path], names: dict[Path, str]) -> None:
+    """Never write over the user's files: not into the input folder, and not over an existing file."""
+    resolved = out.resolve()
+    source = Path(spec)
+    folders = {source.resolve()} if source.is_dir() else {f.parent.resolve() for f in files}
+    for folder in folders:
+        if resolved == folder or folder in resolved.parents:
+            raise ConfigError(f"output={out} is the input folder or inside it ({folder}); choose an output folder "
+                              "outside the input, so that no input image can be replaced")
+    existing = [out / f"{names[f]}{suffix}" for f in files for suffix in OUTPUT_SUFFIXES
+                if (out / f"{names[f]}{suffix}").exists()]
+    if existing:
+        raise ConfigError(f"output={out} already holds {len(existing)} of the files predict would write (e.g. "
+                          f"{existing[0].name}); predict never replaces files: choose an empty or new output folder")
+
+
+def atomic_save(path: Path, write: Callable[[Path], object]) -> None:
+    """Write to a temporary file beside `path` (same extension, so the encoder is chosen by it), then
+    rename: a killed predict leaves no truncated image under a final name."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        if write(tmp) is False:  # cv2.imwrite reports failure by its return value
+            raise DataError(f"could not write {path}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def normalise(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
     array = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -67,16 +98,17 @@ def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"predict.alpha must be in [0, 1], got {alpha}")
     files = input_files(str(composed.input))
+    out = Path(composed.output)
+    names = output_names(files)
+    check_output_folder(str(composed.input), out, files, names)  # before the model: fail in a second
     loaded = load_for_inference(composed, overrides)
     cfg = loaded.cfg
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
     amp = amp_mode(cfg.trainer.amp)
     palette = make_palette(cfg.dataset.palette, len(loaded.class_names))
     flat_palette = palette.flatten().tolist()
-    out = Path(composed.output)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, []
-    names = output_names(files)
     for path in files:
         try:
             image, _ = decode_image(path)
@@ -90,10 +122,11 @@ def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
         index_png = Image.fromarray(prediction, mode="P")
         index_png.putpalette(flat_palette)
         name = names[path]
-        index_png.save(out / f"{name}.png")
-        cv2.imwrite(str(out / f"{name}_color.png"), cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / f"{name}_overlay.png"),
-                    cv2.cvtColor(overlay(image, prediction, palette, alpha), cv2.COLOR_RGB2BGR))
+        color = cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR)
+        blended = cv2.cvtColor(overlay(image, prediction, palette, alpha), cv2.COLOR_RGB2BGR)
+        atomic_save(out / f"{name}.png", index_png.save)
+        atomic_save(out / f"{name}_color.png", lambda tmp, c=color: cv2.imwrite(str(tmp), c))
+        atomic_save(out / f"{name}_overlay.png", lambda tmp, b=blended: cv2.imwrite(str(tmp), b))
         written += 1
     print(f"segmented {written} image(s) into {out}")
     if skipped:
