@@ -241,26 +241,28 @@ def test_cuda_requested_without_a_gpu_fails_before_any_work(tmp_path, shapes_roo
         train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.device": "cuda"})), tmp_path)
 
 
-@pytest.mark.parametrize("where", ["train", "val"])
-def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
-    """Workers ignore SIGTERM (preemption checkpoints first); the error must still end the process."""
+def folder_dataset(root: Path, bad: int) -> Path:
+    """12 images (train 0-9, val 10-11); image `bad` has an RGB mask, a DataError when read."""
     import numpy as np
     from PIL import Image
 
-    root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        mask = rng.integers(0, 2, (40, 40), dtype=np.uint8)
-        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
-    split = (root / "splits")
-    split.mkdir()
-    (split / "train.txt").write_text("\n".join(str(i) for i in range(10)))
-    (split / "val.txt").write_text("10\n11\n")
-    bad = 3 if where == "train" else 11  # an RGB mask: a DataError raised inside a worker
+        Image.fromarray(rng.integers(0, 2, (40, 40), dtype=np.uint8)).save(root / "masks" / f"{i}.png")
+    (root / "splits").mkdir()
+    (root / "splits" / "train.txt").write_text("\n".join(str(i) for i in range(10)))
+    (root / "splits" / "val.txt").write_text("10\n11\n")
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8) + 1).save(root / "masks" / f"{bad}.png")
+    return root
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
+    """Workers ignore SIGTERM (preemption checkpoints first); the error must still end the process."""
+    root = folder_dataset(tmp_path / "data", 3 if where == "train" else 11)
     args = ["dataset=folder", f"dataset.root={root}", "dataset.source.split_dir=splits", "backbone=resnet18",
             "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=2",
             "eval.num_workers=2", "trainer.max_iters=4", "trainer.val_interval=2", "logging.progress=false",
@@ -368,3 +370,27 @@ def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_r
     assert resumed.returncode == 0, resumed.stderr
     assert "taking over" in (run_dir / "train.log").read_text()
     assert not (run_dir / ".segtrain.lock").exists()  # released on exit
+
+
+def test_validation_and_eval_honour_on_error_skip(tmp_path):
+    root = folder_dataset(tmp_path / "data", 11)  # a bad validation mask
+    args = ["dataset=folder", f"dataset.root={root}", "dataset.source.split_dir=splits", "backbone=resnet18",
+            "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0", "eval.num_workers=0",
+            "trainer.max_iters=2", "trainer.val_interval=2", "logging.progress=false", "data.on_error=skip",
+            "trainer.device=cpu"]
+    result = subprocess.run([sys.executable, "-m", "segtrain", "train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "(1 unusable samples left out: data.on_error=skip)" in log
+    assert f"skipping a validation sample: mask {root / 'masks' / '11.png'} is a RGB image" in log
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    evaluated = subprocess.run([sys.executable, "-m", "segtrain", "eval", f"ckpt={last}",
+                                f"hydra.run.dir={tmp_path / 'ev'}"], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "1 unusable images left out (data.on_error=skip" in evaluated.stdout
+    import json
+
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert len(metrics["skipped_samples"]) == 1 and "11.png" in metrics["skipped_samples"][0]

@@ -134,7 +134,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     ckpt = Path(composed.ckpt)
     amp = amp_mode(cfg.trainer.amp)
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
+    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, on_error=cfg.data.on_error)
     loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")
     palette = make_palette(cfg.dataset.palette, len(class_names))
     save = None
@@ -163,6 +163,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
                      "scales": list(settings.scales), "flip": settings.flip,
                      "output_stride": cfg.eval.output_stride},
         "seconds_per_image": result.seconds_per_image,
+        "skipped_samples": result.skipped,
     }
     write_metrics(run_dir, metrics, class_names, extra)
     matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
@@ -178,6 +179,10 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     print(table)
     logged = state.get("best_miou")
     note = f" (checkpoint's recorded val mIoU {logged:.4f})" if isinstance(logged, float) and logged >= 0 else ""
+    for problem in result.skipped:
+        log.warning("data.on_error=skip: left out of the metric: %s", problem)
+    if result.skipped:
+        note += f"; {len(result.skipped)} unusable images left out (data.on_error=skip, listed in metrics.json)"
     print(f"mIoU {metrics['miou']:.4f} on {cfg.dataset.name}/{cfg.eval.split}{note}; "
           f"{result.seconds_per_image * 1000:.1f} ms per image")
     print(f"wrote {run_dir / 'metrics.json'}, per_class_iou.csv and confusion_matrix.png")

@@ -171,6 +171,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         transform: Callable[[np.ndarray, np.ndarray, int], tuple[torch.Tensor, torch.Tensor]],
         ignore_index: int = 255,
         on_error: str = "raise",
+        replace_unusable: bool = True,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -179,6 +180,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.ignore_index = ignore_index
         self.on_error = on_error
+        # Training replaces an unusable sample by the next usable one (the batch stays full);
+        # evaluation drops it (`image` None), so no image is scored twice.
+        self.replace_unusable = replace_unusable
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -204,6 +208,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 if self.on_error == "raise":
                     raise
                 skipped.append(str(exc))
+                if not self.replace_unusable:
+                    return {"image": None, "mask": None, "index": current, "skipped": str(exc)}
         else:
             raise DataError(f"every sample of the dataset is unusable; first problem: {skipped[0]}")
         image_t, mask_t = self.transform(image, mask, seed)

@@ -36,7 +36,8 @@ def build_dataset(
         transform = train_transform(augment, mean, std, cfg.ignore_index)
     else:
         transform = eval_transform(mean, std)
-    return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index, on_error)
+    return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index, on_error,
+                               replace_unusable=train)
 
 
 def sample_seed(seed: int, position: int) -> int:

@@ -25,6 +25,8 @@ class EvalResult:
     seconds_per_image: float
     # (normalised CHW image, mask HW, prediction HW) as numpy, for the first few images.
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    # data.on_error=skip: the problems of the samples left out of the metric (this process's shard).
+    skipped: list[str] = field(default_factory=list)
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -66,8 +68,11 @@ def evaluate(
     images, start = 0, time.perf_counter()
     bar = tqdm(total=len(loader.dataset), desc="eval", unit="img", disable=not progress_enabled(progress),
                leave=False)
+    skipped: list[str] = []
     for batch in loader:
-        for group in _batches_by_size(batch):
+        skipped.extend(s["skipped"] for s in batch if s["image"] is None)
+        bar.update(sum(s["image"] is None for s in batch))
+        for group in _batches_by_size([s for s in batch if s["image"] is not None]):
             inputs = torch.stack([s["image"] for s in group]).to(device, non_blocking=True)
             masks = torch.stack([s["mask"] for s in group]).to(device, non_blocking=True)
             with autocast(device, amp):
@@ -87,4 +92,4 @@ def evaluate(
     matrix.all_reduce()
     model.train(was_training)
     seconds = (time.perf_counter() - start) / max(images, 1)
-    return EvalResult(matrix.compute(), matrix.matrix.cpu(), seconds, examples)
+    return EvalResult(matrix.compute(), matrix.matrix.cpu(), seconds, examples, skipped)

@@ -160,7 +160,7 @@ class Trainer:
         self.class_names = list(cfg.dataset.class_names)
         self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error)
         self.fingerprint = data_fingerprint(self.train_set.samples, cfg.dataset.root)
-        self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False)
+        self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False, on_error=cfg.data.on_error)
         self.settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
         self.model = self.build_model()
         self.step: TrainStep = build_train_step(cfg, self.model, self.ctx, len(self.class_names))
@@ -237,14 +237,18 @@ class Trainer:
         batches = []
         for _ in range(self.cfg.trainer.grad_accum_steps):
             batch = next(self.data)
-            for report in batch["skipped"]:
-                for problem in filter(None, report.split("\n")):
-                    self.state.skipped_samples += 1
-                    if problem not in self.problems:
-                        self.problems.add(problem)
-                        log.warning("data.on_error=skip: skipping a sample: %s", problem)
+            problems = [p for report in batch["skipped"] for p in report.split("\n") if p]
+            self.state.skipped_samples += len(problems)
+            self.report_problems(problems, "sample")
             batches.append((batch["image"], batch["mask"]))
         return batches
+
+    def report_problems(self, problems: list[str], what: str) -> None:
+        """Each distinct unusable-sample problem is logged once per run."""
+        for problem in problems:
+            if problem not in self.problems:
+                self.problems.add(problem)
+                log.warning("data.on_error=skip: skipping a %s: %s", what, problem)
 
     def train_step(self, iteration: int) -> StepResult:
         t = self.cfg.trainer
@@ -332,8 +336,10 @@ class Trainer:
                           self.cfg.dataset.ignore_index, self.settings, num_examples=num_images)
         self.set_train_mode()
         m = result.metrics
-        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f", iteration, m["miou"], m["pixel_acc"],
-                 m["mean_acc"])
+        self.report_problems(result.skipped, "validation sample")
+        left_out = f" ({len(result.skipped)} unusable samples left out: data.on_error=skip)" if result.skipped else ""
+        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s", iteration, m["miou"], m["pixel_acc"],
+                 m["mean_acc"], left_out)
         self.write_validation(iteration, m, result.examples)
         self.state.last_miou = m["miou"]
         if m["miou"] > self.state.best_miou:
