@@ -130,3 +130,18 @@ def test_resume_with_a_longer_schedule_follows_the_new_one(tmp_path, shapes_root
     result = train(compose_config("train", longer), tmp_path)
     lr0 = compose_config("train", longer).optimizer.lr
     assert [h["lr"] for h in result["history"]] == pytest.approx([poly_lr(lr0, i, 8) for i in range(4, 8)])
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"trainer.num_workers": -1}, "trainer.num_workers must be >= 0, got -1"),
+    ({"trainer.seed": -3}, "trainer.seed must be >= 0, got -3"),
+    ({"optimizer.lr": 0.0}, "optimizer.lr must be a finite number > 0, got 0.0"),
+    ({"optimizer.lr": "nan"}, "optimizer.lr must be a finite number > 0, got nan"),
+    ({"dataset.augment.crop_size": "[16,16]"}, "dataset.augment.crop_size=[16, 16] is smaller than the network's "
+                                               "output stride 32"),
+])
+def test_out_of_range_values_are_config_errors_naming_the_key(tmp_path, shapes_root, override, message):
+    extra = {"backbone.output_stride": 32} if "crop_size" in str(override) else {}
+    cfg = compose_config("train", tiny_overrides(shapes_root, **override, **extra))
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        train(cfg, tmp_path)

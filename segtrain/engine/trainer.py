@@ -106,6 +106,13 @@ def check_trainer_config(cfg: DictConfig) -> None:
     for key in ("interval", "image_interval"):
         if cfg.logging[key] < 1:
             raise ConfigError(f"logging.{key} must be >= 1, got {cfg.logging[key]}")
+    for key, value in (("trainer.num_workers", t.num_workers), ("eval.num_workers", cfg.eval.num_workers),
+                       ("trainer.seed", t.seed), ("trainer.max_skipped_steps", t.max_skipped_steps)):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    lr = cfg.optimizer.get("lr")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optimizer.lr must be a finite number > 0, got {lr!r}")
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -183,6 +190,11 @@ class Trainer:
     def build_model(self) -> nn.Module:
         t = self.cfg.trainer
         model = build_model(self.cfg.model, self.cfg.backbone, len(self.class_names))
+        crop = list(self.cfg.dataset.augment.crop_size)
+        stride = max(getattr(getattr(model, "backbone", None), "strides", [1]))
+        if min(crop) < stride:
+            raise ConfigError(f"dataset.augment.crop_size={crop} is smaller than the network's output stride "
+                              f"{stride}: choose a crop of at least {stride} pixels a side (the papers use 473-1024)")
         model = apply_sync_bn(model, t.sync_bn, self.ctx.world_size, self.device.type).to(self.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
