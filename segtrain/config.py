@@ -104,6 +104,9 @@ class DataConfig:
     on_error: OnError = OnError["raise"]
     # Split read by `segtrain data check` (null: the dataset's train and val splits).
     split: Any = None
+    # Images and masks above this many pixels are refused before decoding (decompression bombs);
+    # Cityscapes frames are 2 MP.
+    max_image_pixels: int = 100_000_000
 
 
 @dataclass

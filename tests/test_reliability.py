@@ -394,3 +394,47 @@ def test_validation_and_eval_honour_on_error_skip(tmp_path):
 
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert len(metrics["skipped_samples"]) == 1 and "11.png" in metrics["skipped_samples"][0]
+
+
+def _folder_cli(root: Path, tmp_path: Path, command: str, *extra: str) -> subprocess.CompletedProcess:
+    args = ["dataset=folder", f"dataset.root={root}", "dataset.source.split_dir=splits", "backbone=resnet18",
+            "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0",
+            "eval.num_workers=0", "trainer.max_iters=1", "trainer.val_interval=1", "logging.progress=false",
+            "trainer.device=cpu", *extra]
+    if command == "train":
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+    cmd = ["train"] if command == "train" else ["data", "check"]
+    return subprocess.run([sys.executable, "-m", "segtrain", *cmd, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_an_empty_split_is_an_error_for_data_check_and_training_alike(tmp_path):
+    root = folder_dataset(tmp_path / "data", 3)
+    (root / "splits" / "val.txt").write_text("\n\n")
+    for command in ("train", "check"):
+        result = _folder_cli(root, tmp_path, command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "split 'val' of dataset 'folder'" in result.stderr and "is empty" in result.stderr, result.stderr
+
+
+def test_oversized_images_are_refused_before_decoding(tmp_path):
+    root = folder_dataset(tmp_path / "data", 3)
+    result = _folder_cli(root, tmp_path, "check", "data.max_image_pixels=1000")
+    assert result.returncode == 1
+    assert "is 40x40 (0 MP), above data.max_image_pixels=1000: refused before decoding" in result.stdout
+
+
+def test_split_names_may_hold_spaces_and_symlink_loops_are_reported(tmp_path):
+    import shutil as sh
+
+    root = folder_dataset(tmp_path / "data", 3)
+    sh.move(root / "images" / "10.png", root / "images" / "ten a.png")
+    sh.move(root / "masks" / "10.png", root / "masks" / "ten a.png")
+    (root / "splits" / "val.txt").write_text("ten a\n11\n")
+    result = _folder_cli(root, tmp_path, "check", "data.split=val")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "usable samples: 2 of 2" in result.stdout
+    (root / "images" / "loop.png").symlink_to(root / "images" / "loop.png")
+    result = _folder_cli(root, tmp_path, "check", "data.split=val")
+    assert result.returncode == 2
+    assert f"{root / 'images' / 'loop.png'} cannot be read" in result.stderr.strip().splitlines()[-1]

@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from segtrain.data.dataset import check_pair, decode_image, read_decoded_mask
+from segtrain.data.loading import source_samples
 from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
-from segtrain.instantiate import instantiate_checked
 
 
 def prepare_main(args: list[str]) -> int:
@@ -66,20 +66,21 @@ class SplitReport:
 
 def check_split(cfg: DictConfig, split: str, progress: bool) -> SplitReport:
     report = SplitReport(split)
-    samples = instantiate_checked("dataset.source", cfg.dataset.source, root=cfg.dataset.root, split=split)
+    samples = source_samples(cfg.dataset, split)
+    limit = int(cfg.data.max_image_pixels)
     num_classes, ignore = len(cfg.dataset.class_names), cfg.dataset.ignore_index
     for image_path, mask_path, *decoder in tqdm(samples, desc=f"check {split}", unit="img",
                                                 disable=not progress_enabled(progress)):
         report.samples += 1
         image = mask = None
         try:
-            image, note = decode_image(Path(image_path))
+            image, note = decode_image(Path(image_path), limit)
             if note:
                 report.conversions[note] += 1
         except DataError as exc:
             report.problems.append((str(image_path), str(exc)))
         try:
-            mask = read_decoded_mask(Path(mask_path), decoder[0] if decoder else None)
+            mask = read_decoded_mask(Path(mask_path), decoder[0] if decoder else None, limit)
         except DataError as exc:
             report.problems.append((str(mask_path), f"{exc} (image {image_path})"))
         if image is None or mask is None:

@@ -134,7 +134,8 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     ckpt = Path(composed.ckpt)
     amp = amp_mode(cfg.trainer.amp)
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, on_error=cfg.data.on_error)
+    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, on_error=cfg.data.on_error,
+                            max_pixels=cfg.data.max_image_pixels)
     loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")
     palette = make_palette(cfg.dataset.palette, len(class_names))
     save = None

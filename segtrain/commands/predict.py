@@ -111,7 +111,7 @@ def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
     written, skipped = 0, []
     for path in files:
         try:
-            image, _ = decode_image(path)
+            image, _ = decode_image(path, int(cfg.data.max_image_pixels))
         except DataError as exc:
             log.warning("skipping %s: %s", path, exc)
             skipped.append((path, str(exc)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,7 +68,32 @@ class ColorDecoder:
         return self.values[position]
 
 
-def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
+# data.max_image_pixels: Cityscapes frames are 2 MP; far larger files are refused before decoding.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def check_pixel_count(width: int, height: int, path: Path, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DataError(f"{path} is {width}x{height} ({width * height / 1e6:.0f} MP), above data.max_image_pixels="
+                        f"{max_pixels}: refused before decoding (a decompression bomb, or resize it first)")
+
+
+def _check_header_size(data: bytes, path: Path, max_pixels: int) -> None:
+    """Image size from the header alone (PIL reads no pixels at open)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        raise DataError(f"{path} is far above data.max_image_pixels={max_pixels}: refused before decoding "
+                        "(a decompression bomb, or resize it first)") from None
+    except Exception:  # noqa: BLE001 - a format PIL does not know: OpenCV decides below
+        return
+    check_pixel_count(width, height, path, max_pixels)
+
+
+def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """(RGB uint8 HxWx3, what was converted: None, "grayscale", "rgba" or "16-bit").
 
     Pixels are used as stored: EXIF orientation is ignored, for images as for masks, so an image
@@ -82,6 +109,7 @@ def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
         _check_jpeg_complete(path)  # rare: data after the image (motion photos), or truncation
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
         raise DataError(f"image {path} is a truncated PNG (no IEND chunk)")
+    _check_header_size(data, path, max_pixels)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:
@@ -109,17 +137,27 @@ def _check_jpeg_complete(path: Path) -> None:
         raise DataError(f"image {path} is a truncated or corrupt JPEG ({exc})") from None
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """RGB uint8 HxWx3; grayscale, RGBA and 16-bit images are converted."""
-    return decode_image(path)[0]
+    return decode_image(path, max_pixels)[0]
 
 
-def read_mask(path: Path, rgb: bool = False) -> np.ndarray:
+def read_mask(path: Path, rgb: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """HxW uint8 read as palette indices (never through an RGB conversion); HxWx3 when `rgb`."""
     if not Path(path).is_file():
         raise DataError(f"mask {path} is missing")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise DataError(f"mask {path} is far above data.max_image_pixels={max_pixels}: refused before decoding") \
+            from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+        raise DataError(f"cannot read mask {path}: {exc}") from None
+    try:
+        with img:
+            check_pixel_count(*img.size, path, max_pixels)
             if rgb:
                 return np.array(img.convert("RGB"), dtype=np.uint8)
             if img.mode not in ("P", "L"):
@@ -151,10 +189,10 @@ def check_pair(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path:
         )
 
 
-def read_decoded_mask(mask_path: Path, decoder: object | None) -> np.ndarray:
+def read_decoded_mask(mask_path: Path, decoder: object | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if decoder is None:
-        return read_mask(mask_path)
-    return decoder(read_mask(mask_path, rgb=decoder.reads_rgb), mask_path)
+        return read_mask(mask_path, max_pixels=max_pixels)
+    return decoder(read_mask(mask_path, rgb=decoder.reads_rgb, max_pixels=max_pixels), mask_path)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -172,6 +210,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         ignore_index: int = 255,
         on_error: str = "raise",
         replace_unusable: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -183,14 +222,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
         # Training replaces an unusable sample by the next usable one (the batch stays full);
         # evaluation drops it (`image` None), so no image is scored twice.
         self.replace_unusable = replace_unusable
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path, *decoder = self.samples[index]
-        image = read_image(image_path)
-        mask = read_decoded_mask(mask_path, decoder[0] if decoder else None)
+        image = read_image(image_path, self.max_pixels)
+        mask = read_decoded_mask(mask_path, decoder[0] if decoder else None, self.max_pixels)
         check_pair(image, mask, image_path, mask_path, self.num_classes, self.ignore_index)
         return image, mask
 
@@ -223,7 +263,7 @@ def index_seed(index: int) -> int:
 def read_split_file(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"split file {path} not found")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]  # spaces allowed in names
 
 
 def voc_layout_samples(

@@ -7,6 +7,7 @@ stems, or from a seeded random split into `train` and `val`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,28 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"cannot list {folder}: {exc.strerror or exc}") from None
+
+
 def _by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
+    """Files by stem. An entry named like an image that is not a readable file (a broken symlink, a
+    symlink loop, no read permission) is an error naming it, never silently left out."""
     files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in extensions:
+    for path in _entries(folder):
+        if path.suffix.lower() not in extensions:
+            continue
+        try:
+            path.stat()
+        except OSError as exc:
+            raise DataError(f"{path} cannot be read ({exc.strerror or exc}: a broken symlink or a symlink loop?); "
+                            "fix or remove it") from None
+        if not os.access(path, os.R_OK):
+            raise DataError(f"{path} is not readable (permissions); fix or remove it")
+        if path.is_file():
             if path.stem in files:
                 raise DataError(f"two files share the stem '{path.stem}' in {folder}: {files[path.stem].name}, "
                                 f"{path.name}; stems must be unique")

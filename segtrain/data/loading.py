@@ -12,18 +12,26 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from segtrain.config import DatasetConfig
-from segtrain.data.dataset import SegmentationDataset
+from segtrain.data.dataset import DEFAULT_MAX_PIXELS, SegmentationDataset
 from segtrain.data.transforms import eval_transform, train_transform
 from segtrain.errors import DataError
 from segtrain.instantiate import instantiate_checked
 
 
-def build_dataset(
-    cfg: DatasetConfig | DictConfig, split: str, train: bool, on_error: str = "raise"
-) -> SegmentationDataset:
+def source_samples(cfg: DatasetConfig | DictConfig, split: str) -> list:
+    """The (image, mask) pairs of a split; an empty split is an error, for training and `data check` alike."""
     samples = instantiate_checked("dataset.source", cfg.source, root=cfg.root, split=split)
     if not samples:
-        raise DataError(f"split '{split}' of dataset '{cfg.name}' at {cfg.root} is empty")
+        raise DataError(f"split '{split}' of dataset '{cfg.name}' at {cfg.root} is empty: its split file or folder "
+                        "lists no images")
+    return samples
+
+
+def build_dataset(
+    cfg: DatasetConfig | DictConfig, split: str, train: bool, on_error: str = "raise",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> SegmentationDataset:
+    samples = source_samples(cfg, split)
     if on_error == "raise":
         # Seconds now rather than a crash hours into training.
         missing = [str(s[1]) for s in samples if not Path(s[1]).is_file()]
@@ -37,7 +45,7 @@ def build_dataset(
     else:
         transform = eval_transform(mean, std)
     return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index, on_error,
-                               replace_unusable=train)
+                               replace_unusable=train, max_pixels=max_pixels)
 
 
 def sample_seed(seed: int, position: int) -> int:

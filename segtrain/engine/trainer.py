@@ -165,9 +165,11 @@ class Trainer:
             self.lock.acquire()
         seed_everything(t.seed, t.deterministic)
         self.class_names = list(cfg.dataset.class_names)
-        self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error)
+        self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error,
+                                       max_pixels=cfg.data.max_image_pixels)
         self.fingerprint = data_fingerprint(self.train_set.samples, cfg.dataset.root)
-        self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False, on_error=cfg.data.on_error)
+        self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False, on_error=cfg.data.on_error,
+                                     max_pixels=cfg.data.max_image_pixels)
         self.settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
         self.model = self.build_model()
         self.step: TrainStep = build_train_step(cfg, self.model, self.ctx, len(self.class_names))
