@@ -244,7 +244,7 @@ def test_training_skips_bad_samples_when_asked(tmp_path, shapes_root):
     (root / "masks" / "img3.png").write_bytes((root / "masks" / "img5.png").read_bytes())
     common = tiny_overrides(shapes_root, **{"trainer.max_iters": 2, "trainer.val_interval": 2})[1:]
     folder = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b,c]",
-              "dataset.augment.crop_size=[8,8]", "dataset.source.split_dir=splits"]
+              "dataset.augment.crop_size=[16,16]", "dataset.source.split_dir=splits"]
     (root / "splits").mkdir()
     (root / "splits" / "train.txt").write_text("img0\nimg1\nimg2\nimg3\nimg4\nimg5\n")
     (root / "splits" / "val.txt").write_text("img5\n")
