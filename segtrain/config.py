@@ -42,8 +42,9 @@ EvalMode = _choice("EvalMode", ["whole", "slide"])
 OnError = _choice("OnError", ["raise", "skip"])
 PadWith = _choice("PadWith", ["mean", "zero"])
 
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 SYNC_BN_MODES = ("auto", "true", "false")
+CHANNELS_LAST_MODES = ("auto", "true", "false")
 
 
 @dataclass
@@ -55,7 +56,8 @@ class TrainerConfig:
     val_interval: int = 2000
     ckpt_interval: int = 1000
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by check_options)
-    amp: str = "off"  # off | bf16 | fp16 (checked by check_options: YAML reads a bare `off` as false)
+    # auto: bf16 on CUDA devices that support it, fp16 (+ GradScaler) on older ones, off on CPU.
+    amp: str = "auto"  # auto | off | bf16 | fp16 (checked by check_options: YAML reads a bare `off` as false)
     num_workers: int = 4
     seed: int = 0
     deterministic: bool = False
@@ -65,7 +67,7 @@ class TrainerConfig:
     sync_bn: str = "auto"  # auto | true | false (checked by check_options)
     # Keep BatchNorm layers in eval mode (running statistics frozen), e.g. for tiny batches.
     freeze_bn: bool = False
-    channels_last: bool = False
+    channels_last: str = "auto"  # auto (on for CUDA) | true | false
     compile: bool = False
     # Non-finite loss: stop (name the iteration and the last good checkpoint) or skip the step.
     nan_policy: NanPolicy = NanPolicy.stop  # type: ignore[attr-defined]
@@ -247,6 +249,14 @@ def sync_bn_mode(value: Any) -> str:
     return mode
 
 
+def channels_last_mode(value: Any) -> str:
+    """trainer.channels_last as one of CHANNELS_LAST_MODES."""
+    mode = _normalised(value)
+    if mode not in CHANNELS_LAST_MODES:
+        raise ConfigError(f"trainer.channels_last must be one of {', '.join(CHANNELS_LAST_MODES)}, got {value!r}")
+    return mode
+
+
 def check_options(cfg: DictConfig) -> None:
     """Options with a fixed set of values that the schema cannot type; one line naming the key."""
     trainer = cfg.get("trainer")
@@ -254,6 +264,7 @@ def check_options(cfg: DictConfig) -> None:
         return
     amp_mode(trainer.amp)
     sync_bn_mode(trainer.sync_bn)
+    channels_last_mode(trainer.channels_last)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(trainer.device)):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {trainer.device!r}")
 

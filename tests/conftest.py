@@ -1,10 +1,12 @@
-"""Shared helpers: composing configs the way the CLI does, and a tiny shapes dataset."""
+"""Shared helpers: composing configs the way the CLI does, a tiny shapes dataset, the CPU pin for
+tests and the `cuda` marker (run where CUDA is available, skipped elsewhere)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -35,6 +37,7 @@ def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
         "trainer.ckpt_interval": 3,
         "trainer.num_workers": 0,
         "trainer.deterministic": "true",
+        "trainer.device": "cpu",  # CPU tests stay on the CPU on a GPU machine too (bit-exact comparisons)
         "eval.num_workers": 0,
         "logging.progress": "false",
         "logging.interval": 1,
@@ -42,6 +45,29 @@ def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
     }
     values.update(extra)
     return ["experiment=quickstart", *(f"{k}={v}" for k, v in values.items())]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_globals():
+    """Process-wide torch settings a test (or a training run inside it) may change."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    hub_dir, threads = torch.hub.get_dir(), torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+    torch.hub.set_dir(hub_dir)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -121,7 +121,9 @@ def test_built_wheel_finds_its_configs(tmp_path):
     import zipfile
 
     root = Path(__file__).resolve().parent.parent
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(root), "-w",
+    # --no-build-isolation: build with this environment's setuptools, no network needed
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(root),
+                            "-w",
                             str(tmp_path / "dist")], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("segtrain-*.whl")
@@ -171,7 +173,8 @@ def test_info_prints_parameters_and_gflops(tmp_path):
 @pytest.mark.slow
 def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     result = segtrain("bench", "experiment=quickstart", "bench.batch_size=2", "bench.crop_size=[64,64]",
-                      "bench.steps=2", "bench.warmup=1", "bench.data_samples=16", f"hydra.run.dir={tmp_path / 'b'}",
+                      "bench.steps=2", "bench.warmup=1", "bench.data_samples=16", "trainer.device=cpu",
+                      f"hydra.run.dir={tmp_path / 'b'}",
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "b" / "bench.json").read_text())

@@ -85,3 +85,19 @@ def test_unknown_key_is_rejected_by_the_schema():
 def test_configs_ship_with_the_package():
     assert (config_dir() / "train.yaml").is_file() and (config_dir() / "eval.yaml").is_file()
     assert Path(config_dir()).name == "conf"
+
+
+def test_speed_defaults_resolve_per_device_and_explicit_values_win(tmp_path, shapes_root, caplog):
+    from conftest import tiny_overrides
+    from segtrain.engine.runtime import resolve_amp, resolve_channels_last
+    from segtrain.engine.trainer import train
+
+    cpu = torch.device("cpu")
+    assert compose_config("train", []).trainer.amp == "auto"
+    assert resolve_amp("auto", cpu) == "off" and resolve_channels_last("auto", cpu) is False
+    assert resolve_amp("bf16", cpu) == "bf16" and resolve_channels_last(True, cpu) is True
+    assert resolve_amp(False, cpu) == "off" and resolve_channels_last("false", cpu) is False
+    with caplog.at_level("INFO"):
+        train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 1,
+                                                                     "trainer.val_interval": 1})), tmp_path)
+    assert "device cpu, amp off, channels_last False, compile False" in caplog.text

@@ -23,13 +23,13 @@ from PIL import Image
 from torch import nn
 
 from segtrain.commands.info import model_complexity
-from segtrain.config import AugmentConfig, amp_mode, check_options
+from segtrain.config import AugmentConfig, check_options
 from segtrain.data.dataset import SegmentationDataset
 from segtrain.data.loading import train_loader
 from segtrain.data.transforms import train_transform
 from segtrain.engine.distributed import DistContext
 from segtrain.engine.evaluate import autocast
-from segtrain.engine.runtime import resolve_device
+from segtrain.engine.runtime import resolve_amp, resolve_channels_last, resolve_device
 from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
@@ -103,7 +103,7 @@ def bench_train_step(cfg: DictConfig, device: torch.device) -> BenchSetup:
     num_classes = len(cfg.dataset.class_names)
     backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "weights": None})
     model = build_model(cfg.model, backbone_cfg, num_classes).to(device)
-    if cfg.trainer.channels_last:
+    if resolve_channels_last(cfg.trainer.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     step = build_train_step(cfg, model, DistContext(0, 1, 0, device), num_classes)
     images = torch.randn(b.batch_size, 3, *crop, device=device).contiguous(memory_format=step.memory_format)
@@ -129,7 +129,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     check_options(cfg)
     crop = [int(v) for v in b.crop_size]
     device = resolve_device(t.device)
-    amp = amp_mode(t.amp)
+    amp = resolve_amp(t.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
@@ -158,7 +158,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         "batch_size": b.batch_size,
         "crop_size": crop,
         "amp": amp,
-        "channels_last": bool(t.channels_last),
+        "channels_last": setup.step.memory_format == torch.channels_last,
         "compile": bool(t.compile),
         "train_images_per_s": train_rate,
         "inference_images_per_s": infer_rate,
@@ -179,7 +179,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     rows = [
         ("device", f"{result['device']} ({result['threads']} threads)" if device.type == "cpu" else result["device"]),
         ("model", f"{result['model']} + {result['backbone']}, batch {b.batch_size} x 3 x {crop[0]} x {crop[1]}"),
-        ("amp / channels_last / compile", f"{amp} / {t.channels_last} / {t.compile}"),
+        ("amp / channels_last / compile", f"{amp} / {result['channels_last']} / {t.compile}"),
         ("train images/s", f"{train_rate:.2f}"),
         ("inference images/s", f"{infer_rate:.2f}"),
         ("peak memory", f"{memory:.0f} MB ({memory_kind})"),

@@ -13,14 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from segtrain.config import CommonConfig, amp_mode
+from segtrain.config import CommonConfig
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.report import format_table, write_metrics
 from segtrain.engine.resume import stored_config
-from segtrain.engine.runtime import resolve_device
+from segtrain.engine.runtime import resolve_amp, resolve_device
 from segtrain.errors import ConfigError
 from segtrain.instantiate import check_stored_targets
 from segtrain.models import build_model
@@ -132,7 +132,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     loaded = load_for_inference(composed, overrides)
     cfg, class_names, state = loaded.cfg, loaded.class_names, loaded.state
     ckpt = Path(composed.ckpt)
-    amp = amp_mode(cfg.trainer.amp)
+    amp = resolve_amp(cfg.trainer.amp, loaded.device)
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, on_error=cfg.data.on_error,
                             max_pixels=cfg.data.max_image_pixels)

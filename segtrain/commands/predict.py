@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain.commands.evaluate import load_for_inference
-from segtrain.config import amp_mode
 from segtrain.data.dataset import decode_image
 from segtrain.engine.evaluate import autocast
 from segtrain.engine.inference import InferenceSettings, infer
+from segtrain.engine.runtime import cudnn_autotuning, resolve_amp
 from segtrain.errors import ConfigError, DataError
 from segtrain.visualize import colorize, make_palette, overlay
 
@@ -104,7 +104,7 @@ def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
     loaded = load_for_inference(composed, overrides)
     cfg = loaded.cfg
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    amp = amp_mode(cfg.trainer.amp)
+    amp = resolve_amp(cfg.trainer.amp, loaded.device)
     palette = make_palette(cfg.dataset.palette, len(loaded.class_names))
     flat_palette = palette.flatten().tolist()
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
             skipped.append((path, str(exc)))
             continue
         tensor = normalise(image, list(cfg.dataset.mean), list(cfg.dataset.std))[None].to(loaded.device)
-        with autocast(loaded.device, amp):
+        with autocast(loaded.device, amp), cudnn_autotuning(False):  # images of varying size
             prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
         index_png = Image.fromarray(prediction, mode="P")
         index_png.putpalette(flat_palette)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,8 @@ from segtrain.data.dataset import DEFAULT_MAX_PIXELS, SegmentationDataset
 from segtrain.data.transforms import eval_transform, train_transform
 from segtrain.errors import DataError
 from segtrain.instantiate import instantiate_checked
+
+log = logging.getLogger("segtrain.data")
 
 
 def source_samples(cfg: DatasetConfig | DictConfig, split: str) -> list:
@@ -90,19 +94,29 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def worker_count(requested: int, key: str) -> int:
+    """Loader workers, never more than the CPUs this process may use (more only add contention)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > available:
+        log.info("%s=%d but %d CPUs are available: using %d workers", key, requested, available, available)
+        return available
+    return requested
+
+
 def train_loader(
     dataset: SegmentationDataset, batch_size: int, num_workers: int, seed: int, start_sample: int,
     pin_memory: bool, rank: int = 0, world_size: int = 1,
 ) -> DataLoader:
     """`batch_size` per process; `start_sample` is the global stream position (iteration x global batch)."""
     generator = torch.Generator().manual_seed(seed)
+    workers = worker_count(num_workers, "trainer.num_workers")
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=TrainStream(len(dataset), seed, start=start_sample, rank=rank, world_size=world_size),
-        num_workers=num_workers,
+        num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=workers > 0,
         worker_init_fn=_seed_worker,
         generator=generator,
         drop_last=True,
@@ -132,12 +146,15 @@ def eval_loader(dataset: SegmentationDataset, batch_size: int, num_workers: int,
     sampler = None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         sampler = ShardSampler(len(dataset), torch.distributed.get_rank(), torch.distributed.get_world_size())
+    workers = worker_count(num_workers, "eval.num_workers")
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=workers,
+        # Validation runs every trainer.val_interval: keep its workers instead of starting them each time.
+        persistent_workers=workers > 0,
         worker_init_fn=_seed_worker,
         pin_memory=pin_memory,
         collate_fn=list_collate,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segtrain.engine.inference import InferenceSettings, infer
-from segtrain.engine.runtime import progress_enabled
+from segtrain.engine.runtime import cudnn_autotuning, progress_enabled
 from segtrain.metrics import ConfusionMatrix
 
 
@@ -48,6 +48,7 @@ def _batches_by_size(samples: list[dict]) -> list[list[dict]]:
 
 
 @torch.no_grad()
+@cudnn_autotuning(False)  # images keep their own sizes: autotuning would tune every new one (restored after)
 def evaluate(
     model: nn.Module,
     loader: DataLoader,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from segtrain.config import amp_mode, channels_last_mode
 from segtrain.errors import ConfigError
 
 
@@ -25,6 +28,35 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
     raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+
+
+def resolve_amp(requested: object, device: torch.device) -> str:
+    """trainer.amp for `device`: auto is bf16 on CUDA devices that support it (Ampere and newer), fp16
+    with a GradScaler on older CUDA devices, and off on CPU; an explicit value is taken as given."""
+    amp = amp_mode(requested)
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_channels_last(requested: object, device: torch.device) -> bool:
+    """trainer.channels_last for `device`: auto is on for CUDA (tensor cores want NHWC), off on CPU."""
+    mode = channels_last_mode(requested)
+    return device.type == "cuda" if mode == "auto" else mode == "true"
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool) -> Iterator[None]:
+    """cuDNN autotuning pays off only for fixed shapes (training crops); for images of varying size
+    (validation, eval, predict) every new size would be tuned again. Restored on exit."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

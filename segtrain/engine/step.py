@@ -21,11 +21,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from segtrain.config import amp_mode, command_line_keys
+from segtrain.config import command_line_keys
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.evaluate import autocast
 from segtrain.engine.losses import SegmentationLoss
 from segtrain.engine.optim import build_optimizer
+from segtrain.engine.runtime import resolve_amp, resolve_channels_last
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
 
@@ -186,5 +187,6 @@ def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, num_cl
     check_aux_weight(model, command_line_keys())
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
-    return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, amp=amp_mode(t.amp),
-                     nan_policy=str(t.nan_policy), channels_last=bool(t.channels_last), compile=bool(t.compile))
+    return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, amp=resolve_amp(t.amp, ctx.device),
+                     nan_policy=str(t.nan_policy), channels_last=resolve_channels_last(t.channels_last, ctx.device),
+                     compile=bool(t.compile))

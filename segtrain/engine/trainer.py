@@ -56,7 +56,7 @@ from segtrain.engine.lock import RunLock
 from segtrain.engine.optim import load_optimizer_state
 from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.resume import check_same_data, check_same_network, data_fingerprint, log_changes, stored_config
-from segtrain.engine.runtime import progress_enabled, seed_everything
+from segtrain.engine.runtime import progress_enabled, resolve_channels_last, seed_everything
 from segtrain.engine.step import Batch, StepResult, TrainStep, build_train_step
 from segtrain.errors import ConfigError, Preempted, TrainingStopped, WeightsError
 from segtrain.models import build_model
@@ -198,7 +198,7 @@ class Trainer:
             raise ConfigError(f"dataset.augment.crop_size={crop} is smaller than the network's output stride "
                               f"{stride}: choose a crop of at least {stride} pixels a side (the papers use 473-1024)")
         model = apply_sync_bn(model, t.sync_bn, self.ctx.world_size, self.device.type).to(self.device)
-        if t.channels_last:
+        if resolve_channels_last(t.channels_last, self.device):
             model = model.to(memory_format=torch.channels_last)
         return model
 
@@ -432,11 +432,12 @@ class Trainer:
         model = self.model
         log.info(
             "model %s + %s: %.2fM parameters; loss %s; %d train / %d val images; effective (global) batch %d = %d "
-            "per pass x accumulation %d x world size %d; device %s, amp %s%s",
+            "per pass x accumulation %d x world size %d; device %s, amp %s, channels_last %s, compile %s%s",
             cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_),
             sum(p.numel() for p in model.parameters()) / 1e6, type(self.step.loss).__name__, len(self.train_set),
             len(self.val_set), t.batch_size, self.micro_batch, t.grad_accum_steps, self.ctx.world_size, self.device,
-            self.step.amp, ", SyncBatchNorm" if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else "",
+            self.step.amp, self.step.memory_format == torch.channels_last, bool(t.compile),
+            ", SyncBatchNorm" if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else "",
         )
 
     def run_iteration(self, iteration: int) -> None:
