@@ -29,6 +29,21 @@ def evaluate_shard(rank: int, world_size: int, init_file: str, model_path: str, 
         dist.destroy_process_group()
 
 
+def train_two_ranks(tmp_path, overrides: list[str]) -> tuple[dict, dict]:
+    """The same run in one process and in two gloo processes: (one-process result, rank 0's record)."""
+    import torch.multiprocessing as mp
+
+    from conftest import compose_config
+    from segtrain.engine.trainer import train
+
+    single = train(compose_config("train", overrides), tmp_path / "single")
+    run_dir = tmp_path / "ddp" / "run"
+    run_dir.parent.mkdir()
+    mp.spawn(train_rank, args=(2, str(tmp_path / "init"), overrides, str(run_dir), str(tmp_path / "ddp.pt")),
+             nprocs=2, join=True)
+    return single, torch.load(tmp_path / "ddp.pt", weights_only=True)
+
+
 def train_rank(rank: int, world_size: int, init_file: str, overrides: list[str], run_dir: str, out_path: str) -> None:
     """One rank of a gloo training run; records whether the weights agree across ranks after every step."""
     import sys

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from dist_helpers import train_rank
+from dist_helpers import train_two_ranks
 from torch import nn
 
 from conftest import compose_config, tiny_overrides
@@ -54,12 +53,8 @@ def test_two_process_training_matches_one_process(tmp_path, shapes_root):
     overrides = tiny_overrides(shapes_root, **{
         "trainer.max_iters": 4, "trainer.val_interval": 2, "trainer.ckpt_interval": 2,
         "model.dropout": 0.0, "trainer.freeze_bn": "true", "trainer.batch_size": 4})
-    single = train(compose_config("train", overrides), tmp_path / "single")
+    single, result = train_two_ranks(tmp_path, overrides)
     run_dir = tmp_path / "ddp" / "run"
-    run_dir.parent.mkdir()
-    mp.spawn(train_rank, args=(2, str(tmp_path / "init"), overrides, str(run_dir), str(tmp_path / "ddp.pt")),
-             nprocs=2, join=True)
-    result = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert result["agreed"] == [True] * 4  # identical weights on both ranks after every step
     for (name, a), b in zip(single["model"].state_dict().items(), result["state"].values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name

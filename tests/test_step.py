@@ -5,8 +5,7 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from dist_helpers import train_rank
+from dist_helpers import train_two_ranks
 from torch import nn
 
 from conftest import compose_config, tiny_overrides
@@ -101,12 +100,7 @@ def test_pspnet_aux_weight_comes_from_the_loss(tmp_path, shapes_root):
 def test_ddp_with_an_unweighted_auxiliary_head(tmp_path, shapes_root):
     """aux_weight 0: the declared aux head gets no gradient, and DDP is told so by the declaration."""
     overrides = _pspnet(shapes_root, **{"loss.aux_weight": 0.0})
-    single = train(compose_config("train", overrides), tmp_path / "single")
-    run_dir = tmp_path / "ddp" / "run"
-    run_dir.parent.mkdir()
-    mp.spawn(train_rank, args=(2, str(tmp_path / "init"), overrides, str(run_dir), str(tmp_path / "ddp.pt")),
-             nprocs=2, join=True)
-    result = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    single, result = train_two_ranks(tmp_path, overrides)
     assert result["agreed"] == [True, True]
     for (name, a), b in zip(single["model"].state_dict().items(), result["state"].values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
