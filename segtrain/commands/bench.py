@@ -3,6 +3,21 @@
 Measured after warm-up on the chosen device (`trainer.device`) with the trainer's speed options
 (`trainer.amp`, `trainer.channels_last`, `trainer.compile`). On CUDA the achieved TFLOP/s is
 compared with a large matrix product timed in the same run (the device's practical peak).
+
+Start-up and compile time. Every warm-up step is timed on its own (synchronised); the first step is
+always a warm-up step, so `bench.warmup=0` runs one untimed step too. "Start-up" is the warm-up's wall
+time minus as many steady-state steps: what the first calls cost beyond a normal step. torch.compile
+compiles lazily at the first call, and again at each recompilation, so with `trainer.compile=true` this
+difference holds the compile time, recompilations during the warm-up included; the inference pass
+(eval mode, no autograd) compiles a graph of its own, measured the same way. `compile_seconds` is the
+sum of both start-ups with `trainer.compile=true` (null without): an upper bound, since it also holds
+the first-call costs an eager run has (cuDNN autotuning, allocator growth, lazy CUDA set-up); those are
+the start-up figures of the same bench with `trainer.compile=false`. The wall time of the first
+training step is reported too (`first_step_seconds`).
+
+Memory: on CUDA the peak of allocated tensors (torch.cuda.max_memory_allocated) and of what the
+caching allocator reserved from the driver (max_memory_reserved, what the GPU must hold: it also counts
+fragmentation and freed blocks kept for reuse); on CPU the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -82,6 +97,13 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, 
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+def cuda_memory_mb(device: torch.device) -> tuple[float | None, float | None]:
+    """(max allocated, max reserved) MB since the last reset of the peak statistics; (None, None) off CUDA."""
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated(device) / 2**20, torch.cuda.max_memory_reserved(device) / 2**20
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
@@ -111,15 +133,27 @@ def bench_train_step(cfg: DictConfig, device: torch.device) -> BenchSetup:
     return BenchSetup(model, step, images, masks)
 
 
-def _timed(step: Callable[[int], object], warmup: int, count: int, batch_size: int, device: torch.device) -> float:
-    for n in range(warmup):
+@dataclass
+class Timing:
+    images_per_s: float
+    first_step_s: float  # wall time of the first call (compilation, autotuning, allocations)
+    startup_s: float  # warm-up wall time beyond as many steady-state steps
+
+
+def _timed(step: Callable[[int], object], warmup: int, count: int, batch_size: int, device: torch.device) -> Timing:
+    warm_times = []
+    for n in range(max(warmup, 1)):  # the first call is never steady state: always a warm-up step
+        _sync(device)
+        start = time.perf_counter()
         step(n + 1)
-    _sync(device)
+        _sync(device)
+        warm_times.append(time.perf_counter() - start)
     start = time.perf_counter()
     for n in range(count):
-        step(warmup + n + 1)
+        step(len(warm_times) + n + 1)
     _sync(device)
-    return batch_size * count / (time.perf_counter() - start)
+    steady = (time.perf_counter() - start) / count
+    return Timing(batch_size / steady, warm_times[0], max(0.0, sum(warm_times) - len(warm_times) * steady))
 
 
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
@@ -136,16 +170,20 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     setup = bench_train_step(cfg, device)
     batches = [(setup.images, setup.masks)]
     setup.model.train()
-    train_rate = _timed(lambda it: setup.step(it, batches), b.warmup, b.steps, b.batch_size, device)
+    train = _timed(lambda it: setup.step(it, batches), b.warmup, b.steps, b.batch_size, device)
+    train_rate = train.images_per_s
 
     def infer_step(_: int) -> None:
         with torch.no_grad(), autocast(device, amp):
             setup.step.forward(setup.images)
 
     setup.model.eval()
-    infer_rate = _timed(infer_step, b.warmup, b.steps, b.batch_size, device)
+    inference = _timed(infer_step, b.warmup, b.steps, b.batch_size, device)
+    infer_rate = inference.images_per_s
+    compile_seconds = train.startup_s + inference.startup_s if t.compile else None
     num_classes = len(cfg.dataset.class_names)
     memory, memory_kind = peak_memory_mb(device)
+    allocated, reserved = cuda_memory_mb(device)
     complexity = model_complexity(cfg.model, cfg.backbone, num_classes, tuple(crop))
     with tempfile.TemporaryDirectory() as tmp:
         samples = synthetic_voc_images(Path(tmp), 32)
@@ -164,6 +202,12 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         "inference_images_per_s": infer_rate,
         "peak_memory_mb": memory,
         "peak_memory_kind": memory_kind,
+        "max_memory_allocated_mb": allocated,
+        "max_memory_reserved_mb": reserved,
+        "first_step_seconds": train.first_step_s,
+        "train_startup_seconds": train.startup_s,
+        "inference_startup_seconds": inference.startup_s,
+        "compile_seconds": compile_seconds,
         "data_samples_per_s_per_worker": data_rate,
         "gflops_per_image": complexity["gflops"],
         "params_m": complexity["params"] / 1e6,
@@ -182,7 +226,12 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         ("amp / channels_last / compile", f"{amp} / {result['channels_last']} / {t.compile}"),
         ("train images/s", f"{train_rate:.2f}"),
         ("inference images/s", f"{infer_rate:.2f}"),
-        ("peak memory", f"{memory:.0f} MB ({memory_kind})"),
+        ("peak memory", f"{memory:.0f} MB ({memory_kind})" if reserved is None else
+         f"{allocated:.0f} MB allocated, {reserved:.0f} MB reserved (CUDA max)"),
+        ("first training step", f"{train.first_step_s:.2f} s"),
+        ("start-up (warm-up - steady)", f"train {train.startup_s:.2f} s, inference {inference.startup_s:.2f} s"),
+        ("compile time", f"{compile_seconds:.2f} s (train + inference start-up)" if compile_seconds is not None
+         else "- (trainer.compile=false)"),
         ("data pipeline", f"{data_rate:.1f} samples/s per worker (500x375 JPEG -> {crop[0]}x{crop[1]} crop)"),
         ("GFLOPs per image", f"{complexity['gflops']:.2f} (forward; 1 multiply-add = 2 FLOPs)"),
         ("achieved", f"{achieved:.3f} TFLOP/s in training"
