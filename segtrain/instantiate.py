@@ -28,39 +28,63 @@ def _resolve_target(section: str, node: dict[str, Any]) -> Any:
 
 
 def instantiate_checked(
-    section: str, node: DictConfig | dict, drop: tuple[str, ...] = (), **extra: Any
+    section: str, node: DictConfig | dict, drop: tuple[str, ...] = (), partial: bool = False,
+    supplied: tuple[str, ...] = (), **extra: Any
 ) -> Any:
     """Call node._target_ with the node's keys (minus `drop`, plus `extra`); unknown keys raise.
 
-    With `_partial_: true` in the node, return the call with the node's keys bound instead
-    (functools.partial), for the caller to complete: optimizers and schedules.
+    `partial=True` (optimizers, schedules): the node must say `_partial_: true`, and the call with
+    the node's keys bound is returned (functools.partial) for the caller to complete with the
+    arguments named in `supplied`. Keys the caller supplies (`extra`, `supplied`) may not be set in
+    the config. A constructor's own refusal of a value (TypeError, ValueError) is a ConfigError.
     """
     if node is None:
         raise ConfigError(f"{section} is missing: choose one of the conf/{section}/ options ({section}=NAME)")
     kwargs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     cls = _resolve_target(section, kwargs)
     kwargs.pop("_target_")
-    partial = bool(kwargs.pop("_partial_", False))
+    if bool(kwargs.pop("_partial_", False)) != partial:
+        raise ConfigError(f"{section}._partial_ must be {str(partial).lower()}: segtrain "
+                          + ("completes the call itself" if partial else "builds this section in one call"))
     for key in drop:
         kwargs.pop(key, None)
+    given_by_segtrain = set(extra) | set(supplied)
+    for key in sorted(given_by_segtrain & set(kwargs)):
+        raise ConfigError(f"{section}.{key} is set by segtrain itself; remove it from the config")
     params = inspect.signature(cls).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            allowed = sorted(k for k in params if k not in extra and k != "self")
+            allowed = sorted(k for k in params if k not in given_by_segtrain and k != "self")
             raise ConfigError(
                 f"unknown key {section}.{unknown[0]} for {cls.__name__}; allowed keys: {allowed}"
             )
     if partial:
-        return functools.partial(cls, **kwargs, **extra)
-    return cls(**kwargs, **extra)
+        return checked_call(section, functools.partial(cls, **kwargs, **extra))
+    return checked_call(section, cls)(**kwargs, **extra)
 
 
-# Where `_target_`s of a checkpoint's stored config may point: segtrain's own models, backbones,
-# dataset sources and losses. A checkpoint is untrusted data; its config must not name code.
-TRUSTED_TARGET_PREFIXES = ("segtrain.models.", "segtrain.data.", "segtrain.engine.losses.")
+def checked_call(section: str, function: Any) -> Any:
+    """`function`, with the TypeError / ValueError a constructor raises for a bad value turned into a
+    one-line ConfigError naming the section (segtrain's own ConfigErrors pass through)."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (TypeError, ValueError, IndexError) as exc:
+            name = getattr(function, "__name__", None) or getattr(getattr(function, "func", None), "__name__", "")
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{section}: {name} refused the configured values: {first}") from None
+
+    return call
+
+
+# Where `_target_`s of a checkpoint's stored config may point: segtrain's own models, backbones
+# and dataset sources. A checkpoint is untrusted data; its config must not name code.
+TRUSTED_TARGET_PREFIXES = ("segtrain.models.", "segtrain.data.")
 # Sections rebuilt from a checkpoint's config (eval, predict, export).
-REBUILT_SECTIONS = ("model", "backbone", "dataset", "loss")
+REBUILT_SECTIONS = ("model", "backbone", "dataset")
 
 
 def _targets(node: Any, path: str) -> list[tuple[str, str]]:
@@ -92,6 +116,6 @@ def check_stored_targets(stored: dict[str, Any], source: str, trusted_keys: set[
                 continue
             raise ConfigError(
                 f"refusing {key}={target!r} from the config stored in {source}: a checkpoint's config may only "
-                f"name segtrain's own models, backbones, dataset sources and losses. If you trust this code, "
+                f"name segtrain's own models, backbones and dataset sources. If you trust this code, "
                 f"pass {key}={target} on the command line"
             )

@@ -55,10 +55,12 @@ def my_conf(tmp_path: Path) -> Path:
 
 
 def _overrides(shapes_root: Path, conf: Path, *extra: str) -> list[str]:
+    """The documented `segtrain train model=tiny_fcn backbone=resnet18 loss=...`, made seconds-long."""
     tiny = tiny_overrides(shapes_root, **{"trainer.max_iters": 12, "trainer.val_interval": 12,
-                                          "trainer.ckpt_interval": 12, "optimizer.lr": 0.02})[1:]
+                                          "trainer.ckpt_interval": 12, "optimizer.lr": 0.02})
+    assert tiny[0] == "experiment=quickstart"  # the walk-through runs without an experiment
     return ["model=tiny_fcn", "backbone=resnet18", "loss=label_smoothing", f"hydra.searchpath=[file://{conf}]",
-            *tiny, *extra]
+            *tiny[1:], *extra]
 
 
 def test_a_model_and_a_loss_added_as_documented_train(tmp_path, shapes_root, my_conf):
@@ -70,6 +72,14 @@ def test_a_model_and_a_loss_added_as_documented_train(tmp_path, shapes_root, my_
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    # eval trusts the command line, not the checkpoint's config, to name code outside segtrain
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    for extra, code in (([], 2), (["model._target_=test_contributing.TinyFCN"], 0)):
+        result = subprocess.run([sys.executable, "-m", "segtrain", "eval", f"ckpt={ckpt}", *extra,
+                                 f"hydra.run.dir={tmp_path / f'ev{code}'}"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == code, result.stderr
     with pytest.raises(ConfigError, match="unknown key model.chanels for TinyFCN"):
         train(compose_config("train", _overrides(shapes_root, my_conf, "+model.chanels=4")), tmp_path / "bad")
 

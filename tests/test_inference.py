@@ -296,3 +296,10 @@ def test_eval_into_a_directory_holding_an_evaluation_is_refused(tmp_path, demo_c
     assert result.returncode == 2
     assert "already holds an evaluation (metrics.json)" in result.stderr.strip().splitlines()[-1]
     assert (tmp_path / "ev" / "metrics.json").read_text() == '{"miou": 0.5}'
+
+
+@pytest.mark.parametrize("override", ["+loss.foo=1", "optimizer.lr=5", "schedule=cosine", "trainer.max_iters=3"])
+def test_training_only_keys_given_to_eval_are_refused(tmp_path, demo_checkpoint, override):
+    result = segtrain("eval", f"ckpt={demo_checkpoint}", override, f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "has no effect here" in result.stderr.strip().splitlines()[-1]

@@ -21,8 +21,9 @@ def _two_class_logits(true_class_probs: list[float], target: list[int]) -> torch
 def test_ohem_keeps_the_hardest_pixels():
     target = torch.tensor([[[0, 0, 1, 255]]])
     logits = _two_class_logits([0.9, 0.6, 0.3, 0.5], [0, 0, 1, 255])
-    # Below the threshold 0.5 only the pixel at p=0.3 is hard: the loss is its cross-entropy alone.
-    alone = OhemCrossEntropy(2, threshold=0.5, min_kept=0)
+    # Below the threshold 0.5 only the pixel at p=0.3 is hard, and min_kept=1 asks for no more (the
+    # cutoff is max(0.5, second-smallest probability 0.6) and the comparison strict, as in the reference).
+    alone = OhemCrossEntropy(2, threshold=0.5, min_kept=1)
     assert alone.hard_pixels(logits, target).tolist() == [[[False, False, True, False]]]
     assert alone({"out": logits}, target).item() == pytest.approx(-math.log(0.3), rel=1e-5)
     # min_kept=2 raises the cutoff to the third-smallest probability (0.9): the two hardest are kept.

@@ -57,3 +57,33 @@ def test_resuming_takes_the_state_but_keeps_this_runs_settings_and_fused_update(
 def test_parameters_off_cpu_and_cuda_use_the_loop_update():
     assert not fused_update([{"params": [torch.nn.Parameter(torch.empty(3, device="meta"))]}])
     assert not fused_update([{"params": []}])
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"_partial_": False}, "optimizer._partial_ must be true"),
+    ({"params": [1]}, "optimizer.params is set by segtrain itself"),
+    ({"momentum": -1.0}, "optimizer: SGD refused the configured values: Invalid momentum value: -1.0"),
+    ({"nesterov": True, "momentum": 0.0}, "optimizer: SGD refused the configured values: Nesterov momentum"),
+])
+def test_bad_optimizer_nodes_are_one_line_config_errors(change, message):
+    with pytest.raises(ConfigError, match=message):
+        build_optimizer(OmegaConf.create({**SGD, **change}), _model())
+
+
+def test_bad_schedule_and_loss_values_are_one_line_config_errors():
+    from conftest import compose_config
+    from segtrain.engine.step import build_loss, build_lr_schedule
+
+    for overrides, message in ((["schedule.min_lr=-0.001"], "schedule.min_lr must be in"),
+                               (["schedule.power=-1"], "schedule.power must be >= 0"),
+                               (["+schedule.base_lr=1"], "schedule.base_lr is set by segtrain itself"),
+                               (["schedule._partial_=false"], "schedule._partial_ must be true")):
+        with pytest.raises(ConfigError, match=message):
+            build_lr_schedule(compose_config("train", overrides))
+    for overrides, message in ((["loss=ohem", "loss.threshold=abc"], "loss: OhemCrossEntropy refused"),
+                               (["loss=ohem", "loss.min_kept=2.7"], "loss.min_kept must be a whole number"),
+                               (["loss.class_weights=abc"], "loss: CrossEntropy refused"),
+                               (["+loss.num_classes=3"], "loss.num_classes is set by segtrain itself"),
+                               (["+loss._partial_=true"], "loss._partial_ must be false")):
+        with pytest.raises(ConfigError, match=message):
+            build_loss(compose_config("train", overrides), 5, 255)

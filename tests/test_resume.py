@@ -124,3 +124,37 @@ def test_best_pt_is_only_replaced_by_a_better_miou(tmp_path, shapes_root):
     worse = _run(shapes_root, tmp_path / "b", **{"trainer.max_iters": 1, "trainer.val_interval": 1})
     assert worse["best_miou"] < best
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "best.pt")["best_miou"] == best
+
+
+def test_a_checkpoint_written_before_the_engine_redesign_resumes(tmp_path, shapes_root):
+    """Legacy layout: a ResNetBackbone node, model.aux_weight, optimizer/schedule by name, a scheduler
+    entry, no train_state and no data fingerprint."""
+    import yaml
+
+    _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
+    path = tmp_path / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    config = yaml.safe_load(state["config"])
+    config["backbone"] = {"_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": "resnet18",
+                          "output_stride": 16, "pretrained": False, "weights": None}
+    config["model"]["aux_weight"] = 0.0
+    config["optimizer"] = {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "head_lr_mult": 1.0}
+    config["schedule"] = {"name": "poly", "power": 0.9}
+    config.pop("loss")
+    state["config"] = yaml.safe_dump(config)
+    state["scheduler"] = {"last_epoch": 2}
+    for key in ("train_state", "data_fingerprint"):
+        state.pop(key)
+    torch.save(state, path)
+    for other in (tmp_path / "checkpoints").glob("iter_*.pt"):
+        other.unlink()
+    result = _run(shapes_root, tmp_path, "resume=auto")
+    assert [h["iteration"] for h in result["history"]] == [3, 4]
+
+
+def test_resume_with_another_optimizer_starts_its_state_fresh(tmp_path, shapes_root, caplog):
+    _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
+    with caplog.at_level("WARNING"):
+        result = _run(shapes_root, tmp_path, "resume=auto", "optimizer=adamw", "optimizer.head_lr_mult=1.0")
+    assert [h["iteration"] for h in result["history"]] == [3, 4]
+    assert "the optimizer changed (torch.optim.SGD -> torch.optim.AdamW)" in caplog.text

@@ -38,7 +38,7 @@ from PIL import Image
 from torch import nn
 
 from segtrain.commands.info import model_complexity
-from segtrain.config import AugmentConfig, check_options
+from segtrain.config import AugmentConfig, check_options, command_line_keys
 from segtrain.data.dataset import SegmentationDataset
 from segtrain.data.loading import train_loader
 from segtrain.data.transforms import train_transform
@@ -161,6 +161,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     if b.batch_size < 2 or b.steps < 1 or b.warmup < 0:
         raise ConfigError("bench.batch_size must be >= 2 (BatchNorm), bench.steps >= 1, bench.warmup >= 0")
     check_options(cfg)
+    for key in sorted({"trainer.batch_size", "trainer.grad_accum_steps"} & command_line_keys()):
+        raise ConfigError(f"{key} has no effect on segtrain bench: it times one pass of bench.batch_size images")
     crop = [int(v) for v in b.crop_size]
     device = resolve_device(t.device)
     amp = resolve_amp(t.amp, device)

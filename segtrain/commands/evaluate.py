@@ -33,6 +33,19 @@ GROUPS = ("model", "backbone", "dataset", "loss", "optimizer", "schedule")
 COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "info")
 
 
+# Sections that only training reads; trainer keys that inference does read.
+TRAINING_ONLY = ("loss", "optimizer", "schedule")
+INFERENCE_TRAINER_KEYS = ("trainer.device", "trainer.amp")
+
+
+def check_effective(key: str) -> None:
+    """Every key given to eval, predict or export is used or refused: training-only ones are refused."""
+    section = key.split(".")[0]
+    if section in TRAINING_ONLY or (section == "trainer" and key not in INFERENCE_TRAINER_KEYS):
+        raise ConfigError(f"{key} has no effect here: evaluation, prediction and export only read the model, "
+                          f"backbone, dataset, eval.*, data.* and {', '.join(INFERENCE_TRAINER_KEYS)}")
+
+
 def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str]) -> DictConfig:
     """Apply the command line's overrides (already validated and typed in `composed`) to `stored`.
 
@@ -49,6 +62,7 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
             continue
         if key == "experiment":
             raise ConfigError("experiment= cannot be changed at evaluation; override single keys instead")
+        check_effective(key)
         if key in GROUPS:
             stored[key] = composed[key]
         else:

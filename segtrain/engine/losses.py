@@ -105,10 +105,10 @@ class OhemCrossEntropy(CrossEntropy):
         super().__init__(num_classes, ignore_index, aux_weight, class_weights)
         if not 0.0 < threshold <= 1.0:
             raise ConfigError(f"loss.threshold must be in (0, 1], got {threshold}")
-        if min_kept < 0:
-            raise ConfigError(f"loss.min_kept must be >= 0, got {min_kept}")
+        if not isinstance(min_kept, int) or isinstance(min_kept, bool) or min_kept < 1:
+            raise ConfigError(f"loss.min_kept must be a whole number >= 1, got {min_kept!r}")
         self.threshold = float(threshold)
-        self.min_kept = int(min_kept)
+        self.min_kept = min_kept
 
     def hard_pixels(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the kept pixels (no host synchronisation: sizes stay on the device)."""

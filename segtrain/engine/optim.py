@@ -45,10 +45,8 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     if head_lr_mult < 0:
         raise ConfigError(f"optimizer.head_lr_mult must be >= 0, got {head_lr_mult}")
     groups = parameter_groups(model, float(cfg.lr), head_lr_mult)
-    factory = instantiate_checked("optimizer", cfg, drop=("head_lr_mult",))
-    if not callable(factory) or not hasattr(factory, "func"):
-        raise ConfigError("optimizer._partial_ must be true: segtrain adds the model's parameters")
-    accepts_fused = "fused" in inspect.signature(factory.func).parameters
+    factory = instantiate_checked("optimizer", cfg, drop=("head_lr_mult",), partial=True, supplied=("params", "fused"))
+    accepts_fused = "fused" in inspect.signature(factory).parameters
     optimizer = factory(groups, **({"fused": True} if accepts_fused and fused_update(groups) else {}))
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"optimizer._target_={cfg._target_!r} is not a torch.optim.Optimizer")

@@ -10,6 +10,7 @@ The stored config is untrusted data: it is parsed and compared, never instantiat
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -69,15 +70,35 @@ def _flat(node: Any, prefix: str) -> dict[str, Any]:
     return {prefix: node}
 
 
+def _constructor_defaults(node: DictConfig) -> dict[str, Any]:
+    """Defaults of the configured (trusted) target, standing in for keys one side does not list."""
+    from segtrain.instantiate import _resolve_target
+
+    try:
+        target = _resolve_target("", {"_target_": node.get("_target_")})
+        parameters = inspect.signature(target).parameters.values()
+    except (ConfigError, TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _comparable(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    merged = {**defaults, **{k: v for k, v in values.items() if k not in NOT_ARCHITECTURE}}
+    for key in NOT_ARCHITECTURE:
+        merged.pop(key, None)
+    if "name" in merged:  # a pretrained tag names weights, not an architecture: resnet50.tv_in1k is resnet50
+        merged["name"] = str(merged["name"]).split(".")[0]
+    return {k: (None if v in ({}, [], ()) else v) for k, v in merged.items()}
+
+
 def check_same_network(stored: DictConfig, cfg: DictConfig, source: str) -> None:
-    """The model and backbone the weights belong to; the name of a pretrained tag does not count."""
+    """The model and backbone the weights belong to; keys a side leaves out count as their defaults."""
     for section in ("model", "backbone"):
-        saved = {k: v for k, v in (_plain(stored.get(section)) or {}).items() if k not in NOT_ARCHITECTURE}
-        current = {k: v for k, v in _plain(cfg[section]).items() if k not in NOT_ARCHITECTURE}
-        if section == "backbone" and "name" in saved and "name" in current:
-            saved["name"], current["name"] = str(saved["name"]).split(".")[0], str(current["name"]).split(".")[0]
-        if saved != current:
-            differs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        defaults = _constructor_defaults(cfg[section])
+        saved = _comparable(_plain(stored.get(section)) or {}, defaults)
+        current = _comparable(_plain(cfg[section]), defaults)
+        differs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if differs:
             raise ConfigError(
                 f"{source} holds a different {section} ({section}.{differs[0]}: {saved.get(differs[0])!r} in the "
                 f"checkpoint, {current.get(differs[0])!r} now); resume with the {section} it was trained with, or "

@@ -93,18 +93,14 @@ def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int) -> Segmenta
 
 def build_lr_schedule(cfg: DictConfig) -> Callable[[int], float]:
     """iteration -> base learning rate: the schedule node applied to optimizer.lr and trainer.max_iters."""
-    schedule = instantiate_checked("schedule", cfg.schedule)
-    if not callable(schedule):
-        raise ConfigError("schedule._partial_ must be true: segtrain calls the schedule every iteration")
+    schedule = instantiate_checked("schedule", cfg.schedule, partial=True,
+                                   supplied=("base_lr", "iteration", "max_iters"))
     base_lr, max_iters = float(cfg.optimizer.lr), int(cfg.trainer.max_iters)
 
     def lr_at(iteration: int) -> float:
         return schedule(base_lr=base_lr, iteration=iteration, max_iters=max_iters)
 
-    try:
-        lr_at(0)  # a bad key value fails now, not at the first step
-    except TypeError as exc:
-        raise ConfigError(f"schedule: {exc}") from None
+    lr_at(0)  # a bad key value fails now, not at the first step
     return lr_at
 
 

@@ -140,7 +140,6 @@ class Trainer:
         self.cfg, self.run_dir, self.on_step = cfg, Path(run_dir), on_step
         self.state = TrainState()
         self.problems: set[str] = set()  # distinct unusable-sample messages already logged
-        self.lrs: dict[int, float] = {}  # learning rate of each iteration since the last check
         self.lock: RunLock | None = None
 
     # -- setup ---------------------------------------------------------------------------------
@@ -224,14 +223,24 @@ class Trainer:
         check_same_network(stored, self.cfg, str(path))
         check_same_data(saved.get("data_fingerprint"), self.fingerprint, str(path))
         self.model.load_state_dict(saved["model"])
-        load_optimizer_state(self.step.optimizer, saved["optimizer"])
-        self.step.scaler.load_state_dict(saved["scaler"])
+        self.load_update_state(saved, stored)
         restore_rng_state(saved["rng"])
         saved_batch = OmegaConf.select(stored, "trainer.batch_size", default=self.cfg.trainer.batch_size)
         self.state = TrainState.from_checkpoint(saved, int(saved_batch))
         log_changes(stored, self.cfg, self.state.iteration)
         log.info("resumed from %s at iteration %d (lr %.6g)", path, self.state.iteration,
                  self.step.lr(self.state.iteration + 1))
+
+    def load_update_state(self, saved: dict, stored: DictConfig) -> None:
+        """Optimizer state (momentum, moments) and the fp16 loss scale, where they still apply."""
+        before = OmegaConf.select(stored, "optimizer._target_", default=None)
+        now = self.cfg.optimizer._target_
+        if before is not None and before != now:
+            log.warning("resume: the optimizer changed (%s -> %s): its per-parameter state starts fresh", before, now)
+        else:
+            load_optimizer_state(self.step.optimizer, saved["optimizer"])
+        if saved.get("scaler") and self.step.scaler.is_enabled():  # empty when saved without fp16
+            self.step.scaler.load_state_dict(saved["scaler"])
 
     def find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
         resume = self.cfg.get("resume")
@@ -285,7 +294,7 @@ class Trainer:
             self.first_bad = torch.where((self.first_bad == 0) & ~result.finite, iteration, self.first_bad)
             return
         self.state.skipped_steps += 1
-        lr = self.lrs[iteration]
+        lr = self.step.lr(iteration)
         log.warning("non-finite loss at iteration %d (lr %.6g): step skipped (%d of at most %d)",
                     iteration, lr, self.state.skipped_steps, t.max_skipped_steps)
         if self.writer is not None:
@@ -308,7 +317,7 @@ class Trainer:
         bad = int(worst)
         if bad:
             raise TrainingStopped(
-                f"non-finite loss at iteration {bad} (lr {self.lrs.get(bad, float('nan')):.6g}); "
+                f"non-finite loss at iteration {bad} (lr {self.step.lr(bad):.6g}); "
                 f"trainer.nan_policy=stop. Last good checkpoint: {self.last_good_checkpoint()}. Lower "
                 "optimizer.lr, add schedule.warmup_iters, check the data with `segtrain data check`, or set "
                 "trainer.nan_policy=skip"
@@ -319,7 +328,7 @@ class Trainer:
     def log_progress(self, iteration: int, result: StepResult) -> None:
         """Once per logging interval: the loop's only host synchronisation."""
         self.check_finite()
-        lr = self.lrs[iteration]
+        lr = self.step.lr(iteration)
         loss = float(all_reduce_sum(result.loss, self.ctx)) / self.ctx.world_size  # the global batch's loss
         now = time.perf_counter()
         rate = self.cfg.logging.interval / max(now - self.tic, 1e-9)
@@ -443,7 +452,6 @@ class Trainer:
     def run_iteration(self, iteration: int) -> None:
         t, interval = self.cfg.trainer, self.cfg.logging.interval
         last = iteration == t.max_iters
-        self.lrs[iteration] = self.step.lr(iteration)
         result = self.train_step(iteration)
         self.account_non_finite(iteration, result)
         self.state.iteration = iteration
