@@ -54,7 +54,7 @@ def test_unknown_command_is_one_line_naming_it(tmp_path):
     ("eval.mode=slid", "invalid value for 'eval.mode'"),
     ("data.on_error=skp", "invalid value for 'data.on_error'"),
     ("dataset.augment.pad_image_with=zeros", "invalid value for 'dataset.augment.pad_image_with'"),
-    ("trainer.amp=bf61", "trainer.amp must be one of off, bf16, fp16, got 'bf61'"),
+    ("trainer.amp=bf61", "trainer.amp must be one of auto, off, bf16, fp16, got 'bf61'"),
     ("trainer.sync_bn=maybe", "trainer.sync_bn must be one of auto, true, false"),
     ("trainer.device=gpu", "trainer.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
 ])

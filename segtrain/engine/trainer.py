@@ -282,7 +282,7 @@ class Trainer:
                 f"out of GPU memory at iteration {iteration}: {self.micro_batch} images of "
                 f"{list(self.cfg.dataset.augment.crop_size)} per pass (trainer.batch_size={t.batch_size}, "
                 f"world size {self.ctx.world_size}, trainer.grad_accum_steps={t.grad_accum_steps}), "
-                f"trainer.amp={t.amp}. Raise trainer.grad_accum_steps (same global batch, fewer images per "
+                f"trainer.amp={self.step.amp}. Raise trainer.grad_accum_steps (same global batch, fewer images per "
                 "pass), use trainer.amp=bf16, or a smaller dataset.augment.crop_size"
             ) from None
 
