@@ -294,8 +294,24 @@ def test_eval_into_a_directory_holding_an_evaluation_is_refused(tmp_path, demo_c
     (tmp_path / "ev" / "metrics.json").write_text('{"miou": 0.5}')
     result = segtrain("eval", f"ckpt={demo_checkpoint}", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
     assert result.returncode == 2
-    assert "already holds an evaluation (metrics.json)" in result.stderr.strip().splitlines()[-1]
+    assert "already holds another run's outputs (metrics.json)" in result.stderr.strip().splitlines()[-1]
     assert (tmp_path / "ev" / "metrics.json").read_text() == '{"miou": 0.5}'
+    assert not (tmp_path / "ev" / ".hydra").exists()  # refused before Hydra writes its files
+    result = segtrain("eval", f"ckpt={demo_checkpoint}", "eval.num_workers=-1", f"hydra.run.dir={tmp_path / 'e2'}",
+                      cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("eval.num_workers must be >= 0, got -1")
+
+
+def test_predict_refuses_inputs_whose_outputs_collide(tmp_path, demo_checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("img.jpg", "img_color.jpg"):
+        Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(folder / name)
+    result = segtrain("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={tmp_path / 'out'}",
+                      cwd=tmp_path)
+    assert result.returncode == 2
+    assert "inputs img.jpg and img_color.jpg would both write img_color.png" in result.stderr
 
 
 @pytest.mark.parametrize("override", ["+loss.foo=1", "optimizer.lr=5", "schedule=cosine", "trainer.max_iters=3"])

@@ -438,3 +438,24 @@ def test_split_names_may_hold_spaces_and_symlink_loops_are_reported(tmp_path):
     result = _folder_cli(root, tmp_path, "check", "data.split=val")
     assert result.returncode == 2
     assert f"{root / 'images' / 'loop.png'} cannot be read" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_pixel_limit_holds_for_a_png_pil_cannot_open(tmp_path):
+    """A bad ancillary-chunk CRC makes PIL refuse the file while OpenCV decodes it: the size comes from IHDR."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from segtrain.data.dataset import decode_image
+    from segtrain.errors import DataError
+
+    Image.new("L", (400, 300)).save(tmp_path / "plain.png")
+    data = (tmp_path / "plain.png").read_bytes()
+    body = b"tEXtComment\x00hi"
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", (zlib.crc32(body) + 1) & 0xFFFFFFFF)
+    (tmp_path / "crc.png").write_bytes(data[:33] + chunk + data[33:])
+    with pytest.raises(DataError, match=r"is 400x300 \(0 MP\), above data.max_image_pixels=1000"):
+        decode_image(tmp_path / "crc.png", max_pixels=1000)
+    Image.new("L", (14200, 14200)).save(tmp_path / "big.png")  # above PIL's own bomb limit (~179 MP)
+    assert decode_image(tmp_path / "big.png", max_pixels=300_000_000)[0].shape == (14200, 14200, 3)

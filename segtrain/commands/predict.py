@@ -67,8 +67,15 @@ def check_output_folder(spec: str, out: Path, files: list[Path], names: dict[Pat
         if resolved == folder or folder in resolved.parents:
             raise ConfigError(f"output={out} is the input folder or inside it ({folder}); choose an output folder "
                               "outside the input, so that no input image can be replaced")
-    existing = [out / f"{names[f]}{suffix}" for f in files for suffix in OUTPUT_SUFFIXES
-                if (out / f"{names[f]}{suffix}").exists()]
+    planned: dict[str, Path] = {}
+    for f in files:
+        for suffix in OUTPUT_SUFFIXES:
+            name = f"{names[f]}{suffix}"
+            if name in planned:  # e.g. a.jpg and a_color.jpg: both would write a_color.png
+                raise ConfigError(f"inputs {planned[name].name} and {f.name} would both write {name}; rename one, "
+                                  "or predict them into separate output folders")
+            planned[name] = f
+    existing = [out / name for name in planned if (out / name).exists()]
     if existing:
         raise ConfigError(f"output={out} already holds {len(existing)} of the files predict would write (e.g. "
                           f"{existing[0].name}); predict never replaces files: choose an empty or new output folder")

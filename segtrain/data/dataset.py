@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,19 +77,26 @@ def check_pixel_count(width: int, height: int, path: Path, max_pixels: int) -> N
                         f"{max_pixels}: refused before decoding (a decompression bomb, or resize it first)")
 
 
-def _check_header_size(data: bytes, path: Path, max_pixels: int) -> None:
-    """Image size from the header alone (PIL reads no pixels at open)."""
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone. PNG's IHDR is read directly, so a file PIL refuses for
+    another reason (a bad ancillary-chunk CRC, which OpenCV only warns about) is still measured."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # data.max_image_pixels is the limit, not PIL's built-in one
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-    except Image.DecompressionBombError:
-        raise DataError(f"{path} is far above data.max_image_pixels={max_pixels}: refused before decoding "
-                        "(a decompression bomb, or resize it first)") from None
-    except Exception:  # noqa: BLE001 - a format PIL does not know: OpenCV decides below
-        return
-    check_pixel_count(width, height, path, max_pixels)
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - a format PIL does not know: OpenCV decides
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_header_size(data: bytes, path: Path, max_pixels: int) -> None:
+    size = _header_size(data)
+    if size is not None:
+        check_pixel_count(*size, path, max_pixels)
 
 
 def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
@@ -146,15 +152,14 @@ def read_mask(path: Path, rgb: bool = False, max_pixels: int = DEFAULT_MAX_PIXEL
     """HxW uint8 read as palette indices (never through an RGB conversion); HxWx3 when `rgb`."""
     if not Path(path).is_file():
         raise DataError(f"mask {path} is missing")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # data.max_image_pixels, checked below before any pixel is read, is the limit
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-    except Image.DecompressionBombError:
-        raise DataError(f"mask {path} is far above data.max_image_pixels={max_pixels}: refused before decoding") \
-            from None
+        img = Image.open(path)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise DataError(f"cannot read mask {path}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     try:
         with img:
             check_pixel_count(*img.size, path, max_pixels)

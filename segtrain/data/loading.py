@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from segtrain.config import DatasetConfig
 from segtrain.data.dataset import DEFAULT_MAX_PIXELS, SegmentationDataset
 from segtrain.data.transforms import eval_transform, train_transform
-from segtrain.errors import DataError
+from segtrain.errors import ConfigError, DataError
 from segtrain.instantiate import instantiate_checked
 
 log = logging.getLogger("segtrain.data")
@@ -96,6 +96,8 @@ def _seed_worker(worker_id: int) -> None:
 
 def worker_count(requested: int, key: str) -> int:
     """Loader workers, never more than the CPUs this process may use (more only add contention)."""
+    if requested < 0:
+        raise ConfigError(f"{key} must be >= 0, got {requested}")
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested > available:
         log.info("%s=%d but %d CPUs are available: using %d workers", key, requested, available, available)
