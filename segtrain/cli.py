@@ -84,10 +84,8 @@ def precheck(config_name: str, args: list[str]) -> None:
             overrides.append(text)
     except Exception as exc:  # noqa: BLE001 - malformed overrides
         _fail(command, _one_line(exc))
-    if config_name == "train" and int(os.environ.get("RANK", "0")) == 0:
-        _refuse_busy_run_dir(command, overrides)
-    if config_name == "eval":
-        _refuse_used_eval_dir(command, overrides)
+    if config_name == "eval" or (config_name == "train" and int(os.environ.get("RANK", "0")) == 0):
+        _refuse_used_run_dir(command, overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=config_name):
@@ -100,27 +98,18 @@ def precheck(config_name: str, args: list[str]) -> None:
         GlobalHydra.instance().clear()
 
 
-def _refuse_busy_run_dir(command: str, overrides: list[str]) -> None:
-    """Before Hydra writes its files into an explicit hydra.run.dir that a live run holds."""
-    from segtrain.engine.lock import refuse_if_held
+def _refuse_used_run_dir(command: str, overrides: list[str]) -> None:
+    """Before Hydra writes its files into an explicit hydra.run.dir: train refuses one a live run holds,
+    eval one that holds another run's outputs."""
+    from segtrain.engine.lock import refuse_if_held, refuse_used_eval_dir
 
+    check = refuse_if_held if command == "train" else refuse_used_eval_dir
     for text in overrides:
         if text.startswith("hydra.run.dir="):
             try:
-                refuse_if_held(Path(text.split("=", 1)[1]))
+                check(Path(text.split("=", 1)[1]))
             except SegtrainError as exc:
                 _fail(command, str(exc))
-
-
-def _refuse_used_eval_dir(command: str, overrides: list[str]) -> None:
-    """Before Hydra rewrites `.hydra/` of an explicit run directory that holds another run's outputs."""
-    for text in overrides:
-        if text.startswith("hydra.run.dir="):
-            run_dir = Path(text.split("=", 1)[1])
-            held = [n for n in ("metrics.json", "predictions", "checkpoints") if (run_dir / n).exists()]
-            if held:
-                _fail(command, f"hydra.run.dir={run_dir} already holds another run's outputs ({', '.join(held)}); "
-                      "choose a new directory (the default is a new one per run)")
 
 
 def _fail(command: str, message: str) -> None:

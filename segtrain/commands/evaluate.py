@@ -18,6 +18,7 @@ from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
+from segtrain.engine.lock import refuse_used_eval_dir
 from segtrain.engine.report import format_table, write_metrics
 from segtrain.engine.resume import stored_config
 from segtrain.engine.runtime import resolve_amp, resolve_device
@@ -129,20 +130,8 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
     return LoadedModel(cfg, model, state, device, class_names)
 
 
-EVAL_OUTPUTS = ("metrics.json", "per_class_iou.csv", "confusion_matrix.png", "predictions")
-
-
-def check_fresh_run_dir(run_dir: Path) -> None:
-    """One evaluation per directory: outputs of two runs are never mixed (predictions of the old one
-    would stay beside the new metrics)."""
-    earlier = [name for name in EVAL_OUTPUTS if (run_dir / name).exists()]
-    if earlier:
-        raise ConfigError(f"hydra.run.dir={run_dir} already holds an evaluation ({', '.join(earlier)}); choose "
-                          "another directory (the default is a new one per run) or move those files away")
-
-
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
-    check_fresh_run_dir(run_dir)
+    refuse_used_eval_dir(run_dir)
     loaded = load_for_inference(composed, overrides)
     cfg, class_names, state = loaded.cfg, loaded.class_names, loaded.state
     ckpt = Path(composed.ckpt)

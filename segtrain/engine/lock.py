@@ -67,6 +67,19 @@ def refuse_if_held(run_dir: Path) -> None:
     )
 
 
+# Outputs of an evaluation or a training run: an evaluation never shares a directory with them.
+RUN_OUTPUTS = ("metrics.json", "per_class_iou.csv", "confusion_matrix.png", "predictions", "checkpoints")
+
+
+def refuse_used_eval_dir(run_dir: Path) -> None:
+    """One evaluation per directory: outputs of two runs are never mixed (predictions of the old one
+    would stay beside the new metrics; `.hydra/` of a training run would be rewritten)."""
+    held = [name for name in RUN_OUTPUTS if (Path(run_dir) / name).exists()]
+    if held:
+        raise ConfigError(f"hydra.run.dir={run_dir} already holds another run's outputs ({', '.join(held)}); "
+                          "choose a new directory (the default is a new one per run)")
+
+
 class RunLock:
     """Acquire with `acquire()`, give back with `release()` (also safe when never acquired)."""
 
