@@ -383,7 +383,7 @@ def test_validation_and_eval_honour_on_error_skip(tmp_path):
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "run" / "train.log").read_text()
     assert "(1 unusable samples left out: data.on_error=skip)" in log
-    assert f"skipping a validation sample: mask {root / 'masks' / '11.png'} is a RGB image" in log
+    assert f"skipping a validation sample: mask {root / 'masks' / '11.png'} is an RGB colour image" in log
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     evaluated = subprocess.run([sys.executable, "-m", "segtrain", "eval", f"ckpt={last}",
                                 f"hydra.run.dir={tmp_path / 'ev'}"], cwd=tmp_path, capture_output=True, text=True,

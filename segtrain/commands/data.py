@@ -62,6 +62,7 @@ class SplitReport:
     conversions: Counter = field(default_factory=Counter)
     pixels: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.int64))
     images_with: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.int64))
+    binary_masks: int = 0  # masks holding only the values 0 and 255 (after dataset.source.value_map)
 
 
 def check_split(cfg: DictConfig, split: str, progress: bool) -> SplitReport:
@@ -93,7 +94,18 @@ def check_split(cfg: DictConfig, split: str, progress: bool) -> SplitReport:
         counts = np.bincount(mask.ravel(), minlength=256)
         report.pixels += counts
         report.images_with += counts > 0
+        report.binary_masks += bool(counts[255] and counts[0] + counts[255] == mask.size)
     return report
+
+
+def binary_mask_warning(report: SplitReport, class_names: list[str], ignore_index: int) -> str | None:
+    """0/255 binary masks with two classes train without a single foreground pixel: 255 is ignored."""
+    if len(class_names) != 2 or ignore_index != 255 or not report.binary_masks or report.pixels[1]:
+        return None
+    return (f"WARNING: {report.binary_masks} mask(s) hold only the values 0 and 255, no pixel has the value 1, and "
+            f"dataset.class_names has 2 entries {class_names}: 255 is the ignore index, so every '{class_names[1]}' "
+            "pixel would be ignored and the class never learnt. If 255 marks the foreground (0/255 binary masks), "
+            "map it to class 1: 'dataset.source.value_map={255:1}'")
 
 
 def print_report(report: SplitReport, class_names: list[str], ignore_index: int) -> None:
@@ -110,6 +122,9 @@ def print_report(report: SplitReport, class_names: list[str], ignore_index: int)
             share = 100.0 * report.pixels[index] / labelled
             print(f"  {name:<16} {share:>9.3f} {report.images_with[index]:>7}")
         print(f"  ignored ({ignore_index}) pixels: {report.pixels[ignore_index]}")
+    warning = binary_mask_warning(report, class_names, ignore_index)
+    if warning:
+        print(f"  {warning}")
     print(f"  usable samples: {max(usable, 0)} of {report.samples}")
 
 

@@ -19,7 +19,8 @@ Sample = tuple
 
 
 class LookupDecoder:
-    """Single-channel masks whose values are mapped through a 256-entry table (unlisted -> ignore)."""
+    """Single-channel masks whose values are mapped through a 256-entry table (Cityscapes label ids
+    -> train ids, `dataset.source.value_map` of folder datasets)."""
 
     reads_rgb = False
 
@@ -148,10 +149,48 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return decode_image(path, max_pixels)[0]
 
 
+# Lossy formats change label values at every edge, so they are refused as masks wherever they are found.
+LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
+LOSSY_MASK_FORMATS = ("JPEG", "MPO")
+
+
+def lossy_mask_message(path: Path) -> str:
+    path = Path(path)
+    found = f" has the extension {path.suffix}: it" if path.suffix.lower() != ".png" else ""
+    return (f"mask {path}{found} is a JPEG file where a PNG ({path.stem}.png) is expected: masks must be lossless "
+            "PNGs, because JPEG compression changes label values along every edge (a class 1 pixel becomes 0, 2 "
+            "or 3) and converting the JPEG cannot undo it; export the masks again as PNG from the annotation tool")
+
+
+def _distinct_colours(rgb: np.ndarray, limit: int) -> tuple[list[tuple[int, int, int]], int]:
+    codes = np.unique((rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2])
+    return [((int(c) >> 16) & 255, (int(c) >> 8) & 255, int(c) & 255) for c in codes[:limit]], len(codes)
+
+
+def colour_mask_message(path: Path, mode: str, rgb: np.ndarray) -> str:
+    """Why a colour image is not an index mask, and the keys that read it: the colours it holds are
+    listed so that the suggested override can be pasted once put in class order."""
+    colours, total = _distinct_colours(rgb, 8)
+    listing = "[" + ",".join(f"[{r},{g},{b}]" for r, g, b in colours) + "]"
+    more = f" (the first 8 of its {total} colours)" if total > len(colours) else ""
+    message = (f"mask {path} is an {mode} colour image, but dataset.source.mask_format=index reads class indices "
+               "from single-channel (palette or grayscale) PNGs. ")
+    if all(r == g == b for r, g, b in colours) and total <= 8:
+        values = [r for r, _, _ in colours]
+        message += (f"Its three channels are equal (values {values}): save the masks as single-channel 8-bit PNGs "
+                    "(mode L), or read them as colours with ")
+    else:
+        message += "If its colours are the classes, set "
+    return (message + f"dataset.source.mask_format=rgb dataset.source.colors={listing}{more}, one [R,G,B] per class "
+            "in dataset.class_names order (colours that mean 'ignore' go in dataset.source.ignore_colors)")
+
+
 def read_mask(path: Path, rgb: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """HxW uint8 read as palette indices (never through an RGB conversion); HxWx3 when `rgb`."""
     if not Path(path).is_file():
         raise DataError(f"mask {path} is missing")
+    if Path(path).suffix.lower() in LOSSY_MASK_SUFFIXES:
+        raise DataError(lossy_mask_message(path))
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # data.max_image_pixels, checked below before any pixel is read, is the limit
     try:
@@ -162,12 +201,16 @@ def read_mask(path: Path, rgb: bool = False, max_pixels: int = DEFAULT_MAX_PIXEL
         Image.MAX_IMAGE_PIXELS = previous
     try:
         with img:
+            if img.format in LOSSY_MASK_FORMATS:
+                raise DataError(lossy_mask_message(path))
             check_pixel_count(*img.size, path, max_pixels)
             if rgb:
                 return np.array(img.convert("RGB"), dtype=np.uint8)
+            if img.mode in ("RGB", "RGBA", "LA", "PA"):
+                raise DataError(colour_mask_message(path, img.mode, np.array(img.convert("RGB"), dtype=np.uint8)))
             if img.mode not in ("P", "L"):
                 raise DataError(
-                    f"mask {path} is a {img.mode} image; masks must be single-channel index PNGs "
+                    f"mask {path} is a {img.mode} image; masks must be single-channel 8-bit index PNGs "
                     "(palette or grayscale) whose values are class indices, 255 = ignore"
                 )
             return np.array(img, dtype=np.uint8)
@@ -188,10 +231,18 @@ def check_pair(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path:
     invalid = (mask >= num_classes) & (mask != ignore_index)
     if invalid.any():
         values = sorted(set(np.unique(mask[invalid]).tolist()))
-        raise DataError(
-            f"mask {mask_path} has label values {values[:8]} outside 0..{num_classes - 1} "
-            f"and the ignore index {ignore_index}"
-        )
+        raise DataError(out_of_range_message(mask_path, values, num_classes, ignore_index))
+
+
+def out_of_range_message(mask_path: Path, values: list[int], num_classes: int, ignore_index: int) -> str:
+    """The keys that decide the valid labels: the class count comes from dataset.class_names alone."""
+    shown = ", ".join(str(v) for v in values[:8]) + (f" and {len(values) - 8} more" if len(values) > 8 else "")
+    names = f" ({values[-1] + 1} names for values up to {values[-1]})" if values[-1] < 64 else ""
+    return (f"mask {mask_path} has label values [{shown}] outside the valid range 0..{num_classes - 1} and the "
+            f"ignore index {ignore_index} (dataset.ignore_index): dataset.class_names has {num_classes} entries and "
+            f"sets the class count, so list one name per class there{names}, mark unlabelled pixels "
+            f"{ignore_index}, or map raw values to classes with dataset.source.value_map={{{values[0]}:CLASS}} "
+            f"(CLASS a class index, or {ignore_index} to ignore them)")
 
 
 def read_decoded_mask(mask_path: Path, decoder: object | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -1,18 +1,20 @@
 """Your own data: `images/` and `masks/` folders matched by file stem.
 
-Masks are single-channel PNGs of class indices (255 = ignore), or RGB colour PNGs decoded through
-the class colours given in the config. Splits come from `<split_dir>/<split>.txt` files listing
-stems, or from a seeded random split into `train` and `val`.
+Masks are single-channel PNGs of class indices (255 = ignore), optionally remapped through
+`value_map` (raw value -> class, e.g. {255: 1} for 0/255 binary masks), or RGB colour PNGs decoded
+through the class colours given in the config. Splits come from `<split_dir>/<split>.txt` files
+listing stems, or from a seeded random split into `train` and `val`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from segtrain.data.dataset import ColorDecoder, Sample, read_split_file
+from segtrain.data.dataset import LOSSY_MASK_SUFFIXES, ColorDecoder, LookupDecoder, Sample, read_split_file
 from segtrain.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -48,6 +50,48 @@ def _by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
     return files
 
 
+def _byte(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        value = None
+    try:
+        number = int(str(value).strip()) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if not isinstance(number, int) or not 0 <= number <= 255:
+        raise ConfigError(f"dataset.source.value_map: {what} {value!r} is not an integer in 0..255; write it as "
+                          "raw value -> class index, e.g. 'dataset.source.value_map={255:1}'")
+    return number
+
+
+def value_map_table(value_map: Mapping | None) -> np.ndarray | None:
+    """The 256-entry lookup table of `value_map`; values it does not list keep their value."""
+    if not value_map:
+        return None
+    if not isinstance(value_map, Mapping):
+        raise ConfigError(f"dataset.source.value_map must map raw mask values to class indices, e.g. "
+                          f"'dataset.source.value_map={{255:1}}'; got {value_map!r}")
+    table = np.arange(256, dtype=np.uint8)
+    for raw, label in value_map.items():
+        table[_byte(raw, "raw value")] = _byte(label, f"class index for {raw}:")
+    return table
+
+
+def _mask_decoder(mask_format: str, colors: list | None, ignore_colors: list | None,
+                  value_map: Mapping | None) -> ColorDecoder | LookupDecoder | None:
+    if mask_format not in ("index", "rgb"):
+        raise ConfigError(f"dataset.source.mask_format must be 'index' or 'rgb', got {mask_format!r}")
+    if mask_format == "rgb":
+        if value_map:
+            raise ConfigError("dataset.source.value_map maps the values of single-channel masks "
+                              "(mask_format=index); with mask_format=rgb, dataset.source.colors maps colours to "
+                              "classes: remove value_map")
+        if not colors:
+            raise ConfigError("dataset.source.mask_format=rgb needs dataset.source.colors: one [R, G, B] per class")
+        return ColorDecoder(colors, ignore_colors)
+    table = value_map_table(value_map)
+    return LookupDecoder(table) if table is not None else None
+
+
 def ratio_split(stems: list[str], split: str, val_ratio: float, seed: int) -> list[str]:
     """A reproducible split: the same stems, ratio and seed always give the same train/val sets."""
     if split not in ("train", "val", "all"):
@@ -69,6 +113,7 @@ def folder_samples(
     image_dir: str = "images",
     mask_dir: str = "masks",
     mask_format: str = "index",
+    value_map: Mapping | None = None,
     colors: list | None = None,
     ignore_colors: list | None = None,
     split_dir: str | None = None,
@@ -80,15 +125,11 @@ def folder_samples(
     for folder, key in ((images_path, "image_dir"), (masks_path, "mask_dir")):
         if not folder.is_dir():
             raise DataError(f"{folder} not found: dataset.root={root} must contain dataset.source.{key}={folder.name}/")
-    if mask_format not in ("index", "rgb"):
-        raise ConfigError(f"dataset.source.mask_format must be 'index' or 'rgb', got {mask_format!r}")
-    decoder = None
-    if mask_format == "rgb":
-        if not colors:
-            raise ConfigError("dataset.source.mask_format=rgb needs dataset.source.colors: one [R, G, B] per class")
-        decoder = ColorDecoder(colors, ignore_colors)
+    decoder = _mask_decoder(mask_format, colors, ignore_colors, value_map)
     images = _by_stem(images_path, IMAGE_EXTENSIONS)
     masks = _by_stem(masks_path, MASK_EXTENSIONS)
+    # JPEG masks are kept under their own name, so that reading or `data check` says why they are refused.
+    lossy_masks = _by_stem(masks_path, LOSSY_MASK_SUFFIXES)
     if not images:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images_path}")
     if split_dir:
@@ -102,6 +143,6 @@ def folder_samples(
     samples: list[Sample] = []
     for stem in stems:
         # A missing mask keeps its expected name, so that reading or `data check` names it.
-        mask = masks.get(stem, masks_path / f"{stem}.png")
+        mask = masks.get(stem) or lossy_masks.get(stem) or masks_path / f"{stem}.png"
         samples.append((images[stem], mask, decoder) if decoder else (images[stem], mask))
     return samples

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from segtrain.config import DatasetConfig
-from segtrain.data.dataset import DEFAULT_MAX_PIXELS, SegmentationDataset
+from segtrain.data.dataset import DEFAULT_MAX_PIXELS, LOSSY_MASK_SUFFIXES, SegmentationDataset, lossy_mask_message
 from segtrain.data.transforms import eval_transform, train_transform
 from segtrain.errors import ConfigError, DataError
 from segtrain.instantiate import instantiate_checked
@@ -42,6 +42,10 @@ def build_dataset(
         if missing:
             raise DataError(f"{len(missing)} masks of split '{split}' are missing, e.g. {missing[:3]}; add them, "
                             "remove those images, or set data.on_error=skip (segtrain data check lists all problems)")
+        lossy = [Path(s[1]) for s in samples if Path(s[1]).suffix.lower() in LOSSY_MASK_SUFFIXES]
+        if lossy:
+            raise DataError(f"{len(lossy)} of the {len(samples)} masks of split '{split}' are JPEG files, e.g. "
+                            + lossy_mask_message(lossy[0]).removeprefix("mask "))
     mean, std = list(cfg.mean), list(cfg.std)
     if train:
         augment = OmegaConf.to_object(cfg.augment) if isinstance(cfg, DictConfig) else cfg.augment
