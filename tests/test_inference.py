@@ -1,5 +1,6 @@
 """Test-time protocols (whole, slide, multi-scale, flip) and metric invariance (batch size, processes)."""
 
+import json
 import math
 import os
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+import segtrain as segtrain_package
 from conftest import compose_config, tiny_overrides
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.engine.evaluate import evaluate
@@ -214,19 +216,42 @@ def test_predict_on_a_folder_with_a_non_image_grayscale_and_rgba(tmp_path, demo_
         assert Image.open(tmp_path / "out" / f"{stem}_overlay.png").size == size
 
 
-def test_export_onnx_matches_pytorch(tmp_path, demo_checkpoint):
+def test_export_onnx_is_one_file_with_metadata_and_matches_pytorch(tmp_path, demo_checkpoint):
     pytest.importorskip("onnxruntime", reason="onnx extras not installed (pip install 'segtrain[onnx]')")
     pytest.importorskip("onnxscript", reason="onnx extras not installed (pip install 'segtrain[onnx]')")
     result = segtrain("export", f"ckpt={demo_checkpoint}", "format=onnx", "export.input_size=[64,80]",
                       f"export.output={tmp_path / 'model.onnx'}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # No exporter chatter, no training-mode or other warnings: those go to export.log.
+    assert result.stderr == "", result.stderr
+    assert "INFO" not in result.stdout and "Warning" not in result.stdout
+    assert "one self-contained file" in result.stdout
+    assert "unused_removal" in (tmp_path / "export.log").read_text()
+    assert [p.name for p in tmp_path.glob("model.onnx*")] == ["model.onnx"]  # no model.onnx.data
+    import onnx
     import onnxruntime
 
     from segtrain.commands.evaluate import load_for_inference
 
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    state = torch.load(demo_checkpoint, weights_only=False)
+    assert json.loads(metadata["class_names"]) == state["class_names"] == ["background", "disc", "square",
+                                                                          "triangle", "cross"]
+    assert json.loads(metadata["palette"])[:2] == [[0, 0, 0], [128, 0, 0]]  # the VOC colours (palette null)
+    assert json.loads(metadata["mean"]) == [0.485, 0.456, 0.406] and json.loads(metadata["std"])[2] == 0.225
+    assert (metadata["input_layout"], metadata["input_channels"], metadata["input_dtype"]) == ("NCHW", "RGB",
+                                                                                             "float32")
+    assert metadata["segtrain_version"] == segtrain_package.__version__
+    assert int(metadata["iteration"]) == state["iteration"]
+    assert float(metadata["best_val_miou"]) == pytest.approx(state["best_miou"], abs=1e-6)
+    assert int(metadata["best_iteration"]) == state["train_state"]["best_iteration"]
+
     overrides = [f"ckpt={demo_checkpoint}"]
     model = load_for_inference(compose_config("eval", overrides), overrides).model
-    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (tmp_path / "elsewhere").mkdir()
+    shipped = (tmp_path / "elsewhere" / "copy.onnx")
+    shipped.write_bytes((tmp_path / "model.onnx").read_bytes())  # the one file is all a deployment needs
+    session = onnxruntime.InferenceSession(str(shipped), providers=["CPUExecutionProvider"])
     for shape in ((1, 3, 64, 80), (2, 3, 97, 51)):
         image = torch.randn(*shape)
         with torch.no_grad():
@@ -236,11 +261,30 @@ def test_export_onnx_matches_pytorch(tmp_path, demo_checkpoint):
         assert np.abs(actual - expected).max() < 1e-4
 
 
-def test_export_torchscript_matches_pytorch(tmp_path, demo_checkpoint):
+def test_export_onnx_above_the_single_file_limit_names_both_files(tmp_path):
+    pytest.importorskip("onnxscript", reason="onnx extras not installed (pip install 'segtrain[onnx]')")
+    import onnx
+
+    from segtrain.commands.export import LogitsOnly, export_onnx
+
+    written = export_onnx(LogitsOnly(Contextual()), torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", {"a": "1"},
+                          single_file_limit=0)
+    assert written == [tmp_path / "m.onnx", tmp_path / "m.onnx.data"] and written[1].is_file()
+    loaded = onnx.load(str(written[0]))
+    assert {p.key: p.value for p in loaded.metadata_props} == {"a": "1"}
+
+
+def test_export_torchscript_prints_no_warnings_and_carries_metadata(tmp_path, demo_checkpoint):
     result = segtrain("export", f"ckpt={demo_checkpoint}", "format=torchscript", "export.input_size=[64,64]",
                       f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr  # no TracerWarning / deprecation wall
     assert (tmp_path / "model.pt").is_file() and "max difference" in result.stdout
+    assert "TracerWarning" in (tmp_path / "export.log").read_text()  # kept for whoever needs it
+    extra = {"segtrain.json": ""}
+    torch.jit.load(str(tmp_path / "model.pt"), _extra_files=extra)
+    metadata = json.loads(extra["segtrain.json"])
+    assert json.loads(metadata["class_names"])[1] == "disc" and metadata["input_layout"] == "NCHW"
 
 
 def test_predict_output_names_stay_unique(tmp_path):
