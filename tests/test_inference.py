@@ -274,6 +274,21 @@ def test_export_onnx_above_the_single_file_limit_names_both_files(tmp_path):
     assert {p.key: p.value for p in loaded.metadata_props} == {"a": "1"}
 
 
+def test_export_failure_is_one_line_naming_the_real_cause(tmp_path):
+    pytest.importorskip("onnxscript", reason="onnx extras not installed (pip install 'segtrain[onnx]')")
+    from segtrain.commands.export import LogitsOnly, export_onnx, export_torchscript
+    from segtrain.errors import SegtrainError
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("head is broken")
+
+    for export in (export_onnx, export_torchscript):
+        with pytest.raises(SegtrainError, match=r"export failed: ValueError: head is broken") as caught:
+            export(LogitsOnly(Broken()), torch.randn(1, 3, 32, 32), tmp_path / "m", {})
+        assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
 def test_export_torchscript_prints_no_warnings_and_carries_metadata(tmp_path, demo_checkpoint):
     result = segtrain("export", f"ckpt={demo_checkpoint}", "format=torchscript", "export.input_size=[64,64]",
                       f"hydra.run.dir={tmp_path}", cwd=tmp_path)

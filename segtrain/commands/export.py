@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, metadata: 
     except SegtrainError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; one line for the user
-        raise SegtrainError(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)} (the exporter's "
+        raise SegtrainError(f"ONNX export failed: {_first_line(exc)} (the exporter's "
                             "messages are in the run directory's export.log)") from None
     # The exporter also moves weights out on its own above its threshold: what it wrote decides.
     wrote_data = data_file.exists() and data_file.stat().st_mtime_ns != before
@@ -122,8 +123,13 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, metadata: 
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else "no message"
+    """`Type: first line` of the innermost cause: the exporter wraps the real error in its own."""
+    seen = {id(exc)}
+    while (exc.__cause__ or exc.__context__) is not None and id(exc.__cause__ or exc.__context__) not in seen:
+        exc = exc.__cause__ or exc.__context__
+        seen.add(id(exc))
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def onnx_outputs(path: Path, image: torch.Tensor) -> np.ndarray:
@@ -143,7 +149,7 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, met
             traced = torch.jit.trace(module.eval(), example, check_trace=False)
         traced.save(str(path), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
     except Exception as exc:  # noqa: BLE001 - the tracer fails in many ways; one line for the user
-        raise SegtrainError(f"TorchScript export failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise SegtrainError(f"TorchScript export failed: {_first_line(exc)}") from None
     return [path]
 
 
