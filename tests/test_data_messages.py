@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import compose_config
+from segtrain.data.dataset import read_mask
 from segtrain.data.folder import folder_samples
 from segtrain.data.loading import build_dataset
 from segtrain.errors import ConfigError, DataError
@@ -106,6 +107,12 @@ def test_binary_masks_warn_in_data_check_and_value_map_from_the_cli_fixes_them(t
     assert "WARNING" not in mapped.stdout and "ignored (255) pixels: 0" in mapped.stdout
     fg = next(line for line in mapped.stdout.splitlines() if line.strip().startswith("fg"))
     assert fg.split()[1:] == ["17.143", "4"]  # 24 of 140 pixels in each of the 4 masks
+
+
+def test_one_bit_masks_are_read_as_zero_and_one(tmp_path):
+    Image.fromarray(np.eye(4, 5, dtype=bool)).save(tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").mode == "1"
+    assert np.array_equal(read_mask(tmp_path / "m.png"), np.eye(4, 5, dtype=np.uint8))
 
 
 def test_value_map_is_applied_before_the_label_check_and_refuses_bad_entries(tmp_path):

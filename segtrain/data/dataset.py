@@ -206,6 +206,8 @@ def read_mask(path: Path, rgb: bool = False, max_pixels: int = DEFAULT_MAX_PIXEL
             check_pixel_count(*img.size, path, max_pixels)
             if rgb:
                 return np.array(img.convert("RGB"), dtype=np.uint8)
+            if img.mode == "1":  # 1-bit PNGs (binary masks): bits 0 / 1 are the class indices
+                return np.array(img, dtype=np.uint8)
             if img.mode in ("RGB", "RGBA", "LA", "PA"):
                 raise DataError(colour_mask_message(path, img.mode, np.array(img.convert("RGB"), dtype=np.uint8)))
             if img.mode not in ("P", "L"):
