@@ -132,15 +132,18 @@ def _to_log_file(message: str) -> None:
             handler.handle(record)
 
 
-def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[[DictConfig], None]:
-    def run(cfg: DictConfig) -> None:
+def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[[DictConfig], object]:
+    """The Hydra task function; it returns the body's value (train: the best mIoU, which sweepers
+    such as Optuna's optimise)."""
+
+    def run(cfg: DictConfig) -> object:
         from hydra.core.hydra_config import HydraConfig
 
         from segtrain.engine.runtime import stop_worker_processes
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            body(cfg, run_dir)
+            return body(cfg, run_dir)
         except Preempted as exc:
             _to_log_file(f"segtrain {command}: {exc}")
             print(f"segtrain {command}: {exc}", file=sys.stderr)
@@ -161,10 +164,10 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
     return run
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> None:
+def _train(cfg: DictConfig, run_dir: Path) -> float:
     from segtrain.engine.trainer import train
 
-    train(cfg, run_dir)
+    return float(train(cfg, run_dir)["best_miou"])
 
 
 def _eval(cfg: DictConfig, run_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """The command line as users run it: separate processes, real Hydra run directories."""
 
+import csv
 import json
 import os
 import subprocess
@@ -96,15 +97,25 @@ def test_train_then_eval_from_the_command_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_sweep_makes_one_run_directory_per_value(tmp_path):
+def test_multirun_sweep_names_job_directories_by_their_overrides_and_writes_a_summary(tmp_path):
     overrides = tiny_overrides(tmp_path / "data" / "shapes", **{"trainer.max_iters": 2, "trainer.val_interval": 2})
-    result = segtrain("train", "-m", *overrides, "optimizer.lr=0.01,0.007", cwd=tmp_path)
+    result = segtrain("train", "-m", *overrides, "optimizer.lr=0.01,0.02", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/[0-9]"))
-    assert [j.name for j in jobs] == ["0", "1"]
-    for job, lr in zip(jobs, ("0.01", "0.007")):
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0_optimizer.lr-0.01", "1_optimizer.lr-0.02"]
+    for job, lr in zip(jobs, ("0.01", "0.02")):
         assert (job / "checkpoints" / "last.pt").is_file()
         assert f"lr: {lr}" in (job / ".hydra" / "config.yaml").read_text()
+    with open(sweep / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job"], r["overrides"], r["best_iteration"], r["iterations"]) for r in rows] == [
+        ("0", "optimizer.lr=0.01", "2", "2"), ("1", "optimizer.lr=0.02", "2", "2")]
+    for row, job in zip(rows, jobs):
+        assert Path(row["run_dir"]).resolve() == job.resolve()
+        assert float(row["best_miou"]) == json.loads((job / "result.json").read_text())["best_miou"]
+    assert "| 1 | optimizer.lr=0.02 |" in (sweep / "summary.md").read_text()
+    assert "sweep summary (2 jobs)" in result.stdout and "| 0 | optimizer.lr=0.01 |" in result.stdout
 
 
 def test_unwritable_dataset_root_error_is_one_line(tmp_path):

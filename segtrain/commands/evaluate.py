@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,8 +177,12 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     if cfg.logging.tensorboard:
         with SummaryWriter(str(run_dir)) as writer:
             step = int(state.get("iteration") or 0)
-            for key in ("miou", "pixel_acc", "mean_acc"):
-                writer.add_scalar(f"eval/{key}", metrics[key], step)
+            # The tags of training's validation (val/mIoU, val_iou/<class>) with eval/ in place of val/.
+            for key, tag in (("miou", "eval/mIoU"), ("pixel_acc", "eval/pixel_acc"), ("mean_acc", "eval/mean_acc")):
+                writer.add_scalar(tag, metrics[key], step)
+            for name, iou in zip(class_names, metrics["iou"]):
+                if not math.isnan(iou):
+                    writer.add_scalar(f"eval_iou/{name}", iou, step)
             writer.add_text("eval/per_class_iou", "    " + table.replace("\n", "\n    "), step)
             writer.add_image("eval/confusion_matrix", matrix_image, step, dataformats="HWC")
     print(table)

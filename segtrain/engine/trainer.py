@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from segtrain.config import check_options
@@ -51,13 +49,17 @@ from segtrain.engine.distributed import (
     should_sync_bn,
 )
 from segtrain.engine.evaluate import evaluate
+from segtrain.engine.hparams import METRIC_TAGS, hydra_run_info, run_hparams
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import RunLock
+from segtrain.engine.logger import PROGRESS_RECORD, RunLogger, Throughput, console_above_bar, format_eta
 from segtrain.engine.optim import load_optimizer_state
 from segtrain.engine.preemption import PreemptionHandler
+from segtrain.engine.report import format_table
 from segtrain.engine.resume import check_same_data, check_same_network, data_fingerprint, log_changes, stored_config
 from segtrain.engine.runtime import progress_enabled, resolve_channels_last, seed_everything
 from segtrain.engine.step import Batch, StepResult, TrainStep, build_train_step
+from segtrain.engine.sweep import write_result
 from segtrain.errors import ConfigError, Preempted, TrainingStopped, WeightsError
 from segtrain.models import build_model
 from segtrain.visualize import denormalize, make_palette, panel
@@ -174,7 +176,7 @@ class Trainer:
         self.step: TrainStep = build_train_step(cfg, self.model, self.ctx, len(self.class_names))
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.palette = make_palette(cfg.dataset.palette, len(self.class_names))
-        self.writer = SummaryWriter(str(self.run_dir)) if cfg.logging.tensorboard and self.ctx.is_main else None
+        self.metrics = RunLogger(self.run_dir, self.ctx.is_main, cfg.logging.tensorboard)  # opened by fit()
         self.best_on_disk = self.saved_best_miou()
 
     def saved_best_miou(self) -> float:
@@ -297,8 +299,7 @@ class Trainer:
         lr = self.step.lr(iteration)
         log.warning("non-finite loss at iteration %d (lr %.6g): step skipped (%d of at most %d)",
                     iteration, lr, self.state.skipped_steps, t.max_skipped_steps)
-        if self.writer is not None:
-            self.writer.add_scalar("train/skipped_steps", self.state.skipped_steps, iteration)
+        self.metrics.scalars(iteration, {"train/skipped_steps": self.state.skipped_steps})
         if self.state.skipped_steps > t.max_skipped_steps:
             raise TrainingStopped(
                 f"{self.state.skipped_steps} steps had a non-finite loss (trainer.max_skipped_steps="
@@ -325,24 +326,28 @@ class Trainer:
 
     # -- logging, validation, checkpoints ------------------------------------------------------
 
+    @property
+    def writer(self) -> Any:
+        """TensorBoard's SummaryWriter for images and text (None when off, on other ranks, before fit)."""
+        return self.metrics.writer
+
     def log_progress(self, iteration: int, result: StepResult) -> None:
-        """Once per logging interval: the loop's only host synchronisation."""
+        """Once per logging interval: the loop's only host synchronisation. The line always reaches
+        train.log; on the console the bar shows it instead when there is one."""
         self.check_finite()
         lr = self.step.lr(iteration)
         loss = float(all_reduce_sum(result.loss, self.ctx)) / self.ctx.world_size  # the global batch's loss
-        now = time.perf_counter()
-        rate = self.cfg.logging.interval / max(now - self.tic, 1e-9)
-        self.tic = now
+        rate = self.speed.rate(iteration)  # over the iterations since the last line: the last window may be short
         self.state.history.append({"iteration": iteration, "loss": loss, "lr": lr})
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if not self.show_progress and self.ctx.is_main:
-            log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s", iteration, self.cfg.trainer.max_iters, loss, lr,
-                     rate)
-        if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, iteration)
-            self.writer.add_scalar("train/lr", lr, iteration)
-            if self.cfg.data.on_error == "skip":
-                self.writer.add_scalar("data/skipped_samples", self.state.skipped_samples, iteration)
+        max_iters = self.cfg.trainer.max_iters
+        log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s, eta %s", iteration, max_iters, loss, lr, rate,
+                 format_eta((max_iters - iteration) / rate if rate > 0 else math.inf),
+                 extra={PROGRESS_RECORD: True})
+        values = {"train/loss": loss, "train/lr": lr, "train/iter_per_s": rate}
+        if self.cfg.data.on_error == "skip":
+            values["data/skipped_samples"] = self.state.skipped_samples
+        self.metrics.scalars(iteration, values)
 
     def set_train_mode(self) -> None:
         self.model.train()
@@ -361,8 +366,8 @@ class Trainer:
         m = result.metrics
         self.report_problems(result.skipped, "validation sample")
         left_out = f" ({len(result.skipped)} unusable samples left out: data.on_error=skip)" if result.skipped else ""
-        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s", iteration, m["miou"], m["pixel_acc"],
-                 m["mean_acc"], left_out)
+        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s\n%s", iteration, m["miou"],
+                 m["pixel_acc"], m["mean_acc"], left_out, format_table(m, self.class_names))
         self.write_validation(iteration, m, result.examples)
         self.state.last_miou = m["miou"]
         if m["miou"] > self.state.best_miou:
@@ -374,13 +379,15 @@ class Trainer:
         return m["miou"]
 
     def write_validation(self, iteration: int, metrics: dict, examples: list) -> None:
+        """Scalars (val/best_mIoU: the best so far, an HParams metric) to TensorBoard and metrics.jsonl."""
+        values = {tag: metrics[key] for key, tag in (("miou", "val/mIoU"), ("pixel_acc", "val/pixel_acc"),
+                                                      ("mean_acc", "val/mean_acc"))}
+        values["val/best_mIoU"] = max(self.state.best_miou, metrics["miou"])
+        values.update({f"val_iou/{name}": iou for name, iou in zip(self.class_names, metrics["iou"])
+                       if not math.isnan(iou)})
+        self.metrics.scalars(iteration, values)
         if self.writer is None:
             return
-        for key, tag in (("miou", "val/mIoU"), ("pixel_acc", "val/pixel_acc"), ("mean_acc", "val/mean_acc")):
-            self.writer.add_scalar(tag, metrics[key], iteration)
-        for name, iou in zip(self.class_names, metrics["iou"]):
-            if not math.isnan(iou):
-                self.writer.add_scalar(f"val_iou/{name}", iou, iteration)
         for k, (image, mask, pred) in enumerate(examples):
             rgb = denormalize(image, self.cfg.dataset.mean, self.cfg.dataset.std)
             self.writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, self.palette), iteration, dataformats="HWC")
@@ -461,14 +468,16 @@ class Trainer:
             self.on_step(iteration, self.model)
         if iteration % interval == 0 or last:
             self.log_progress(iteration, result)
-        if iteration % t.val_interval == 0 or last:
-            self.check_finite()
-            image_interval = self.cfg.logging.image_interval
-            images_due = iteration // image_interval > self.last_images or last
-            self.validate(iteration, images_due)
-            if images_due:
-                self.last_images = iteration // image_interval
-        saved = self.save() if iteration % t.ckpt_interval == 0 or last else None
+        with self.speed.excluded():  # it/s counts training steps only
+            if iteration % t.val_interval == 0 or last:
+                self.check_finite()
+                image_interval = self.cfg.logging.image_interval
+                images_due = iteration // image_interval > self.last_images or last
+                self.validate(iteration, images_due)
+                if images_due:
+                    self.last_images = iteration // image_interval
+            self.metrics.end_step()  # this iteration's metrics.jsonl line
+            saved = self.save() if iteration % t.ckpt_interval == 0 or last else None
         self.stop_if_preempted(iteration, saved)
 
     def fit(self) -> dict:
@@ -481,15 +490,25 @@ class Trainer:
                         disable=not self.show_progress, dynamic_ncols=True)
         self.last_images = self.state.iteration // self.cfg.logging.image_interval
         self.first_bad = torch.zeros((), dtype=torch.long, device=self.device)
-        self.tic = time.perf_counter()
+        self.speed = Throughput(self.state.iteration)
         with PreemptionHandler() as self.preemption, contextlib.ExitStack() as cleanup:
+            cleanup.enter_context(console_above_bar(self.show_progress))
             cleanup.callback(self.bar.close)
-            if self.writer is not None:  # flush TensorBoard events on any exit, preemption and errors included
-                cleanup.callback(self.writer.close)
+            cleanup.callback(self.metrics.close)  # TensorBoard and metrics.jsonl flushed on any exit
+            self.start_records()
             for iteration in range(self.state.iteration + 1, t.max_iters + 1):
                 self.run_iteration(iteration)
+            self.metrics.end_session(self.state.iteration)
         barrier(self.ctx)
         return self.summary()
+
+    def start_records(self) -> None:
+        """metrics.jsonl and TensorBoard from the start iteration; the HParams entry and the config."""
+        self.metrics.open(self.state.iteration)
+        self.run_info = hydra_run_info()
+        self.hparams = run_hparams(self.cfg, self.run_info.overrides, self.run_info.choices)
+        self.metrics.start_session(self.hparams, list(METRIC_TAGS), OmegaConf.to_yaml(self.cfg, resolve=True),
+                                   self.state.iteration)
 
     def close(self) -> None:
         """Give the run directory back (the lock); safe after a failed setup."""
@@ -503,6 +522,11 @@ class Trainer:
         if self.problems:
             log.warning("%d unusable samples were skipped (%d distinct problems)", s.skipped_samples,
                         len(self.problems))
+        if self.ctx.is_main:
+            write_result(self.run_dir, {
+                "best_miou": s.best_miou, "best_iteration": s.best_iteration, "final_miou": s.last_miou,
+                "iteration": s.iteration, "max_iters": self.cfg.trainer.max_iters, "job": self.run_info.job,
+                "overrides": self.run_info.overrides, "hparams": self.hparams, "run_dir": str(self.run_dir)})
         return {"final_miou": s.last_miou, "best_miou": s.best_miou, "history": s.history, "model": self.model,
                 "skipped": s.skipped_samples, "skipped_steps": s.skipped_steps}
 
