@@ -130,8 +130,9 @@ class Throughput:
     def __init__(self, iteration: int) -> None:
         self.reset(iteration)
 
-    def reset(self, iteration: int) -> None:
-        self.iteration, self.tic, self.paused = iteration, time.perf_counter(), 0.0
+    def reset(self, iteration: int, now: float | None = None) -> None:
+        self.iteration, self.paused = iteration, 0.0
+        self.tic = time.perf_counter() if now is None else now
 
     @contextlib.contextmanager
     def excluded(self) -> Iterator[None]:
@@ -142,9 +143,10 @@ class Throughput:
             self.paused += time.perf_counter() - start
 
     def rate(self, iteration: int) -> float:
-        elapsed = time.perf_counter() - self.tic - self.paused
+        now = time.perf_counter()
+        elapsed = now - self.tic - self.paused
         done = iteration - self.iteration
-        self.reset(iteration)
+        self.reset(iteration, now)
         return done / max(elapsed, 1e-9)
 
 
