@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -78,7 +79,7 @@ def precheck(config_name: str, args: list[str]) -> None:
                 if not parsed.multirun:
                     _fail(command, f"'{text}' is a sweep: add -m to run one job per value, or quote the "
                           "value (key='a,b') / use a list (key=[a,b])")
-                value = next(iter(override.sweep_string_iterator()))
+                value = _first_value(override)
                 prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(override.type.name, "")
                 text = f"{prefix}{override.get_key_element().lstrip('+~')}={value}"
             overrides.append(text)
@@ -96,6 +97,13 @@ def precheck(config_name: str, args: list[str]) -> None:
         _fail(command, _one_line(exc))
     finally:
         GlobalHydra.instance().clear()
+
+
+def _first_value(override: Any) -> str:
+    """A sweep's first value, enough to check the config; an interval (Optuna) its lower end."""
+    if override.is_interval_sweep():
+        return str(override.value().start)
+    return next(iter(override.sweep_string_iterator()))
 
 
 def _refuse_used_run_dir(command: str, overrides: list[str]) -> None:

@@ -139,7 +139,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             "best_iteration": result.get("best_iteration"),
             "final_miou": result.get("final_miou"),
             "iterations": result.get("iteration"),
-            "run_dir": str(path.parent),
+            "run_dir": str(path.parent.resolve()),
         })
     return sorted(rows, key=lambda row: (row["job"] is None, row["job"] or 0, row["run_dir"]))
 
