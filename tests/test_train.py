@@ -57,9 +57,14 @@ def test_resume_continues_at_the_saved_iteration_with_the_same_lr(tmp_path, shap
     shutil.copytree(full_dir / "checkpoints", resumed_dir / "checkpoints")
     (resumed_dir / "checkpoints" / "last.pt").unlink()
     (resumed_dir / "checkpoints" / "iter_0000006.pt").unlink()
+    shutil.copy(full_dir / "metrics.jsonl", resumed_dir / "metrics.jsonl")  # as if killed after iteration 6
     cfg_resume = compose_config("train", tiny_overrides(shapes_root) + ["resume=auto"])
     resumed = train(cfg_resume, resumed_dir)
     assert [h["iteration"] for h in resumed["history"]] == [4, 5, 6]
+    records = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+               for d in (full_dir, resumed_dir)]
+    assert [r["iteration"] for r in records[1]] == [r["iteration"] for r in records[0]] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/loss"] for r in records[1]] == [r["train/loss"] for r in records[0]]  # 4-6 once, resumed
     assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in full["history"][3:]]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"][3:]]
     for (name, a), b in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
