@@ -91,12 +91,25 @@ def _comparable(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, A
     return {k: (None if v in ({}, [], ()) else v) for k, v in merged.items()}
 
 
+def _resolve_auto(model: dict[str, Any], backbone: Any) -> dict[str, Any]:
+    """DeepLab's `separable: auto` stands for what it resolves to with that side's backbone."""
+    if model.get("separable") != "auto":
+        return model
+    from segtrain.models.deeplab import paper_uses_separable
+
+    name = backbone.get("name") if isinstance(backbone, dict) else None
+    return {**model, "separable": paper_uses_separable(str(name or ""))}
+
+
 def check_same_network(stored: DictConfig, cfg: DictConfig, source: str) -> None:
     """The model and backbone the weights belong to; keys a side leaves out count as their defaults."""
     for section in ("model", "backbone"):
         defaults = _constructor_defaults(cfg[section])
         saved = _comparable(_plain(stored.get(section)) or {}, defaults)
         current = _comparable(_plain(cfg[section]), defaults)
+        if section == "model":
+            saved = _resolve_auto(saved, _plain(stored.get("backbone")))
+            current = _resolve_auto(current, _plain(cfg.backbone))
         differs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differs:
             raise ConfigError(

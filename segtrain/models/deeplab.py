@@ -14,15 +14,36 @@ from segtrain.models.resize import resize_to
 from segtrain.models.segmentor import Segmentor, check_dropout
 
 
+def paper_uses_separable(backbone_name: str) -> bool:
+    """The DeepLab v3+ paper's choice per backbone family: depthwise-separable ASPP and decoder convs with
+    Xception, plain convolutions with ResNet (and, by the same rule, every other family)."""
+    return "xception" in backbone_name.split(".")[0].lower()
+
+
+def resolve_separable(separable: bool | str, backbone_name: str) -> bool:
+    """`model.separable`: true, false, or "auto" (the paper's choice for the backbone's family)."""
+    if isinstance(separable, bool):
+        return separable
+    if separable == "auto":
+        return paper_uses_separable(backbone_name)
+    raise ConfigError(f"model.separable must be true, false or auto (separable with Xception, plain otherwise, "
+                      f"as in the DeepLab v3+ paper); got {separable!r}")
+
+
 class DeepLabV3(Segmentor):
-    """ASPP (with image pooling) on the deepest feature, then a 1x1 classifier; no decoder."""
+    """ASPP (with image pooling) on the deepest feature, then a 1x1 classifier; no decoder.
+
+    `separable` (true, false or "auto"): depthwise-separable 3x3 convs; "auto" resolves from the
+    backbone's name (see `paper_uses_separable`) and the resolved value is `self.separable`.
+    """
 
     def __init__(self, backbone: Backbone, num_classes: int, aspp_channels: int = 256,
-                 aspp_rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1, separable: bool = False) -> None:
+                 aspp_rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1, separable: bool | str = "auto") -> None:
         super().__init__(backbone, num_classes)
         check_dropout(dropout)
+        self.separable = resolve_separable(separable, getattr(backbone, "name", ""))
         rates = scaled_rates(list(aspp_rates), backbone.strides[-1])
-        self.aspp = ASPP(backbone.channels[-1], aspp_channels, rates, dropout, separable)
+        self.aspp = ASPP(backbone.channels[-1], aspp_channels, rates, dropout, self.separable)
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
 
     def decode(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -32,13 +53,14 @@ class DeepLabV3(Segmentor):
 class DeepLabV3Plus(DeepLabV3):
     """DeepLab v3 encoder + decoder fusing the ASPP output with the stride-4 feature.
 
-    With `separable=true` (the paper's Xception-65 setting) the ASPP's 3x3 branches and the
-    decoder's two 3x3 convolutions are depthwise-separable, each part followed by BN and ReLU.
+    With separable convs (the paper's Xception-65 setting, what "auto" gives for Xception) the ASPP's
+    3x3 branches and the decoder's two 3x3 convolutions are depthwise-separable, each part followed
+    by BN and ReLU; the paper's ResNet-101 rows use plain convolutions ("auto" for ResNets).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, aspp_channels: int = 256,
                  aspp_rates: Sequence[int] = (6, 12, 18), decoder_channels: int = 256, low_level_channels: int = 48,
-                 dropout: float = 0.1, separable: bool = False) -> None:
+                 dropout: float = 0.1, separable: bool | str = "auto") -> None:
         super().__init__(backbone, num_classes, aspp_channels, aspp_rates, dropout, separable)
         if 4 not in backbone.strides:
             raise ConfigError(
@@ -49,8 +71,8 @@ class DeepLabV3Plus(DeepLabV3):
         self.low_level_index = backbone.strides.index(4)
         self.low_level = conv_bn_relu(backbone.channels[self.low_level_index], low_level_channels)
         self.fuse = nn.Sequential(
-            conv3x3_bn_relu(aspp_channels + low_level_channels, decoder_channels, separable=separable),
-            conv3x3_bn_relu(decoder_channels, decoder_channels, separable=separable),
+            conv3x3_bn_relu(aspp_channels + low_level_channels, decoder_channels, separable=self.separable),
+            conv3x3_bn_relu(decoder_channels, decoder_channels, separable=self.separable),
         )
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
 

@@ -17,14 +17,15 @@ from segtrain.models.segmentor import Segmentor, check_dropout
 class PyramidPooling(nn.Module):
     """Average-pool to bins x bins, reduce to in/len(bins) channels, upsample, concatenate with input."""
 
-    def __init__(self, in_ch: int, bins: Sequence[int]) -> None:
+    def __init__(self, in_ch: int, bins: Sequence[int], align_corners: bool = False) -> None:
         super().__init__()
+        self.align_corners = align_corners
         reduced = in_ch // len(bins)
         self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_ch, reduced)) for b in bins)
         self.out_channels = in_ch + reduced * len(bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x] + [resize_to(stage(x), x.shape[-2:]) for stage in self.stages], dim=1)
+        return torch.cat([x] + [resize_to(stage(x), x.shape[-2:], self.align_corners) for stage in self.stages], dim=1)
 
 
 def fcn_head(in_ch: int, mid_ch: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -40,8 +41,8 @@ class PSPNet(Segmentor):
 
     def __init__(self, backbone: Backbone, num_classes: int, bins: Sequence[int] = (1, 2, 3, 6),
                  channels: int = 512, dropout: float = 0.1, aux: bool = True, aux_channels: int = 256,
-                 aux_index: int = -2) -> None:
-        super().__init__(backbone, num_classes)
+                 aux_index: int = -2, align_corners: bool = False) -> None:
+        super().__init__(backbone, num_classes, align_corners)
         check_dropout(dropout)
         if not bins or min(bins) < 1:
             raise ConfigError(f"model.bins must be a non-empty list of pooled sizes >= 1 (the paper's [1, 2, 3, 6]); "
@@ -49,7 +50,7 @@ class PSPNet(Segmentor):
         if aux and not -len(backbone.channels) <= aux_index < len(backbone.channels):
             raise ConfigError(f"model.aux_index={aux_index} picks no feature: this backbone gives "
                               f"{len(backbone.channels)} features; use -2 (a ResNet's layer3) or set model.aux=false")
-        self.ppm = PyramidPooling(backbone.channels[-1], bins)
+        self.ppm = PyramidPooling(backbone.channels[-1], bins, self.align_corners)
         self.head = fcn_head(self.ppm.out_channels, channels, num_classes, dropout)
         self.aux_index = aux_index
         self.aux_head = fcn_head(backbone.channels[aux_index], aux_channels, num_classes, dropout) if aux else None

@@ -24,12 +24,18 @@ class Segmentor(nn.Module):
     The input is zero-padded at the bottom/right to the backbone's size divisor and the logits are
     cropped back, so any input size (513x513 included) gives logits of exactly that size. Logits are
     returned in float32 so the loss is computed in full precision under autocast.
+
+    `align_corners` is the convention of that final bilinear resize (a model whose official code
+    resizes with corners aligned sets it, and uses it for its own resizes too).
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, align_corners: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
+        if not isinstance(align_corners, bool):
+            raise ConfigError(f"model.align_corners must be true or false, got {align_corners!r}")
+        self.align_corners = align_corners
 
     def decode(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -52,7 +58,7 @@ class Segmentor(nn.Module):
         padded = (height + pad_h, width + pad_w)
         result = {}
         for key, logits in outputs.items():
-            logits = resize_to(logits, padded)[..., :height, :width]
+            logits = resize_to(logits, padded, self.align_corners)[..., :height, :width]
             result[key] = logits.float()
         return result
 

@@ -17,11 +17,14 @@ class Backbone(nn.Module):
     """forward(x) -> list of feature maps, finest first; `channels[i]` and `strides[i]` describe map i.
 
     `size_divisor` is the multiple the input height and width must have; the segmentor pads to it.
+    `name` is the architecture's name (timm's model name, `drn_d_105`, ...): heads whose paper
+    settings depend on the backbone family read it (DeepLab's `separable: auto`).
     """
 
     channels: list[int]
     strides: list[int]
     size_divisor: int = 1
+    name: str = ""
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -44,6 +44,8 @@ class TimmBackbone(Backbone):
         super().__init__()
         import timm
 
+        self.name = name
+
         # is_model, not list_models(): it accepts pretrained tags (`resnet50.tv_in1k`).
         if not timm.is_model(name):
             raise ConfigError(f"backbone.name={name!r} is not a timm model (see timm.list_models())")

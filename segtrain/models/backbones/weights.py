@@ -1,6 +1,6 @@
 """Pretrained ImageNet weights: download, cache lookup, checksum, and the message when they cannot be had.
 
-Every backbone gets its pretrained weights through this module, from one of two sources:
+Every backbone gets its pretrained weights through this module, from one of three sources:
 
 - URL weights (the DRN release): torch.hub downloads them into `<torch hub dir>/checkpoints`
   ($TORCH_HOME/hub/checkpoints). Their file names carry the first hex digits of the file's SHA-256
@@ -8,6 +8,9 @@ Every backbone gets its pretrained weights through this module, from one of two 
   downloading; a file already in the cache (copied there by hand, or cut short) is checked here.
 - timm weights (ResNets, Xception, HRNet, DLA, any timm model): timm downloads them from the
   Hugging Face Hub into the Hugging Face cache, which verifies what it stores.
+- Hand-placed files (the deep-stem ResNets of hszhao/semseg, published only in a Google Drive
+  folder, with no URL a program can fetch): the user puts the file in `<torch hub dir>/checkpoints`
+  under its published name, and `pretrained=true` reads it from there.
 
 Offline, the libraries' retry loops take minutes and end in a traceback. So before asking them,
 segtrain looks in the cache and, when the file is not there, probes the host once
@@ -117,6 +120,16 @@ def load_url_weights(url: str, name: str) -> dict[str, torch.Tensor]:
         raise _unavailable(name, f"could not be downloaded ({_first_line(exc)})", _url_remedy(url, cached),
                            cached.name) from None
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def manual_weights_file(file_name: str, name: str, source: str) -> Path:
+    """The hand-placed ImageNet file `file_name` of backbone `name`, in torch's hub checkpoints directory."""
+    cached = torch_hub_file(file_name)
+    if cached.is_file():
+        return cached
+    raise _unavailable(name, f"({file_name}) are not in the cache and cannot be downloaded automatically",
+                       f"Download {file_name} from {source} and put it at {cached} (torch hub checkpoints "
+                       "directory)", file_name)
 
 
 def _timm_remedy(name: str, cfg: PretrainedCfg) -> str:
