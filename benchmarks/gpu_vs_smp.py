@@ -66,7 +66,9 @@ def segtrain_backbone(encoder: str) -> str:
 def segtrain_contender(encoder: str, args: argparse.Namespace) -> tuple[Contender, torch.Tensor, torch.Tensor]:
     register_configs()
     overrides = [
-        "model=deeplabv3plus", f"backbone={segtrain_backbone(encoder)}", "backbone.output_stride=16",
+        # separable convs, as smp's DeepLabV3Plus (segtrain's default with ResNets is plain, as the paper)
+        "model=deeplabv3plus", "model.separable=true", f"backbone={segtrain_backbone(encoder)}",
+        "backbone.output_stride=16",
         "dataset=voc",  # 21 classes, as smp's head below
         f"bench.batch_size={args.batch}", f"bench.crop_size=[{args.size},{args.size}]",
         f"trainer.device={args.device}", f"trainer.amp={args.amp}",

@@ -41,7 +41,9 @@ def segtrain_step(size: int, device: str) -> tuple[torch.nn.Module, Step]:
     register_configs()
     with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="vs_smp"):
         cfg = compose(config_name="bench", overrides=[
-            "model=deeplabv3plus", "backbone=resnet50", "backbone.output_stride=16", "bench.batch_size=2",
+            # separable convs, as smp's DeepLabV3Plus (segtrain's default with ResNets is plain, as the paper)
+            "model=deeplabv3plus", "model.separable=true", "backbone=resnet50", "backbone.output_stride=16",
+            "bench.batch_size=2",
             f"bench.crop_size=[{size},{size}]", f"trainer.device={device}", "dataset=voc"])  # 21 classes
     setup = bench_train_step(cfg, torch.device(device))
     batches = [(setup.images, setup.masks)]

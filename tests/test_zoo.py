@@ -10,8 +10,10 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from segtrain.cli import config_dir
+from segtrain.commands.evaluate import checkpoint_config
 from segtrain.commands.info import model_complexity
-from segtrain.errors import WeightsError
+from segtrain.engine.resume import check_same_network
+from segtrain.errors import ConfigError, WeightsError
 from segtrain.instantiate import instantiate_checked
 from segtrain.models import build_model
 from segtrain.models.backbones import drn as drn_module
@@ -82,9 +84,63 @@ def test_xception_deeplab_uses_separable_convolutions():
     assert sum(1 for m in model.fuse.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1) == 2
 
 
+
+def _depthwise_in_head(model) -> int:
+    head = [model.aspp, *([model.fuse] if hasattr(model, "fuse") else [])]
+    return sum(1 for part in head for m in part.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+
+
+@pytest.mark.parametrize("model_name,backbone_name,separable", [
+    ("deeplabv3plus", "resnet101", False), ("deeplabv3plus", "xception65", True), ("deeplabv3", "xception65", True),
+    ("deeplabv3", "resnet50", False), ("deeplabv3plus", "drn_d_22", False),
+])
+def test_separable_auto_is_the_papers_choice_for_the_backbone_family(model_name, backbone_name, separable):
+    assert _node("model", model_name).separable == "auto"
+    with torch.device("meta"):
+        model = build_model(_node("model", model_name), _node("backbone", backbone_name), 21)
+    assert model.separable is separable
+    assert _depthwise_in_head(model) == (3 + 2 * (model_name == "deeplabv3plus") if separable else 0)
+
+
+@pytest.mark.parametrize("backbone_name,separable", [("resnet50", True), ("xception65", False)])
+def test_an_explicit_separable_value_wins_over_the_family(backbone_name, separable):
+    with torch.device("meta"):
+        model = build_model(_node("model", "deeplabv3plus", separable=separable), _node("backbone", backbone_name), 21)
+    assert model.separable is separable and _depthwise_in_head(model) == (5 if separable else 0)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_a_bad_separable_value_is_one_line_naming_the_key(value):
+    with pytest.raises(ConfigError) as info, torch.device("meta"):
+        build_model(_node("model", "deeplabv3plus", separable=value), _node("backbone", "resnet50"), 21)
+    assert str(info.value).startswith("model.separable must be true, false or auto") and "\n" not in str(info.value)
+
+
+def test_a_resume_compares_separable_auto_by_what_it_resolves_to():
+    def config(backbone_name, separable):
+        return OmegaConf.create({"model": OmegaConf.to_container(_node("model", "deeplabv3plus", separable=separable)),
+                                 "backbone": OmegaConf.to_container(_node("backbone", backbone_name))})
+
+    check_same_network(config("xception65", True), config("xception65", "auto"), "run.pt")  # the same network
+    check_same_network(config("resnet101", False), config("resnet101", "auto"), "run.pt")
+    with pytest.raises(ConfigError, match=r"run.pt holds a different model \(model.separable: True in the checkpoint, "
+                                          r"False now\)"):
+        check_same_network(config("resnet101", True), config("resnet101", "auto"), "run.pt")
+
+
+def test_a_checkpoint_stored_with_separable_true_rebuilds_separable_and_loads(tmp_path):
+    train_cfg = compose_config("train", ["experiment=quickstart", "model.separable=true"])
+    trained = build_model(train_cfg.model, train_cfg.backbone, len(train_cfg.dataset.class_names))
+    state = {"config": OmegaConf.to_yaml(train_cfg), "model": trained.state_dict()}
+    cfg = checkpoint_config(state, compose_config("eval", [f"ckpt={tmp_path / 'best.pt'}"]), [])
+    rebuilt = build_model(cfg.model, cfg.backbone, len(cfg.dataset.class_names))
+    rebuilt.load_state_dict(state["model"])  # strict
+    assert rebuilt.separable and _depthwise_in_head(rebuilt) == 5
+
 # Parameter counts of the paper experiments (pretrained=false). Where the paper or official code
-# publishes a count, ours must be within 1 %; where our backbone differs from the source's, or no
-# count is published, our own count is pinned (exactly) so that any change is noticed.
+# publishes a count, ours must be within 1 % ("paper") or print as it ("printed": `segtrain info`'s two
+# decimals, and pinned exactly); where our backbone differs from the source's, or no count is published,
+# our own count is pinned (exactly) so that any change is noticed.
 EXPERIMENTS = {
     # HRNet/HRNet-Semantic-Segmentation README (HRNetV2-W48, Cityscapes): 65.8M.
     "hrnetv2_w48_cityscapes": ("paper", 65.8e6),
@@ -93,12 +149,12 @@ EXPERIMENTS = {
     "drn_d_105_cityscapes": ("pinned", 54_302_915),
     # No count published by tensorflow/models for DeepLab v3+ Xception-65; pinned.
     "deeplabv3plus_xception65_voc": ("pinned", 41_055_413),
-    # The TF ResNet-101 has a 3x3-conv "beta" stem, ours torchvision's 7x7 stem: pinned (separable ASPP +
-    # decoder, as in the paper).
-    "deeplabv3plus_r101_voc": ("pinned", 45_688_261),
-    # The official PSPNet ResNet-101 has a deep stem, ours torchvision's 7x7 stem: pinned.
-    "pspnet_r101_voc": ("pinned", 67_949_930),
-    "pspnet_r101_cityscapes": ("pinned", 67_948_390),
+    # The paper's ResNet-101 rows: plain ASPP and decoder convs (separable: auto), 59.34M; pinned exactly too.
+    # (The TF ResNet-101 has a 3x3-conv "beta" stem, ours torchvision's 7x7 stem.)
+    "deeplabv3plus_r101_voc": ("printed", "59.34M", 59_344_309),
+    # Official PSPNet (hszhao/semseg, deep-stem ResNet-101, with the aux head): 68.07M; pinned exactly too.
+    "pspnet_r101_voc": ("printed", "68.07M", 68_073_706),
+    "pspnet_r101_cityscapes": ("printed", "68.07M", 68_072_166),
     # ucbdrive/dla publishes no count for DLA-34 Up; pinned.
     "dla34_up_cityscapes": ("pinned", 17_540_435),
 }
@@ -111,9 +167,11 @@ def test_paper_experiment_parameter_counts(experiment):
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.backbone, len(cfg.dataset.class_names))
     count = sum(p.numel() for p in model.parameters())
-    kind, reference = EXPERIMENTS[experiment]
+    kind, reference, *exact = EXPERIMENTS[experiment]
     if kind == "paper":
         assert abs(count - reference) / reference < 0.01, count
+    elif kind == "printed":  # the official count as `segtrain info` prints it, and our exact count
+        assert f"{count / 1e6:.2f}M" == reference and count == exact[0], count
     else:
         assert count == reference, count
 
@@ -184,7 +242,7 @@ def test_info_counts_parameters_and_multiply_adds():
     model_cfg, backbone_cfg = _node("model", "deeplabv3plus"), _node("backbone", "resnet50")
     small = model_complexity(model_cfg, backbone_cfg, 21, (256, 256))
     large = model_complexity(model_cfg, backbone_cfg, 21, (512, 512))
-    assert small["params"] == large["params"] == 26_696_133
+    assert small["params"] == large["params"] == 40_352_181  # plain convs with ResNet (separable: auto)
     assert large["gflops"] == pytest.approx(2 * large["gmacs"])
     # convolutions dominate: 4x the pixels, about 4x the multiply-adds
     assert large["gmacs"] / small["gmacs"] == pytest.approx(4.0, rel=0.02)
