@@ -62,6 +62,9 @@ def load_backbone_weights(
     if inner and not any(k.startswith(inner) for k in state):
         state = {inner + k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k[len(inner):].startswith(ignore_prefixes)}
+    upgrade = getattr(backbone, "upgrade_state_dict", None)
+    if callable(upgrade):  # keys of an earlier layout of the same weights (see TimmBackbone)
+        state = upgrade(state)
     own = backbone.state_dict()
     # Files saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked; load_state_dict fills it.
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

@@ -1,10 +1,20 @@
-"""Any timm model with `features_only` as a backbone: ResNets, Xception-65, HRNet, DLA and the rest of timm."""
+"""Any timm model with `features_only` as a backbone: ResNets, Xception-65, HRNet, DLA and the rest of timm.
+
+Feature maps come out of a pure forward, without forward hooks, so `torch.compile` traces the encoder
+without graph breaks. timm's default `features_only` wrappers are hook-free for ResNets, DLA and HRNet
+(FeatureListNet and HRNet's own feature model); for models whose default is the hook-based
+FeatureHookNet (aligned Xception and a few others) segtrain asks for timm's `forward_intermediates`
+getter instead. That wrapper keeps timm's own parameter names under `net.model.`, where FeatureHookNet
+flattened them (`net.stem_0.`, `net.blocks_3.`); `TimmBackbone` renames keys of that older layout (and of
+plain timm files) when a state dict is loaded, so earlier checkpoints and weight files still load strictly.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone, load_backbone_weights
@@ -63,7 +73,7 @@ class TimmBackbone(Backbone):
         if download:
             require_timm_weights(name)
         try:
-            self.net = timm.create_model(name, features_only=True, pretrained=download, **kwargs)
+            self.net = _features_model(name, download, kwargs)
         except TypeError as exc:
             raise ConfigError(f"backbone: timm model {name!r} does not accept the options {kwargs}: "
                               f"{_first_line(exc)}") from None
@@ -75,6 +85,9 @@ class TimmBackbone(Backbone):
             if download:
                 raise timm_download_error(name, exc) from None
             raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs}: {_first_line(exc)}") from None
+        self._layout_renames = hook_layout_renames(self.net)
+        if self._layout_renames:
+            self.register_load_state_dict_pre_hook(self._rename_legacy_keys)
         if weights:
             load_backbone_weights(self, weights, inner="net.", ignore_prefixes=CLASSIFIER_PREFIXES)
         self.channels = list(self.net.feature_info.channels())
@@ -84,5 +97,80 @@ class TimmBackbone(Backbone):
             # Dilated encoders need no padding beyond their (smaller) output stride.
             self.size_divisor = int(size_divisor) if size_divisor else 1
 
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """`state` with keys of the FeatureHookNet layout and of plain timm files (under `prefix + "net."`)
+        renamed to this backbone's getter layout; other keys unchanged."""
+        if not self._layout_renames:
+            return state
+        renamed = {rename_legacy_key(k, prefix + "net.", self._layout_renames): v for k, v in state.items()}
+        # With out_indices short of the last feature timm prunes the layers after the last tap (FeatureHookNet
+        # kept them, unused): their old weights have no place here and computed nothing.
+        inner = prefix + "net."
+        return {k: v for k, v in renamed.items()
+                if k in state or not k.startswith(inner) or not pruned_by_timm(self.net, k[len(inner):])}
+
+    def _rename_legacy_keys(self, module: nn.Module, state: dict, prefix: str, *_: object) -> None:
+        renamed = self.upgrade_state_dict(state, prefix)
+        if list(renamed) != list(state):
+            state.clear()
+            state.update(renamed)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.net(x))
+
+
+def _features_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's features_only model of `name`; the forward_intermediates getter where timm's default is
+    the hook-based FeatureHookNet (its hooks write into a dict during the forward: graph breaks)."""
+    import timm
+    from timm.models._features import FeatureHookNet
+
+    if "feature_cls" in kwargs:  # the user chose a wrapper
+        return timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
+    default = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
+    if isinstance(default, FeatureHookNet):
+        getter = timm.create_model(name, features_only=True, pretrained=pretrained, feature_cls="getter", **kwargs)
+        if callable(getattr(getter.model, "forward_intermediates", None)):
+            return getter
+    if pretrained:
+        return timm.create_model(name, features_only=True, pretrained=True, **kwargs)
+    return default
+
+
+def hook_layout_renames(net: nn.Module) -> dict[str, str]:
+    """For a getter-wrapped timm model: FeatureHookNet's flattened first key component -> its timm name
+    (`stem_0` -> `stem.0`, `blocks` -> `blocks`); empty for other wrappers (their keys never changed)."""
+    from timm.models._features import FeatureGetterNet
+
+    if not isinstance(net, FeatureGetterNet):
+        return {}
+    renames: dict[str, str] = {}
+    for name, child in net.model.named_children():
+        renames[name] = name
+        if isinstance(child, nn.Sequential):
+            renames.update({f"{name}_{sub}": f"{name}.{sub}" for sub, _ in child.named_children()})
+    return renames
+
+
+def pruned_by_timm(net: nn.Module, key: str) -> bool:
+    """Whether `key` (relative to `net`) belongs to a layer that timm's prune_intermediate_layers replaced
+    by an Identity or removed (set to None)."""
+    module: Any = net
+    for part in key.split(".")[:-1]:
+        module = getattr(module, part, None)  # Sequential/ModuleList children too ("0", "conv3")
+        if module is None or isinstance(module, nn.Identity):
+            return True
+        if not isinstance(module, nn.Module):
+            return False
+    return False
+
+
+def rename_legacy_key(key: str, prefix: str, renames: dict[str, str]) -> str:
+    """`prefix + "stem_0.conv.weight"` (FeatureHookNet) or `prefix + "stem.0.conv.weight"` (timm) ->
+    `prefix + "model.stem.0.conv.weight"`; keys outside `prefix` or already in the getter layout unchanged."""
+    if not key.startswith(prefix) or key.startswith(prefix + "model."):
+        return key
+    first, _, rest = key[len(prefix):].partition(".")
+    if first not in renames:
+        return key
+    return f"{prefix}model.{renames[first]}.{rest}"
