@@ -74,12 +74,20 @@ def test_channels_last_training_runs(tmp_path, shapes_root):
 def test_compile_falls_back_with_a_message(monkeypatch, caplog):
     from segtrain.engine import step as step_module
 
-    def broken(model):
+    def broken(model, **_):
         raise RuntimeError("no compiler")
 
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
     monkeypatch.setattr(torch, "compile", broken)
-    model = nn.Linear(2, 2)
+    model = nn.Sequential(Block(), Block())
     with caplog.at_level("WARNING"):
-        assert step_module.compiled(model, True) is model
+        assert step_module.compile_regions(model, model) == (model, None)
     assert "torch.compile is unavailable" in caplog.text and "no compiler" in caplog.text
-    assert step_module.compiled(model, False) is model
+    assert all("forward" not in block.__dict__ for block in model)

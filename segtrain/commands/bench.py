@@ -8,8 +8,10 @@ Start-up and compile time. Every warm-up step is timed on its own (synchronised)
 always a warm-up step, so `bench.warmup=0` runs one untimed step too. "Start-up" is the warm-up's wall
 time minus as many steady-state steps: what the first calls cost beyond a normal step. torch.compile
 compiles lazily at the first call, and again at each recompilation, so with `trainer.compile=true` this
-difference holds the compile time, recompilations during the warm-up included; the inference pass
-(eval mode, no autograd) compiles a graph of its own, measured the same way. `compile_seconds` is the
+difference holds the compile time, recompilations during the warm-up included. The compile is regional
+(segtrain.engine.compile): `compiled_regions` modules, each compiled at its first call; the inference
+pass (eval mode, no autograd) compiles each region once more for eval mode, measured the same way, and
+`compiled_graphs` counts the graphs dynamo compiled over both passes. `compile_seconds` is the
 sum of both start-ups with `trainer.compile=true` (null without): an upper bound, since it also holds
 the first-call costs an eager run has (cuDNN autotuning, allocator growth, lazy CUDA set-up); those are
 the start-up figures of the same bench with `trainer.compile=false`. The wall time of the first
@@ -36,6 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
+from torch._dynamo.utils import counters
 
 from segtrain.commands.info import model_complexity
 from segtrain.config import AugmentConfig, check_options, command_line_keys
@@ -170,6 +173,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     setup = bench_train_step(cfg, device)
+    frames_before = counters["frames"]["total"]
     batches = [(setup.images, setup.masks)]
     setup.model.train()
     train = _timed(lambda it: setup.step(it, batches), b.warmup, b.steps, b.batch_size, device)
@@ -183,6 +187,9 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     inference = _timed(infer_step, b.warmup, b.steps, b.batch_size, device)
     infer_rate = inference.images_per_s
     compile_seconds = train.startup_s + inference.startup_s if t.compile else None
+    regions = setup.step.regions
+    compiled_regions = len(regions.regions) if regions is not None else None
+    compiled_graphs = counters["frames"]["total"] - frames_before if regions is not None else None
     num_classes = len(cfg.dataset.class_names)
     memory, memory_kind = peak_memory_mb(device)
     allocated, reserved = cuda_memory_mb(device)
@@ -210,6 +217,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         "train_startup_seconds": train.startup_s,
         "inference_startup_seconds": inference.startup_s,
         "compile_seconds": compile_seconds,
+        "compiled_regions": compiled_regions,
+        "compiled_graphs": compiled_graphs,
         "data_samples_per_s_per_worker": data_rate,
         "gflops_per_image": complexity["gflops"],
         "params_m": complexity["params"] / 1e6,
@@ -232,7 +241,9 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
          f"{allocated:.0f} MB allocated, {reserved:.0f} MB reserved (CUDA max)"),
         ("first training step", f"{train.first_step_s:.2f} s"),
         ("start-up (warm-up - steady)", f"train {train.startup_s:.2f} s, inference {inference.startup_s:.2f} s"),
-        ("compile time", f"{compile_seconds:.2f} s (train + inference start-up)" if compile_seconds is not None
+        ("compile time", f"{compile_seconds:.2f} s (train + inference start-up; {compiled_regions} regions, "
+         f"{compiled_graphs} graphs)" if compile_seconds is not None and compiled_regions is not None
+         else f"{compile_seconds:.2f} s (torch.compile unavailable: eager)" if compile_seconds is not None
          else "- (trainer.compile=false)"),
         ("data pipeline", f"{data_rate:.1f} samples/s per worker (500x375 JPEG -> {crop[0]}x{crop[1]} crop)"),
         ("GFLOPs per image", f"{complexity['gflops']:.2f} (forward; 1 multiply-add = 2 FLOPs)"),

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from segtrain.config import command_line_keys
+from segtrain.engine.compile import RegionalCompile
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.evaluate import autocast
 from segtrain.engine.losses import SegmentationLoss
@@ -43,14 +44,15 @@ class StepResult:
 
 
 class FirstCallFallback:
-    """Run a torch.compile'd module; if its first call fails, run the eager module from then on.
+    """Run a compiled module; if its first call fails, run the eager module from then on.
 
     torch.compile compiles lazily, so an unusable compiler surfaces at the first call. Only that call
-    is guarded: a later failure (out of memory, a CUDA error) is raised as what it is.
+    is guarded: a later failure (out of memory, a CUDA error) is raised as what it is. `on_failure`
+    undoes the compilation (regional compile compiles submodules in place).
     """
 
-    def __init__(self, compiled: Callable, eager: nn.Module) -> None:
-        self.module, self.eager, self.checked = compiled, eager, False
+    def __init__(self, compiled: Callable, eager: nn.Module, on_failure: Callable[[], None] | None = None) -> None:
+        self.module, self.eager, self.checked, self.on_failure = compiled, eager, False, on_failure
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.checked:
@@ -62,20 +64,25 @@ class FirstCallFallback:
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             log.warning("trainer.compile=true: compilation failed (%s: %s); training without torch.compile",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            if self.on_failure is not None:
+                self.on_failure()
             self.module = self.eager
             outputs = self.module(images)
         self.checked = True
         return outputs
 
 
-def compiled(model: nn.Module, enabled: bool) -> Callable:
-    if not enabled:
-        return model
+def compile_regions(model: nn.Module, network: nn.Module) -> tuple[Callable, RegionalCompile | None]:
+    """`network` (the model or its DDP wrapper) with `model`'s regions compiled in place, behind the
+    first-call fallback; the regions, or None where torch.compile is unavailable."""
     try:
-        return FirstCallFallback(torch.compile(model), model)
+        regions = RegionalCompile(model)
     except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
         log.warning("trainer.compile=true: torch.compile is unavailable here (%s); training without it", exc)
-        return model
+        return network, None
+    log.info("trainer.compile=true: %d regions compiled in place (backbone blocks and head); "
+             "validation runs eagerly", len(regions.regions))
+    return FirstCallFallback(network, network, on_failure=regions.remove), regions
 
 
 def auxiliary_outputs(model: nn.Module) -> tuple[str, ...]:
@@ -122,7 +129,14 @@ class TrainStep:
             self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                                else None, find_unused_parameters=unused)
             network = self.ddp
-        self.forward = compiled(network, compile)
+        self.forward: Callable = network
+        self.regions: RegionalCompile | None = None
+        if compile:
+            self.forward, self.regions = compile_regions(model, network)
+
+    def eager(self) -> contextlib.AbstractContextManager:
+        """Where the model runs outside the training step (validation): compiled regions run eagerly."""
+        return self.regions.eager() if self.regions is not None else contextlib.nullcontext()
 
     def lr(self, iteration: int) -> float:
         """The base (backbone) learning rate of iteration `iteration` (1-based)."""

@@ -360,8 +360,9 @@ class Trainer:
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         num_images = self.cfg.logging.num_images if log_images and self.ctx.is_main else 0
-        result = evaluate(self.model, self.val_loader, len(self.class_names), self.device, self.step.amp,
-                          self.cfg.dataset.ignore_index, self.settings, num_examples=num_images)
+        with self.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
+            result = evaluate(self.model, self.val_loader, len(self.class_names), self.device, self.step.amp,
+                              self.cfg.dataset.ignore_index, self.settings, num_examples=num_images)
         self.set_train_mode()
         m = result.metrics
         self.report_problems(result.skipped, "validation sample")
