@@ -60,16 +60,17 @@ def test_compiled_training_and_validation_never_recompile(tmp_path, shapes_root)
     counters.clear()
     frames: dict[int, int] = {}
     cfg = compose_config("train", tiny_overrides(shapes_root, **{
-        "trainer.compile": "true", "trainer.max_iters": 4, "trainer.val_interval": 2, "trainer.ckpt_interval": 4,
-        "backbone.out_indices": "[1,2]", "logging.image_interval": 4}))
+        "trainer.compile": "true", "trainer.max_iters": 3, "trainer.val_interval": 2, "trainer.ckpt_interval": 3,
+        # resnet18's first stage only (its two blocks are identical: one graph for inductor) and the head.
+        "backbone.out_indices": "[1]", "logging.image_interval": 3}))
     start = time.perf_counter()
     result = train(cfg, tmp_path, on_step=lambda it, _: frames.__setitem__(it, counters["frames"]["total"]))
     elapsed = time.perf_counter() - start
     regions = [m for m in result["model"].modules() if "forward" in m.__dict__]
     assert regions, "trainer.compile=true compiled no region"
     assert frames[1] > 0 and counters["frames"]["ok"] == counters["frames"]["total"]
-    # Step 1 compiles; steps 2-4, the validations after steps 2 and 4 and the checkpoints compile nothing.
-    assert frames[1] == frames[2] == frames[3] == frames[4] == counters["frames"]["total"], (frames, counters)
+    # Step 1 compiles; steps 2-3, the validations after steps 2 and 3 and the checkpoints compile nothing.
+    assert frames[1] == frames[2] == frames[3] == counters["frames"]["total"], (frames, counters)
     # A compiled region per code object: one graph per compiled frame, and no graph breaks.
     assert counters["stats"]["unique_graphs"] == counters["frames"]["ok"]
     assert not counters["graph_break"], dict(counters["graph_break"])
@@ -78,5 +79,6 @@ def test_compiled_training_and_validation_never_recompile(tmp_path, shapes_root)
     model = result["model"].eval()
     with torch.no_grad(), RegionalCompile.eager():
         assert model(torch.randn(1, 3, 37, 51))["out"].shape == (1, 5, 37, 51)
-    assert counters["frames"]["total"] == frames[4]
-    print(f"compiled training run: {elapsed:.1f} s, {frames[1]} regions compiled")
+    assert counters["frames"]["total"] == frames[3]
+    print(f"compiled training run: {elapsed:.1f} s, {frames[1]} regions compiled, "
+          f"{counters['inductor']['fxgraph_cache_hit']} graphs from inductor's cache")

@@ -8,8 +8,8 @@ import torch
 from hydra.utils import instantiate
 from timm.models._features import FeatureGetterNet, FeatureHookNet
 
+from conftest import compose_config
 from segtrain.models.backbones.timm_encoder import TimmBackbone
-from tests.conftest import compose_config
 
 
 def _hooks(module: torch.nn.Module) -> int:
