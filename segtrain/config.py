@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from segtrain.errors import ConfigError
 
@@ -212,10 +212,19 @@ class InfoConfig:
 
 @dataclass
 class InfoAppConfig(CommonConfig):
+    # A checkpoint: report its model (the network it was trained with) instead of model=/backbone=.
+    ckpt: Any = None
     info: InfoConfig = field(default_factory=InfoConfig)
 
 
+def _value_or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def register_configs() -> None:
+    # `${segtrain.or:${output},DEFAULT}`: a null key's stand-in (oc.select only replaces absent keys).
+    if not OmegaConf.has_resolver("segtrain.or"):
+        OmegaConf.register_new_resolver("segtrain.or", _value_or)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainAppConfig)
     store.store(name="eval_schema", node=EvalAppConfig)

@@ -21,10 +21,11 @@ from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import refuse_used_eval_dir
 from segtrain.engine.report import format_table, write_metrics
-from segtrain.engine.resume import stored_config
+from segtrain.engine.resume import NOT_ARCHITECTURE, stored_config
 from segtrain.engine.runtime import resolve_amp, resolve_device
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, WeightsError
 from segtrain.instantiate import check_stored_targets
+from segtrain.keys import check_effective
 from segtrain.models import build_model
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
@@ -35,20 +36,34 @@ GROUPS = ("model", "backbone", "dataset", "loss", "optimizer", "schedule")
 COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "info")
 
 
-# Sections that only training reads; trainer keys that inference does read.
-TRAINING_ONLY = ("loss", "optimizer", "schedule")
-INFERENCE_TRAINER_KEYS = ("trainer.device", "trainer.amp")
+def trained_network(stored: DictConfig) -> str:
+    """`model DeepLabV3Plus + backbone resnet101`: what a stored config's network is, in words."""
+    def name(node: object) -> str:
+        if not isinstance(node, DictConfig):
+            return "?"
+        return str(node.get("name") or str(node.get("_target_", "?")).rsplit(".", 1)[-1])
+
+    model = stored.get("model")
+    model_name = str(model.get("_target_", "?")).rsplit(".", 1)[-1] if isinstance(model, DictConfig) else "?"
+    return f"model {model_name} + backbone {name(stored.get('backbone'))}"
 
 
-def check_effective(key: str) -> None:
-    """Every key given to eval, predict or export is used or refused: training-only ones are refused."""
-    section = key.split(".")[0]
-    if section in TRAINING_ONLY or (section == "trainer" and key not in INFERENCE_TRAINER_KEYS):
-        raise ConfigError(f"{key} has no effect here: evaluation, prediction and export only read the model, "
-                          f"backbone, dataset, eval.*, data.* and {', '.join(INFERENCE_TRAINER_KEYS)}")
+def _architecture(node: object) -> object:
+    if not isinstance(node, DictConfig):
+        return node
+    plain = OmegaConf.to_container(node, resolve=False)
+    return {k: v for k, v in plain.items() if k not in NOT_ARCHITECTURE}
 
 
-def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str]) -> DictConfig:
+def refuse_network_change(stored: DictConfig, composed: DictConfig, group: str, choice: str, source: str) -> None:
+    """The network is the checkpoint's: `model=`/`backbone=` may only name what it was trained with."""
+    if _architecture(composed.get(group)) != _architecture(stored.get(group)):
+        raise ConfigError(f"{group}={choice}: {source} was trained with {trained_network(stored)}; the network comes "
+                          f"from the checkpoint, so drop {group}= (eval.output_stride=8 changes the output stride)")
+
+
+def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[str],
+                    source: str = "the checkpoint") -> DictConfig:
     """Apply the command line's overrides (already validated and typed in `composed`) to `stored`.
 
     A group choice (`dataset=voc`) replaces the whole section; a key (`dataset.root=...`) replaces
@@ -60,12 +75,14 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
     for text in overrides:
         override = parser.parse_override(text)
         key = override.key_or_group
-        if key.split(".")[0] in COMMAND_KEYS or override.is_delete():
+        if key.split(".")[0] in (*COMMAND_KEYS, "hydra") or override.is_delete():
             continue
         if key == "experiment":
             raise ConfigError("experiment= cannot be changed at evaluation; override single keys instead")
         check_effective(key)
-        if key in GROUPS:
+        if key in ("model", "backbone"):
+            refuse_network_change(stored, composed, key, text.split("=", 1)[1], source)
+        elif key in GROUPS:
             stored[key] = composed[key]
         else:
             OmegaConf.update(stored, key, OmegaConf.select(composed, key), merge=False, force_add=True)
@@ -83,11 +100,22 @@ def checkpoint_config(state: dict, composed: DictConfig, overrides: list[str], s
     check_stored_targets(OmegaConf.to_container(stored, resolve=False), source, trusted_target_keys(overrides))
     for key in COMMAND_KEYS:
         stored.pop(key, None)
-    stored = apply_overrides(stored, composed, overrides)
+    stored = apply_overrides(stored, composed, overrides, source)
     try:
         return OmegaConf.merge(OmegaConf.structured(CommonConfig), stored)
     except Exception as exc:  # noqa: BLE001 - OmegaConf validation errors
         raise ConfigError(f"the config stored in the checkpoint does not validate: {exc}") from None
+
+
+def checkpoint_view(composed: DictConfig, overrides: list[str]) -> DictConfig:
+    """What eval, predict, export and info run with (`--cfg job`): the checkpoint's config with the
+    command line applied, plus the command's own keys (ckpt, input, output, ...)."""
+    ckpt = Path(composed.ckpt)
+    merged = checkpoint_config(load_checkpoint(ckpt), composed, overrides, str(ckpt))
+    view = OmegaConf.to_container(merged, resolve=False)
+    own = OmegaConf.to_container(composed, resolve=False)
+    view.update({key: own[key] for key in COMMAND_KEYS if key in own})
+    return OmegaConf.create(view)
 
 
 @dataclass
@@ -126,7 +154,14 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
     backbone_cfg = OmegaConf.merge(backbone_cfg, {"pretrained": False, "weights": None})
     device = resolve_device(cfg.trainer.device)
     model = build_model(cfg.model, backbone_cfg, len(class_names))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # e.g. a model.* override that changes a layer's shape
+        changed = sorted(k for k in trusted_target_keys(overrides) if k.split(".")[0] in ("model", "backbone"))
+        built = f" built with {', '.join(changed)}" if changed else ""
+        detail = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise WeightsError(f"the weights in {ckpt} do not fit the network{built} (trained: {trained_network(cfg)}): "
+                           f"{detail[min(1, len(detail) - 1)]}") from None
     model.to(device).eval()
     return LoadedModel(cfg, model, state, device, class_names)
 

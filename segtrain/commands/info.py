@@ -9,7 +9,7 @@ reported as 2 x GMACs.
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,7 +69,26 @@ def training_memory(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classes
             "total_gib": (activations + weights) / 2**30}
 
 
-def run_info(cfg: DictConfig) -> dict[str, float]:
+def _from_checkpoint(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The checkpoint's config (model, backbone, classes) with the command line applied; one line saying what."""
+    from pathlib import Path
+
+    from segtrain.commands.evaluate import checkpoint_config
+    from segtrain.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(Path(cfg.ckpt))
+    merged = checkpoint_config(state, cfg, overrides, str(cfg.ckpt))
+    best = state.get("best_miou")
+    score = f", best val mIoU {best:.4f}" if isinstance(best, float) and best >= 0 else ""
+    print(f"checkpoint  {cfg.ckpt} (iteration {state.get('iteration')}{score})")
+    with open_dict(merged):
+        merged.info = cfg.info
+    return merged
+
+
+def run_info(cfg: DictConfig, overrides: list[str] = ()) -> dict[str, float]:
+    if cfg.get("ckpt") is not None:
+        cfg = _from_checkpoint(cfg, list(overrides))
     size = tuple(int(v) for v in cfg.info.input_size)
     num_classes = len(cfg.dataset.class_names)
     stats = model_complexity(cfg.model, cfg.backbone, num_classes, size)

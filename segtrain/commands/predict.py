@@ -1,4 +1,6 @@
-"""`segtrain predict ckpt=PATH input=FILE|DIR|GLOB output=DIR`: segment images of any size.
+"""`segtrain predict ckpt=PATH input=FILE|DIR|GLOB [output=DIR]`: segment images of any size.
+
+Without `output=`, the files go into the run directory (outputs/<date>/<time>-predict).
 
 For each image (named by its stem, or by its relative path where stems repeat): <stem>.png
 (class indices, palette-encoded so viewers show colours),
@@ -98,14 +100,16 @@ def normalise(image: np.ndarray, mean: list[float], std: list[float]) -> torch.T
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-def run_predict(composed: DictConfig, overrides: list[str]) -> dict:
-    if composed.input is None or composed.output is None:
-        raise ConfigError("predict needs input=FILE|DIR|GLOB and output=DIR")
+def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None = None) -> dict:
+    if composed.input is None:
+        raise ConfigError("predict needs input=FILE|DIR|GLOB (and optionally output=DIR; default: the run directory)")
+    if composed.output is None and run_dir is None:
+        raise ConfigError("predict needs output=DIR")
     alpha = float(composed.predict.alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"predict.alpha must be in [0, 1], got {alpha}")
     files = input_files(str(composed.input))
-    out = Path(composed.output)
+    out = Path(composed.output) if composed.output is not None else Path(run_dir)
     names = output_names(files)
     check_output_folder(str(composed.input), out, files, names)  # before the model: fail in a second
     loaded = load_for_inference(composed, overrides)

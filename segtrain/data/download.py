@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
 
 CHUNK = 1 << 20
@@ -62,7 +63,8 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True, timeo
         total = response.headers.get("Content-Length")
         total = int(total) + offset if total is not None else None
         with open(part, "ab" if offset else "wb") as handle, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+            total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name,
+            disable=not progress_enabled(progress),
         ) as bar:
             for block in iter(lambda: response.read(CHUNK), b""):
                 handle.write(block)

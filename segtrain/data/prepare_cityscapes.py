@@ -15,6 +15,7 @@ from tqdm import tqdm
 from segtrain.data.cityscapes import LABEL_TO_TRAIN
 from segtrain.data.dataset import read_mask
 from segtrain.data.download import extract
+from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
 
 ARCHIVES = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
@@ -24,7 +25,7 @@ DOWNLOAD_PAGE = "https://www.cityscapes-dataset.com/downloads/"
 def write_train_id_masks(root: Path, annotation: str = "gtFine") -> int:
     """*_labelTrainIds.png beside every *_labelIds.png (19 train ids, 255 elsewhere)."""
     sources = sorted((root / annotation).glob("*/*/*_labelIds.png"))
-    for source in tqdm(sources, desc="labelTrainIds", unit="mask"):
+    for source in tqdm(sources, desc="labelTrainIds", unit="mask", disable=not progress_enabled(True)):
         target = source.with_name(source.name.replace("_labelIds.png", "_labelTrainIds.png"))
         Image.fromarray(LABEL_TO_TRAIN[read_mask(source)], mode="L").save(target)
     return len(sources)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from segtrain.data.dataset import read_split_file
 from segtrain.data.download import download, extract, verify
+from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
 from segtrain.visualize import make_palette
 
@@ -80,7 +81,7 @@ def build_train_aug(voc: Path, sbd: Path) -> dict[str, int]:
     out.mkdir(exist_ok=True)
     palette = make_palette(None, 21).flatten().tolist()
     converted = copied = 0
-    for image_id in tqdm(train_aug, desc="SegmentationClassAug", unit="mask"):
+    for image_id in tqdm(train_aug, desc="SegmentationClassAug", unit="mask", disable=not progress_enabled(True)):
         target = out / f"{image_id}.png"
         voc_mask = voc / "SegmentationClass" / f"{image_id}.png"
         if voc_mask.is_file():  # VOC's own annotation, with its 255 borders, where VOC has one

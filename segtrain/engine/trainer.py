@@ -164,6 +164,9 @@ class Trainer:
         if self.ctx.is_main:  # before anything is written into the run directory
             self.lock = RunLock(self.run_dir)
             self.lock.acquire()
+            log.info("run directory %s (checkpoints, train.log, config)", self.run_dir)
+            if cfg.logging.tensorboard:
+                log.info("watch it: tensorboard --logdir %s", self.run_dir)
         seed_everything(t.seed, t.deterministic)
         self.class_names = list(cfg.dataset.class_names)
         self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error,
