@@ -23,6 +23,51 @@ def test_top_level_help_lists_the_commands(tmp_path):
     result = segtrain("--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "train" in result.stdout and "eval" in result.stdout
+    bare = segtrain(cwd=tmp_path)  # no command: the usage, and a failure status
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: segtrain <command>") and not bare.stdout
+
+
+def test_version(tmp_path):
+    from segtrain.cli import version
+
+    result = segtrain("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"segtrain {version()}\n" and version()[0].isdigit()
+
+
+def test_each_command_help_shows_its_own_examples_and_groups(tmp_path):
+    def groups(text: str) -> set[str]:
+        section = text.split("== Config groups ==")[1].split("== Config ==")[0] if "== Config groups" in text else ""
+        return {line.split(":")[0] for line in section.splitlines() if ": " in line}
+
+    helps = {}
+    for command in ("eval", "predict", "export", "info", "bench"):
+        result = segtrain(command, "--help", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"segtrain {command}: ")
+        examples = result.stdout.split("Examples:")[1]
+        assert f"segtrain {command} " in examples and "segtrain train" not in examples
+        helps[command] = result.stdout
+    assert groups(helps["eval"]) == groups(helps["predict"]) == groups(helps["export"]) == {"dataset"}
+    assert {"model", "backbone", "dataset"} <= groups(helps["info"]) and "optimizer" not in groups(helps["info"])
+    assert "optimizer:" not in helps["eval"] and "ckpt: ???" in helps["eval"]
+    data_check = segtrain("data", "check", "--help", cwd=tmp_path)
+    assert data_check.returncode == 0 and "segtrain data check dataset=" in data_check.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_xception_is_the_papers_name_for_xception65(tmp_path):
+    result = segtrain("train", "model=deeplabv3plus", "backbone=xception", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "name: xception65" in result.stdout
+
+
+def test_an_added_key_nothing_reads_fails_in_one_line(tmp_path):
+    result = segtrain("train", "+trainer.max_iter=5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "unknown config key 'trainer.max_iter'; did you mean 'trainer.max_iters'?" in result.stderr
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_train_help_is_hydras_with_the_config_groups(tmp_path):
@@ -45,8 +90,9 @@ def test_unknown_command_is_one_line_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("trainer.max_iter=5", "unknown config key 'trainer.max_iter'"),
-    ("dataset.augment.cropsize=[3,3]", "unknown config key 'dataset.augment.cropsize'"),
+    ("trainer.max_iter=5", "unknown config key 'trainer.max_iter'; did you mean 'trainer.max_iters'?"),
+    ("dataset.augment.cropsize=[3,3]", "unknown config key 'dataset.augment.cropsize'; did you mean "
+                                       "'dataset.augment.crop_size'?"),
     ("trainer.max_iters=many", "invalid value for 'trainer.max_iters'"),
     ("backbone=resnet7", "Could not find 'backbone/resnet7'"),
     ("optimizer=sgdd", "Could not find 'optimizer/sgdd'"),
@@ -67,9 +113,10 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, override, needle):
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
-    result = segtrain("train", "experiment=quickstart", "+notes.owner=me", "--cfg", "job", cwd=tmp_path)
+    result = segtrain("train", "experiment=quickstart", "+backbone.model_kwargs.drop_rate=0.1", "--cfg", "job",
+                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "name: resnet18" in result.stdout and "owner: me" in result.stdout
+    assert "name: resnet18" in result.stdout and "drop_rate: 0.1" in result.stdout
     assert not (tmp_path / "outputs").exists()
 
 
@@ -88,7 +135,10 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert len(runs) == 1, runs  # outputs/<date>/<time>
     run = runs[0]
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "train.log").is_file()
-    assert "effective (global) batch 4 = 4 per pass x accumulation 1 x world size 1" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "effective (global) batch 4 = 4 per pass x accumulation 1 x world size 1" in log
+    first = log.splitlines()[:2]  # where the run goes, and how to watch it, come first
+    assert f"run directory {run.resolve()}" in first[0] and f"tensorboard --logdir {run.resolve()}" in first[1]
     result = segtrain("eval", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={tmp_path / 'ev'}",
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -146,7 +196,7 @@ def test_built_wheel_finds_its_configs(tmp_path):
     source = {p.relative_to(root / "conf") for p in (root / "conf").rglob("*.yaml")}
     assert shipped == source
     assert {p.parent.name for p in source} >= {"model", "backbone", "dataset", "loss", "optimizer", "schedule",
-                                                "experiment", "help"}
+                                                "experiment"}
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     run = subprocess.run([sys.executable, "-m", "segtrain", "train", "experiment=quickstart", "--cfg", "job"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -130,9 +130,10 @@ def test_download_resumes_a_partial_file_and_verifies_md5(tmp_path, voc_archives
         download(f"{mirror}/benchmark.tgz", tmp_path / "again" / "benchmark.tgz", "0" * 32, progress=False)
 
 
-def test_prepare_voc_downloads_from_a_mirror(tmp_path, mirror):
+def test_prepare_voc_downloads_from_a_mirror(tmp_path, mirror, capfd):
     report = prepare_voc(tmp_path / "data", mirror=mirror, check=False)
     assert report["train_aug"] == 6
+    assert "%|" not in capfd.readouterr().err  # not a terminal: no download or conversion bars
     assert (tmp_path / "data" / "downloads" / "VOCtrainval_11-May-2012.tar").is_file()
 
 
