@@ -83,3 +83,14 @@ def test_predict_writes_into_its_run_directory_by_default(tmp_path, checkpoint):
     (run,) = (tmp_path / "outputs").glob("*/*-predict")
     assert sorted(p.name for p in run.glob("*.png")) == ["a.png", "a_color.png", "a_overlay.png"]
     assert f"segmented 1 image(s) into {run.resolve()}" in result.stdout
+
+
+def test_training_commands_own_keys_in_a_stored_config_are_left_out(checkpoint):
+    from segtrain.commands.evaluate import checkpoint_config
+
+    state = torch.load(checkpoint, weights_only=True)
+    stored = yaml.safe_load(state["config"])
+    state["config"] = yaml.safe_dump({**stored, "resume": "auto", "init_from": "other.pt"})
+    overrides = [f"ckpt={checkpoint}"]
+    cfg = checkpoint_config(state, compose_config("eval", overrides), overrides)
+    assert "init_from" not in cfg and "resume" not in cfg and cfg.backbone.name == "resnet18"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -98,8 +98,10 @@ def checkpoint_config(state: dict, composed: DictConfig, overrides: list[str], s
                       ) -> DictConfig:
     stored = stored_config(state, source)
     check_stored_targets(OmegaConf.to_container(stored, resolve=False), source, trusted_target_keys(overrides))
-    for key in COMMAND_KEYS:
-        stored.pop(key, None)
+    # The training command's own top-level keys (resume, ...) are not part of what inference rebuilds.
+    shared = {f.name for f in fields(CommonConfig)}
+    for key in [k for k in stored.keys() if k not in shared]:
+        stored.pop(key)
     stored = apply_overrides(stored, composed, overrides, source)
     try:
         return OmegaConf.merge(OmegaConf.structured(CommonConfig), stored)
