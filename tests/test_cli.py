@@ -229,6 +229,7 @@ def test_info_prints_parameters_and_gflops(tmp_path):
     assert "DRNSeg + drn_d_22" in result.stdout
     assert "15.88M total" in result.stdout and "GFLOPs" in result.stdout and "512x1024" in result.stdout
     assert not (tmp_path / "outputs").exists()
+    assert not list(tmp_path.iterdir())  # nothing written: no outputs/, no info.log
 
 
 @pytest.mark.slow
