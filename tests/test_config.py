@@ -101,3 +101,8 @@ def test_speed_defaults_resolve_per_device_and_explicit_values_win(tmp_path, sha
         train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 1,
                                                                      "trainer.val_interval": 1})), tmp_path)
     assert "device cpu, amp off, channels_last False, compile False" in caplog.text
+
+
+def test_xception_is_an_alias_of_xception65():
+    alias, original = (compose_config("train", [f"backbone={name}"]).backbone for name in ("xception", "xception65"))
+    assert alias == original and alias.name == "xception65"
