@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from segtrain.errors import ConfigError, WeightsError
+from segtrain.models.official import official_backbone_state
 
 
 class Backbone(nn.Module):
@@ -56,9 +57,10 @@ def load_backbone_weights(
     """Load a weight file into `backbone` strictly, classifier keys aside.
 
     Accepts the library's own format (torchvision / timm / official DRN keys, which live under the
-    `inner` submodule here) and files saved from a segtrain backbone (keys already prefixed).
+    `inner` submodule here), files saved from a segtrain backbone (keys already prefixed), and the
+    backbone part of an official DRNSeg / DLA-Up / HRNetV2 segmentation model (segtrain.models.official).
     """
-    state = read_state_dict(path)
+    state = official_backbone_state(backbone, read_state_dict(path), str(path))
     if inner and not any(k.startswith(inner) for k in state):
         state = {inner + k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k[len(inner):].startswith(ignore_prefixes)}

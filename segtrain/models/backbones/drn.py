@@ -30,15 +30,16 @@ ARCHS = {
     "drn_d_105": ("bottleneck", "D", (1, 1, 3, 4, 23, 3, 1, 1)),
 }
 
-# The official ImageNet checkpoints (file names carry a hash prefix of their content).
+# The official ImageNet checkpoints, at the host fyu/drn's drn.py names (`webroot`, since July 2019; plain
+# http there). File names carry a SHA-256 prefix of their content, checked after every download.
 WEIGHT_URLS = {
-    "drn_c_26": "https://tigress-web.princeton.edu/~fy/drn/models/drn_c_26-ddedf421.pth",
-    "drn_c_42": "https://tigress-web.princeton.edu/~fy/drn/models/drn_c_42-9d336e8c.pth",
-    "drn_c_58": "https://tigress-web.princeton.edu/~fy/drn/models/drn_c_58-0a53a92c.pth",
-    "drn_d_22": "https://tigress-web.princeton.edu/~fy/drn/models/drn_d_22-4bd2f8ea.pth",
-    "drn_d_38": "https://tigress-web.princeton.edu/~fy/drn/models/drn_d_38-eebb45f0.pth",
-    "drn_d_54": "https://tigress-web.princeton.edu/~fy/drn/models/drn_d_54-0e0534ff.pth",
-    "drn_d_105": "https://tigress-web.princeton.edu/~fy/drn/models/drn_d_105-12b40979.pth",
+    "drn_c_26": "http://dl.yf.io/drn/drn_c_26-ddedf421.pth",
+    "drn_c_42": "http://dl.yf.io/drn/drn_c_42-9d336e8c.pth",
+    "drn_c_58": "http://dl.yf.io/drn/drn_c_58-0a53a92c.pth",
+    "drn_d_22": "http://dl.yf.io/drn/drn_d_22-4bd2f8ea.pth",
+    "drn_d_38": "http://dl.yf.io/drn/drn_d_38-eebb45f0.pth",
+    "drn_d_54": "http://dl.yf.io/drn/drn_d_54-0e0534ff.pth",
+    "drn_d_105": "http://dl.yf.io/drn/drn_d_105-12b40979.pth",
 }
 
 
