@@ -207,6 +207,8 @@ def test_official_file_of_another_family_or_shape_is_refused_naming_file_and_key
         map_official_state_dict(_model("dla_up", "dla34"), official, "f.pth")
     with pytest.raises(WeightsError, match=r"f\.pth is an official DRNSeg .*shape mismatch \['classifier.weight"):
         map_official_state_dict(_model("drnseg", "drn_d_22", classes=5), official, "f.pth")
+    renamed = map_official_state_dict(_model("drnseg", "drn_d_22", classes=5), official, "f.pth", strict=False)
+    assert renamed["classifier.weight"].shape == (19, 512, 1, 1)  # renamed only; the caller matches shapes
     with pytest.raises(WeightsError, match=r"f\.pth is an official DRNSeg .*missing keys \['backbone.layer3.2.conv1"):
         map_official_state_dict(_model("drnseg", "drn_d_38"), official, "f.pth")
     with pytest.raises(WeightsError, match=r"f\.pth holds an official DRNSeg model .*backbone=drn_c_26"):

@@ -188,12 +188,15 @@ def _fit_report(mapped: State, own: State) -> tuple[list[str], list[str], list[s
     return missing, unexpected, mismatched
 
 
-def map_official_state_dict(model: nn.Module, state: State, source: str = "the checkpoint") -> State:
+def map_official_state_dict(model: nn.Module, state: State, source: str = "the checkpoint",
+                            strict: bool = True) -> State:
     """`state` in segtrain's key layout when it is an official checkpoint of `model`'s family; else unchanged.
 
-    `source` (the file) names the input in errors. A recognised layout whose tensors do not fit
-    `model` (another backbone depth, class count or down ratio) is refused with a WeightsError listing
-    the keys; so is an official file of another family. The result loads with strict=True.
+    `source` (the file) names the input in errors. An official file of another family is refused
+    with a WeightsError. With `strict`, so is a recognised layout whose tensors do not fit `model`
+    (another backbone depth, class count or down ratio), listing the keys, and the result loads with
+    strict=True; `strict=False` only renames, for callers that match tensors themselves (`init_from`,
+    which re-initialises classifiers of another class count).
     """
     layout = official_layout(state)
     if layout is None:
@@ -202,6 +205,8 @@ def map_official_state_dict(model: nn.Module, state: State, source: str = "the c
         raise WeightsError(f"{source} holds an official {layout.name} model; this model is "
                            f"{type(model).__name__}: build that family (model={layout.config})")
     mapped = _translate(layout, state, model.backbone, source)
+    if not strict:
+        return mapped
     missing, unexpected, mismatched = _fit_report(mapped, model.state_dict())
     if missing or unexpected or mismatched:
         raise WeightsError(
