@@ -72,6 +72,9 @@ class TrainerConfig:
     # Non-finite loss: stop (name the iteration and the last good checkpoint) or skip the step.
     nan_policy: NanPolicy = NanPolicy.stop  # type: ignore[attr-defined]
     max_skipped_steps: int = 10
+    # Exponential moving average of the weights (null or 0: off; e.g. 0.999), updated after every
+    # optimizer step; validation, best.pt and eval/predict/export use the averaged weights.
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -156,6 +159,9 @@ class CommonConfig:
 class TrainAppConfig(CommonConfig):
     # null: fresh start; auto: newest checkpoint of this run directory; or a checkpoint path.
     resume: Any = None
+    # A checkpoint (segtrain's or a plain state dict) whose model weights start a new run: fresh
+    # optimizer, schedule and iteration; classifiers re-initialised for another class count.
+    init_from: Any = None
 
 
 @dataclass

@@ -108,3 +108,13 @@ def build_cityscapes_archives(work: Path) -> Path:
                 archive.write(path, path.relative_to(src).as_posix())
             archive.writestr("README", "mini Cityscapes for tests")
     return zips
+
+
+def write_folder_dataset(root: Path, count: int, num_classes: int, height: int = 40, width: int = 56) -> Path:
+    """root/images/img<n>.jpg and root/masks/img<n>.png (class indices 0..num_classes-1), the folder layout."""
+    for n in range(count):
+        write_jpeg(root / "images" / f"img{n}.jpg", height, width, n)
+        mask = np.random.default_rng(1000 + n).integers(0, num_classes, (height, width)).astype(np.uint8)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"img{n}.png")
+    return root

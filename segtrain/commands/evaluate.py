@@ -17,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from segtrain.config import CommonConfig
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.engine.checkpoint import load_checkpoint
+from segtrain.engine.ema import inference_weights
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import refuse_used_eval_dir
@@ -33,7 +34,7 @@ log = logging.getLogger("segtrain.eval")
 
 GROUPS = ("model", "backbone", "dataset", "loss", "optimizer", "schedule")
 # Keys of the command's own config, never taken from (or written into) the training config.
-COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "info")
+COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "init_from", "info")
 
 
 def trained_network(stored: DictConfig) -> str:
@@ -157,7 +158,7 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
     device = resolve_device(cfg.trainer.device)
     model = build_model(cfg.model, backbone_cfg, len(class_names))
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(inference_weights(state, str(ckpt)))
     except RuntimeError as exc:  # e.g. a model.* override that changes a layer's shape
         changed = sorted(k for k in trusted_target_keys(overrides) if k.split(".")[0] in ("model", "backbone"))
         built = f" built with {', '.join(changed)}" if changed else ""

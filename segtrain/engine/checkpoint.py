@@ -105,10 +105,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WeightsError(f"{path} is not a segtrain checkpoint (no 'model' and 'config' entries)")
     if not isinstance(state["model"], dict):
         raise WeightsError(f"{path} is not a segtrain checkpoint ('model' is not a state dict)")
-    bad = nonfinite_tensor(state["model"])
-    if bad is not None:
-        raise WeightsError(f"{path} holds non-finite values (NaN or infinity) in {bad}: its weights are unusable; "
-                           "take an earlier checkpoint")
+    if "ema" in state and not isinstance(state["ema"], dict):
+        raise WeightsError(f"{path} is not a segtrain checkpoint ('ema' is not a state dict)")
+    for key, prefix in (("model", ""), ("ema", "the averaged weights, ")):
+        bad = nonfinite_tensor(state.get(key) or {})
+        if bad is not None:
+            raise WeightsError(f"{path} holds non-finite values (NaN or infinity) in {prefix}{bad}: its weights are "
+                               "unusable; take an earlier checkpoint")
     return state
 
 
@@ -184,9 +187,7 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     ckpt_dir = run_dir / CHECKPOINT_DIR
     remove_temporary_files(ckpt_dir)
     tried, seen = [], set()
-    for path in [*_periodic(ckpt_dir), ckpt_dir / "last.pt"]:
-        if not path.is_file():
-            continue
+    for path in resume_candidates(run_dir):
         identity = (path.stat().st_dev, path.stat().st_ino)
         if identity in seen:
             continue
@@ -202,6 +203,12 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
             "why). Fix or move them, or start a new run directory (resume=null here would overwrite them)"
         )
     return None
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """The files `resume=auto` tries, newest first: periodic checkpoints, then last.pt (not best.pt)."""
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    return [path for path in [*_periodic(ckpt_dir), ckpt_dir / "last.pt"] if path.is_file()]
 
 
 def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:

@@ -156,6 +156,6 @@ def check_same_data(saved: dict | None, current: dict, source: str) -> None:
     raise ConfigError(
         f"{source} was trained on a different training set ({saved.get('count')} samples, fingerprint "
         f"{str(saved.get('sha256'))[:12]}) than the configured one ({current['count']} samples, "
-        f"{current['sha256'][:12]}); resume continues a run on its own data: start a new run directory to train "
-        "on this data"
+        f"{current['sha256'][:12]}); resume continues a run on its own data: to train on this data, start a new run "
+        f"directory, with init_from={source} to start from its weights"
     )

@@ -34,6 +34,7 @@ from segtrain.engine.checkpoint import (
     load_checkpoint,
     nonfinite_tensor,
     restore_rng_state,
+    resume_candidates,
     rng_state,
     save_checkpoint,
     save_periodic,
@@ -48,9 +49,11 @@ from segtrain.engine.distributed import (
     micro_batch_size,
     should_sync_bn,
 )
+from segtrain.engine.ema import WeightEma, ema_decay
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.hparams import METRIC_TAGS, hydra_run_info, run_hparams
 from segtrain.engine.inference import InferenceSettings
+from segtrain.engine.init_from import InitReport, load_init_weights
 from segtrain.engine.lock import RunLock
 from segtrain.engine.logger import PROGRESS_RECORD, RunLogger, Throughput, console_above_bar, format_eta
 from segtrain.engine.optim import load_optimizer_state
@@ -115,6 +118,10 @@ def check_trainer_config(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"optimizer.lr must be a finite number > 0, got {lr!r}")
+    ema_decay(t.get("ema_decay"))
+    if cfg.get("init_from") not in (None, "") and cfg.get("resume") not in (None, "", False, "auto"):
+        raise ConfigError(f"init_from={cfg.init_from} and resume={cfg.resume}: give one. resume= continues a run "
+                          "(weights, optimizer, iteration); init_from= starts a new run from a checkpoint's weights")
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -128,7 +135,8 @@ def _check_same_classes(state: dict, class_names: list[str], path: Path) -> None
     if saved != class_names:
         raise ConfigError(
             f"checkpoint {path} was trained for {len(saved)} classes {saved[:6]}..., but dataset "
-            f"{len(class_names)} classes {class_names[:6]}...; resume with the dataset it was trained on"
+            f"{len(class_names)} classes {class_names[:6]}...; resume with the dataset it was trained on, or start a "
+            f"new run directory with init_from={path} to fine-tune its weights on this dataset"
         )
 
 
@@ -143,6 +151,7 @@ class Trainer:
         self.state = TrainState()
         self.problems: set[str] = set()  # distinct unusable-sample messages already logged
         self.lock: RunLock | None = None
+        self.init_report: InitReport | None = None  # what init_from loaded and re-initialised
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -176,6 +185,9 @@ class Trainer:
                                      max_pixels=cfg.data.max_image_pixels)
         self.settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
         self.model = self.build_model()
+        self.init_weights()
+        decay = ema_decay(t.ema_decay)  # before DDP wraps the model
+        self.ema = WeightEma(self.model, decay) if decay is not None else None
         self.step: TrainStep = build_train_step(cfg, self.model, self.ctx, len(self.class_names))
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.palette = make_palette(cfg.dataset.palette, len(self.class_names))
@@ -206,6 +218,17 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    def init_weights(self) -> None:
+        """init_from: a checkpoint's weights, unless resume=auto finds this run's own checkpoints (they win)."""
+        init_from = self.cfg.get("init_from")
+        if init_from in (None, ""):
+            return
+        if self.cfg.get("resume") == "auto" and resume_candidates(self.run_dir):
+            log.info("init_from=%s not applied: resume=auto continues this run's checkpoints in %s", init_from,
+                     self.run_dir / CHECKPOINT_DIR)
+            return
+        self.init_report = load_init_weights(self.model, Path(str(init_from)), self.class_names)
+
     def build_loaders(self) -> None:
         """Loaders start at the resumed position of the training stream."""
         t, cfg = self.cfg.trainer, self.cfg
@@ -228,6 +251,7 @@ class Trainer:
         check_same_network(stored, self.cfg, str(path))
         check_same_data(saved.get("data_fingerprint"), self.fingerprint, str(path))
         self.model.load_state_dict(saved["model"])
+        self.load_ema(saved, path)
         self.load_update_state(saved, stored)
         restore_rng_state(saved["rng"])
         saved_batch = OmegaConf.select(stored, "trainer.batch_size", default=self.cfg.trainer.batch_size)
@@ -235,6 +259,19 @@ class Trainer:
         log_changes(stored, self.cfg, self.state.iteration)
         log.info("resumed from %s at iteration %d (lr %.6g)", path, self.state.iteration,
                  self.step.lr(self.state.iteration + 1))
+
+    def load_ema(self, saved: dict, path: Path) -> None:
+        """The averaged weights, exactly as saved; a checkpoint without them starts the average at its weights."""
+        if self.ema is None:
+            if saved.get("ema"):
+                log.warning("resume: %s holds averaged (EMA) weights but trainer.ema_decay is off: training continues "
+                            "from its raw weights and later checkpoints hold no average", path)
+        elif saved.get("ema"):
+            self.ema.load_state_dict(saved["ema"])
+        else:
+            self.ema.reset(self.model)
+            log.info("resume: %s holds no averaged weights; the average (trainer.ema_decay=%g) starts from its "
+                     "weights", path, self.ema.decay)
 
     def load_update_state(self, saved: dict, stored: DictConfig) -> None:
         """Optimizer state (momentum, moments) and the fp16 loss scale, where they still apply."""
@@ -254,7 +291,9 @@ class Trainer:
         if resume == "auto":
             found = find_resume_checkpoint(self.run_dir)
             if found is None:
-                log.info("resume=auto: no checkpoint in %s; starting from scratch", self.ckpt_dir)
+                init_from = self.cfg.get("init_from")
+                start = "from scratch" if init_from in (None, "") else f"from init_from={init_from}"
+                log.info("resume=auto: no checkpoint in %s; starting %s", self.ckpt_dir, start)
             return found
         return Path(str(resume)), load_checkpoint(Path(str(resume)))
 
@@ -359,19 +398,21 @@ class Trainer:
 
     def validate(self, iteration: int, log_images: bool) -> float:
         """mIoU on the validation split; a new best is saved as best.pt."""
+        evaluated = self.model if self.ema is None else self.ema.module  # with EMA on, only the average
         if self.ctx.enabled:  # without SyncBatchNorm each rank's running statistics drift; use rank 0's
-            for buffer in self.model.buffers():
+            for buffer in evaluated.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         num_images = self.cfg.logging.num_images if log_images and self.ctx.is_main else 0
         with self.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
-            result = evaluate(self.model, self.val_loader, len(self.class_names), self.device, self.step.amp,
+            result = evaluate(evaluated, self.val_loader, len(self.class_names), self.device, self.step.amp,
                               self.cfg.dataset.ignore_index, self.settings, num_examples=num_images)
         self.set_train_mode()
         m = result.metrics
         self.report_problems(result.skipped, "validation sample")
         left_out = f" ({len(result.skipped)} unusable samples left out: data.on_error=skip)" if result.skipped else ""
-        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s\n%s", iteration, m["miou"],
-                 m["pixel_acc"], m["mean_acc"], left_out, format_table(m, self.class_names))
+        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s%s\n%s", iteration, m["miou"],
+                 m["pixel_acc"], m["mean_acc"], "" if self.ema is None else " (EMA weights)", left_out,
+                 format_table(m, self.class_names))
         self.write_validation(iteration, m, result.examples)
         self.state.last_miou = m["miou"]
         if m["miou"] > self.state.best_miou:
@@ -401,15 +442,20 @@ class Trainer:
         the configuration and the iteration. A state with NaN or infinity in a parameter or buffer
         (e.g. BatchNorm statistics) is never saved."""
         weights = self.model.state_dict()
+        averaged = self.ema.state_dict() if self.ema is not None else {}
         bad = nonfinite_tensor(weights)
+        if bad is None and nonfinite_tensor(averaged) is not None:
+            bad = f"the averaged (EMA) weights' {nonfinite_tensor(averaged)}"
         if bad is not None:
             raise TrainingStopped(
                 f"non-finite values (NaN or infinity) in {bad} at iteration {self.state.iteration}: not saved. Last "
                 f"good checkpoint: {self.last_good_checkpoint()}. Lower optimizer.lr, add schedule.warmup_iters or "
                 "check the data with `segtrain data check`"
             )
+        extra = {"ema": averaged} if self.ema is not None else {}
         return {
             "model": weights,
+            **extra,
             "optimizer": self.step.optimizer.state_dict(),
             "scaler": self.step.scaler.state_dict(),
             "train_state": self.state.to_checkpoint(),
@@ -452,12 +498,13 @@ class Trainer:
         model = self.model
         log.info(
             "model %s + %s: %.2fM parameters; loss %s; %d train / %d val images; effective (global) batch %d = %d "
-            "per pass x accumulation %d x world size %d; device %s, amp %s, channels_last %s, compile %s%s",
+            "per pass x accumulation %d x world size %d; device %s, amp %s, channels_last %s, compile %s%s%s",
             cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_),
             sum(p.numel() for p in model.parameters()) / 1e6, type(self.step.loss).__name__, len(self.train_set),
             len(self.val_set), t.batch_size, self.micro_batch, t.grad_accum_steps, self.ctx.world_size, self.device,
             self.step.amp, self.step.memory_format == torch.channels_last, bool(t.compile),
             ", SyncBatchNorm" if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else "",
+            f", EMA of weights (decay {self.ema.decay:g}; validation uses it)" if self.ema is not None else "",
         )
 
     def run_iteration(self, iteration: int) -> None:
@@ -465,6 +512,8 @@ class Trainer:
         last = iteration == t.max_iters
         result = self.train_step(iteration)
         self.account_non_finite(iteration, result)
+        if self.ema is not None and not result.skipped:
+            self.ema.update(self.model)
         self.state.iteration = iteration
         self.state.samples_seen += t.batch_size
         self.bar.update(1)
