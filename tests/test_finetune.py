@@ -90,6 +90,20 @@ def test_plain_state_dicts_load_wrapped_or_with_module_prefixes(tmp_path, shapes
     assert report.reinitialised == CLASSIFIER and report.file_classes == 5
 
 
+@pytest.mark.parametrize("model,backbone", [("pspnet", "resnet18"), ("drnseg", "drn_d_22"), ("dla_up", "dla34"),
+                                            ("hrnetv2", "hrnet_w18")])
+def test_every_family_reinitialises_exactly_its_class_count_tensors(tmp_path, model, backbone):
+    cfg = compose_config("train", [f"model={model}", f"backbone={backbone}"])
+    five, three = tiny_model(cfg, 5), tiny_model(cfg, 3)
+    differing = sorted(k for k, v in three.state_dict().items() if v.shape != five.state_dict()[k].shape)
+    torch.save(five.state_dict(), tmp_path / "five.pt")
+    report = load_init_weights(three, tmp_path / "five.pt")
+    assert sorted(report.reinitialised) == differing and report.file_classes == 5
+    assert len(report.loaded) == len(five.state_dict()) - len(differing)
+    if model == "pspnet":
+        assert {"head.2.weight", "aux_head.2.weight"} <= set(differing)  # head and auxiliary classifiers
+
+
 def test_unusable_files_are_one_line_errors(tmp_path, shapes_root, shapes_checkpoint):
     cfg = compose_config("train", tiny_overrides(shapes_root))
     source = load_checkpoint(shapes_checkpoint)["model"]

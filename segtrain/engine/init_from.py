@@ -7,8 +7,9 @@ through `adapt_layout` (the one place a foreign key layout is translated) and ar
 model by name:
 
 - same name and shape: loaded;
-- same name, shape differing only where the model has `num_classes` (the classifiers of the head and
-  auxiliary head, a class-wise upsampler): re-initialised, i.e. kept as the new model built them;
+- same name, differing only in the class dimension of a layer with `num_classes` outputs (the
+  classifiers of the head and auxiliary head, a class-wise upsampler): re-initialised, i.e. kept as
+  the new model built them;
 - same name, any other shape difference: refused (another architecture);
 - a model tensor the file lacks keeps its initialisation; a file tensor the model lacks is unused.
 
@@ -119,21 +120,29 @@ def adapt_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
     return state
 
 
-def classifier_classes(target: torch.Tensor, given: torch.Tensor, num_classes: int | None) -> int | None:
-    """The file's class count if `given` differs from `target` only in dimensions of size num_classes
-    (a classifier's output channels, a class-wise upsampler), else None."""
-    if num_classes is None or target.dim() != given.dim():
+def classifier_classes(model: nn.Module, name: str, target: torch.Tensor, given: torch.Tensor) -> int | None:
+    """The file's class count if `name` is a class-count-dependent tensor and `given` differs from
+    `target` in its class dimension only, else None.
+
+    Class-count dependent: a weight or bias of a layer with `num_classes` outputs (the classifier of a
+    head or auxiliary head, DRN/DLA-Up's class-wise upsampler), whose first dimension is the class.
+    """
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None or target.dim() != given.dim() or target.dim() == 0:
         return None
-    differing = [d for d in range(target.dim()) if target.shape[d] != given.shape[d]]
-    if not differing or any(target.shape[d] != num_classes for d in differing):
+    if target.shape[0] != num_classes or target.shape[1:] != given.shape[1:]:
         return None
-    counts = {given.shape[d] for d in differing}
-    return counts.pop() if len(counts) == 1 else None
+    module_name, _, _ = name.rpartition(".")
+    try:
+        layer = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    outputs = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+    return int(given.shape[0]) if outputs == num_classes else None
 
 
 def match_state(model: nn.Module, state: dict[str, torch.Tensor], report: InitReport) -> dict[str, torch.Tensor]:
     """The model's state dict with every loadable tensor of `state` in place; fills `report`."""
-    num_classes = getattr(model, "num_classes", None)
     merged = model.state_dict()
     for name, target in merged.items():
         given = state.get(name)
@@ -143,7 +152,7 @@ def match_state(model: nn.Module, state: dict[str, torch.Tensor], report: InitRe
         elif given.shape == target.shape:
             merged[name] = given
             report.loaded.append(name)
-        elif (classes := classifier_classes(target, given, num_classes)) is not None:
+        elif (classes := classifier_classes(model, name, target, given)) is not None:
             report.reinitialised.append(name)
             report.file_classes = classes
         else:
