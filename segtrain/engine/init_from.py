@@ -43,7 +43,7 @@ class InitReport:
     """What `load_init_weights` did with each tensor (names as in the model's state dict)."""
 
     path: Path
-    source: str  # which weights of the file: "segtrain checkpoint (EMA weights)", "state dict", ...
+    source: str  # which weights of the file: "segtrain checkpoint, its EMA weights", "state dict", ...
     loaded: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)  # classifier tensors: another class count
     kept: list[str] = field(default_factory=list)  # model tensors the file lacks: their initialisation stays
