@@ -304,3 +304,42 @@ def test_bn_momentum_default_and_refusals():
 def test_drn_weights_come_from_the_host_of_the_official_code():
     for name, url in drn_module.WEIGHT_URLS.items():
         assert re.fullmatch(rf"http://dl\.yf\.io/drn/{name}-[0-9a-f]{{8}}\.pth", url), url
+
+
+def test_init_from_an_official_drnseg_file_trains_with_its_weights(tmp_path, shapes_root):
+    """A released 19-class Cityscapes DRNSeg starts a shapes run: every tensor loaded or, for the class
+    count, re-initialised."""
+    from segtrain.engine.trainer import Trainer
+
+    path = tmp_path / "drn_d_22_cityscapes.pth"
+    source = _model("drnseg", "drn_d_22", seed=8)
+    torch.save(to_official("drnseg", source), path)
+    cfg = compose_config("train", tiny_overrides(shapes_root, **{
+        "model": "drnseg", "backbone": "drn_d_22", "init_from": str(path), "trainer.max_iters": 2,
+        "trainer.val_interval": 2, "trainer.ckpt_interval": 2}) + [f"~model.{key}" for key in QUICKSTART_HEAD])
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        trainer.setup()
+        trainer.resume()
+        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    report = trainer.init_report
+    assert sorted(report.reinitialised) == ["classifier.bias", "classifier.weight", "upsample.weight"]
+    assert report.file_classes == 19 and not report.kept and not report.unused
+    expected = source.state_dict()
+    for name in report.loaded:
+        assert torch.equal(weights[name], expected[name]), name
+    assert len(report.loaded) == len([k for k in expected if not k.endswith("num_batches_tracked")]) - 3
+    assert [h["iteration"] for h in result["history"]] == [1, 2]
+
+
+def test_init_from_an_official_file_of_another_family_is_refused(tmp_path, shapes_root):
+    from segtrain.engine.init_from import load_init_weights
+
+    path = tmp_path / "hrnet_w18_cityscapes.pth"
+    torch.save(to_official("hrnetv2", _model("hrnetv2", "hrnet_w18")), path)
+    with pytest.raises(WeightsError, match=rf"init_from={re.escape(str(path))} holds an official HRNetV2 .*"
+                                           r"model=hrnetv2"):
+        load_init_weights(_model("drnseg", "drn_d_22", classes=5), path)

@@ -30,6 +30,7 @@ from torch import nn
 
 from segtrain.engine.checkpoint import nonfinite_tensor, unpickling_culprit
 from segtrain.errors import WeightsError
+from segtrain.models.official import map_official_state_dict
 
 log = logging.getLogger("segtrain.train")
 
@@ -111,13 +112,14 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dic
     return state
 
 
-def adapt_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapt_layout(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """The one place a file's key layout is translated into the model's before matching by name.
 
-    A segtrain or plain state dict of this model needs nothing; layouts of other code bases (official
-    DRNSeg / DLA-Up / HRNet releases) are mapped here.
+    A segtrain or plain state dict of this model needs nothing; the whole-model files of the official
+    DRNSeg / DLA-Up / HRNet releases are renamed by segtrain.models.official (renaming only: the class
+    count is matched below, so an official 19-class Cityscapes model fine-tunes on other classes).
     """
-    return state
+    return map_official_state_dict(model, state, f"init_from={path}", strict=False)
 
 
 def classifier_classes(model: nn.Module, name: str, target: torch.Tensor, given: torch.Tensor) -> int | None:
@@ -193,7 +195,7 @@ def load_init_weights(model: nn.Module, path: str | Path, class_names: list[str]
     if bad is not None:
         raise WeightsError(f"init_from={path}: holds non-finite values (NaN or infinity) in {bad}; its weights are "
                            "unusable: take an earlier checkpoint")
-    state = adapt_layout(model, strip_prefix(state))
+    state = adapt_layout(model, strip_prefix(state), path)
     report = InitReport(path, source, class_names=file_names)
     merged = match_state(model, state, report)
     check_enough_matched(list(merged), state, report)
