@@ -133,8 +133,10 @@ class DatasetConfig:
     ignore_index: int = 255
     # RGB triplets, one per class; null means the PASCAL VOC colour map.
     palette: Any = None
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Input normalisation, RGB in [0, 1] units; null: the backbone's (backbone.mean/std, the statistics its
+    # pretrained weights expect; segtrain.data.normalization).
+    mean: Any = None
+    std: Any = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # `_target_` of a function (root, split, **kwargs) -> list of (image_path, mask_path) pairs.
     source: Any = MISSING

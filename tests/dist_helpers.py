@@ -11,6 +11,7 @@ def evaluate_shard(rank: int, world_size: int, init_file: str, model_path: str, 
 
     from segtrain.config import TrainAppConfig
     from segtrain.data.loading import build_dataset, eval_loader
+    from segtrain.data.normalization import normalization
     from segtrain.engine.evaluate import evaluate
     from segtrain.models import build_model
 
@@ -19,7 +20,7 @@ def evaluate_shard(rank: int, world_size: int, init_file: str, model_path: str, 
         cfg = OmegaConf.merge(OmegaConf.structured(TrainAppConfig), OmegaConf.create(cfg_yaml))
         model = build_model(cfg.model, cfg.backbone, len(cfg.dataset.class_names))
         model.load_state_dict(torch.load(model_path, weights_only=True))
-        dataset = build_dataset(cfg.dataset, "val", train=False)
+        dataset = build_dataset(cfg.dataset, "val", train=False, normalize=normalization(cfg))
         loader = eval_loader(dataset, 1, 0, False)
         result = evaluate(model, loader, len(cfg.dataset.class_names), torch.device("cpu"))
         if rank == 0:

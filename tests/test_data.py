@@ -7,6 +7,7 @@ from conftest import compose_config, tiny_overrides
 from segtrain.config import AugmentConfig
 from segtrain.data.dataset import read_mask
 from segtrain.data.loading import TrainStream, build_dataset, sample_seed
+from segtrain.data.normalization import normalization
 from segtrain.data.shapes import CLASS_NAMES, shapes_samples
 from segtrain.data.transforms import train_transform
 from segtrain.errors import DataError
@@ -69,7 +70,7 @@ def test_augmentation_depends_only_on_the_seed():
 
 def test_validation_samples_keep_their_original_size(shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root))
-    dataset = build_dataset(cfg.dataset, "val", train=False)
+    dataset = build_dataset(cfg.dataset, "val", train=False, normalize=normalization(cfg))
     for index in range(len(dataset)):
         image_path, _ = dataset.samples[index]
         with Image.open(image_path) as img:
@@ -99,7 +100,7 @@ def test_two_ranks_split_the_single_process_stream():
 
 def test_invalid_label_value_names_the_file(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root))
-    dataset = build_dataset(cfg.dataset, "val", train=False)
+    dataset = build_dataset(cfg.dataset, "val", train=False, normalize=normalization(cfg))
     image_path, mask_path = dataset.samples[0]
     bad = tmp_path / "bad.png"
     mask = read_mask(mask_path).copy()

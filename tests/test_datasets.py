@@ -31,6 +31,7 @@ from segtrain.data.dataset import read_mask
 from segtrain.data.download import download
 from segtrain.data.folder import folder_samples
 from segtrain.data.loading import build_dataset
+from segtrain.data.normalization import normalization
 from segtrain.data.prepare_cityscapes import prepare_cityscapes
 from segtrain.data.prepare_voc import prepare_voc
 from segtrain.data.voc import voc_samples
@@ -163,7 +164,7 @@ def test_prepare_cityscapes_unpacks_and_writes_train_ids(tmp_path):
     for path in root.glob("gtFine/*/*/*_labelTrainIds.png"):
         path.unlink()
     cfg = compose_config("train", ["dataset=cityscapes", f"dataset.root={root}"])
-    dataset = build_dataset(cfg.dataset, "val", train=False)
+    dataset = build_dataset(cfg.dataset, "val", train=False, normalize=normalization(cfg))
     assert np.array_equal(dataset[0]["mask"].numpy(), LABEL_TO_TRAIN[labels])
 
 
@@ -259,5 +260,5 @@ def test_training_skips_bad_samples_when_asked(tmp_path, shapes_root):
 def test_validation_of_a_split_keeps_full_size(tmp_path, voc_archives):
     shutil.unpack_archive(voc_archives / "VOCtrainval_11-May-2012.tar", tmp_path)
     cfg = compose_config("train", ["dataset=voc", f"dataset.root={tmp_path / 'VOCdevkit' / 'VOC2012'}"])
-    dataset = build_dataset(cfg.dataset, "val", train=False)
+    dataset = build_dataset(cfg.dataset, "val", train=False, normalize=normalization(cfg))
     assert dataset[0]["image"].shape == (3, 12, 16) and dataset[0]["mask"].shape == (12, 16)

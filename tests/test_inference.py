@@ -15,6 +15,7 @@ from PIL import Image
 import segtrain as segtrain_package
 from conftest import compose_config, tiny_overrides
 from segtrain.data.loading import build_dataset, eval_loader
+from segtrain.data.normalization import normalization
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings, infer, slide_logits
 from segtrain.engine.trainer import train
@@ -140,7 +141,7 @@ def test_metrics_identical_for_batch_sizes_1_and_4(tmp_path):
     _equal_size_dataset(tmp_path / "d")
     cfg = _folder_cfg(tmp_path / "d")
     model = build_model(cfg.model, cfg.backbone, 3).eval()
-    dataset = build_dataset(cfg.dataset, "val", train=False)
+    dataset = build_dataset(cfg.dataset, "val", train=False, normalize=normalization(cfg))
     assert len(dataset) == 8
     results = [evaluate(model, eval_loader(dataset, b, 0, False), 3, torch.device("cpu")) for b in (1, 4)]
     assert torch.equal(results[0].matrix, results[1].matrix)
@@ -155,8 +156,8 @@ def test_metrics_identical_for_1_and_2_processes(tmp_path):
     cfg = _folder_cfg(tmp_path / "d")
     model = build_model(cfg.model, cfg.backbone, 3).eval()
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    single = evaluate(model, eval_loader(build_dataset(cfg.dataset, "val", train=False), 1, 0, False), 3,
-                      torch.device("cpu"))
+    dataset = build_dataset(cfg.dataset, "val", train=False, normalize=normalization(cfg))
+    single = evaluate(model, eval_loader(dataset, 1, 0, False), 3, torch.device("cpu"))
     mp.spawn(evaluate_shard, args=(2, str(tmp_path / "init"), str(tmp_path / "model.pt"), OmegaConf.to_yaml(cfg),
                                    str(tmp_path / "out.pt")), nprocs=2, join=True)
     distributed = torch.load(tmp_path / "out.pt", weights_only=True)

@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from segtrain.config import CommonConfig
 from segtrain.data.loading import build_dataset, eval_loader
+from segtrain.data.normalization import normalization
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.ema import inference_weights
 from segtrain.engine.evaluate import evaluate
@@ -176,8 +177,8 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     ckpt = Path(composed.ckpt)
     amp = resolve_amp(cfg.trainer.amp, loaded.device)
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, on_error=cfg.data.on_error,
-                            max_pixels=cfg.data.max_image_pixels)
+    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, normalize=normalization(cfg),
+                            on_error=cfg.data.on_error, max_pixels=cfg.data.max_image_pixels)
     loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")
     palette = make_palette(cfg.dataset.palette, len(class_names))
     save = None

@@ -24,6 +24,7 @@ from torch import nn
 import segtrain
 from segtrain.commands.evaluate import LoadedModel, load_for_inference
 from segtrain.commands.quiet import library_output_to_log
+from segtrain.data.normalization import normalization
 from segtrain.errors import ConfigError, SegtrainError
 from segtrain.visualize import make_palette
 
@@ -65,11 +66,12 @@ def export_metadata(loaded: LoadedModel) -> dict[str, str]:
     names = loaded.class_names
     train_state = state.get("train_state") if isinstance(state.get("train_state"), dict) else {}
     best = _number(train_state.get("best_miou", state.get("best_miou")))
+    mean, std = normalization(cfg)  # as the model was trained: dataset.mean/std, else the backbone's
     values = {
         "class_names": json.dumps(names),
         "palette": json.dumps(make_palette(cfg.dataset.palette, len(names))[: len(names)].tolist()),
-        "mean": json.dumps([float(v) for v in cfg.dataset.mean]),
-        "std": json.dumps([float(v) for v in cfg.dataset.std]),
+        "mean": json.dumps(mean),
+        "std": json.dumps(std),
         "input_layout": "NCHW",
         "input_channels": "RGB",
         "input_dtype": "float32",

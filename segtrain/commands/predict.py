@@ -24,6 +24,7 @@ from PIL import Image
 
 from segtrain.commands.evaluate import load_for_inference
 from segtrain.data.dataset import decode_image
+from segtrain.data.normalization import normalization
 from segtrain.engine.evaluate import autocast
 from segtrain.engine.inference import InferenceSettings, infer
 from segtrain.engine.runtime import cudnn_autotuning, resolve_amp
@@ -116,6 +117,7 @@ def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None
     cfg = loaded.cfg
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
     amp = resolve_amp(cfg.trainer.amp, loaded.device)
+    mean_std = normalization(cfg)  # as the checkpoint was trained (its stored dataset/backbone config)
     palette = make_palette(cfg.dataset.palette, len(loaded.class_names))
     flat_palette = palette.flatten().tolist()
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,7 @@ def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None
             log.warning("skipping %s: %s", path, exc)
             skipped.append((path, str(exc)))
             continue
-        tensor = normalise(image, list(cfg.dataset.mean), list(cfg.dataset.std))[None].to(loaded.device)
+        tensor = normalise(image, *mean_std)[None].to(loaded.device)
         with autocast(loaded.device, amp), cudnn_autotuning(False):  # images of varying size
             prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
         index_png = Image.fromarray(prediction, mode="P")

@@ -32,9 +32,10 @@ def source_samples(cfg: DatasetConfig | DictConfig, split: str) -> list:
 
 
 def build_dataset(
-    cfg: DatasetConfig | DictConfig, split: str, train: bool, on_error: str = "raise",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cfg: DatasetConfig | DictConfig, split: str, train: bool, normalize: tuple[list[float], list[float]],
+    on_error: str = "raise", max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> SegmentationDataset:
+    """`normalize`: (mean, std) from segtrain.data.normalization.normalization(full config)."""
     samples = source_samples(cfg, split)
     if on_error == "raise":
         # Seconds now rather than a crash hours into training.
@@ -46,7 +47,7 @@ def build_dataset(
         if lossy:
             raise DataError(f"{len(lossy)} of the {len(samples)} masks of split '{split}' are JPEG files, e.g. "
                             + lossy_mask_message(lossy[0]).removeprefix("mask "))
-    mean, std = list(cfg.mean), list(cfg.std)
+    mean, std = list(normalize[0]), list(normalize[1])
     if train:
         augment = OmegaConf.to_object(cfg.augment) if isinstance(cfg, DictConfig) else cfg.augment
         transform = train_transform(augment, mean, std, cfg.ignore_index)

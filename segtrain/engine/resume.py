@@ -23,8 +23,9 @@ from segtrain.errors import ConfigError
 log = logging.getLogger("segtrain.train")
 
 LEGACY_RESNET_TARGET = "segtrain.models.backbones.resnet.ResNetBackbone"
-# Keys that do not change the network a checkpoint's weights belong to.
-NOT_ARCHITECTURE = {"pretrained", "weights"}
+# Keys that do not change the network a checkpoint's weights belong to (mean/std: the input
+# statistics, compared as the resolved normalisation by check_same_normalization).
+NOT_ARCHITECTURE = {"pretrained", "weights", "mean", "std"}
 # Sections whose changes take effect at resume and are logged.
 CHANGEABLE = ("loss", "optimizer", "schedule", "trainer")
 
@@ -117,6 +118,19 @@ def check_same_network(stored: DictConfig, cfg: DictConfig, source: str) -> None
                 f"checkpoint, {current.get(differs[0])!r} now); resume with the {section} it was trained with, or "
                 "start a new run directory"
             )
+
+
+def check_same_normalization(stored: DictConfig, cfg: DictConfig, source: str) -> None:
+    """The input normalisation the weights were trained with (dataset.mean/std, else the backbone's)."""
+    from segtrain.data.normalization import normalization
+
+    saved, current = normalization(stored), normalization(cfg)
+    if saved != current:
+        raise ConfigError(
+            f"{source} was trained on images normalised with mean {saved[0]}, std {saved[1]}; the configuration "
+            f"gives mean {current[0]}, std {current[1]}: resume with dataset.mean={saved[0]} dataset.std={saved[1]}, "
+            "or start a new run directory"
+        )
 
 
 def log_changes(stored: DictConfig, cfg: DictConfig, iteration: int) -> list[str]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from segtrain.config import check_options
 from segtrain.data.loading import build_dataset, eval_loader, train_loader
+from segtrain.data.normalization import normalization
 from segtrain.engine.checkpoint import (
     CHECKPOINT_DIR,
     find_resume_checkpoint,
@@ -59,7 +60,14 @@ from segtrain.engine.logger import PROGRESS_RECORD, RunLogger, Throughput, conso
 from segtrain.engine.optim import load_optimizer_state
 from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.report import format_table
-from segtrain.engine.resume import check_same_data, check_same_network, data_fingerprint, log_changes, stored_config
+from segtrain.engine.resume import (
+    check_same_data,
+    check_same_network,
+    check_same_normalization,
+    data_fingerprint,
+    log_changes,
+    stored_config,
+)
 from segtrain.engine.runtime import progress_enabled, resolve_channels_last, seed_everything
 from segtrain.engine.step import Batch, StepResult, TrainStep, build_train_step
 from segtrain.engine.sweep import write_result
@@ -178,11 +186,13 @@ class Trainer:
                 log.info("watch it: tensorboard --logdir %s", self.run_dir)
         seed_everything(t.seed, t.deterministic)
         self.class_names = list(cfg.dataset.class_names)
-        self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, on_error=cfg.data.on_error,
-                                       max_pixels=cfg.data.max_image_pixels)
+        self.normalize = normalization(cfg)
+        log.info("images normalised with mean %s, std %s", self.normalize[0], self.normalize[1])
+        self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, train=True, normalize=self.normalize,
+                                       on_error=cfg.data.on_error, max_pixels=cfg.data.max_image_pixels)
         self.fingerprint = data_fingerprint(self.train_set.samples, cfg.dataset.root)
-        self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False, on_error=cfg.data.on_error,
-                                     max_pixels=cfg.data.max_image_pixels)
+        self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, train=False, normalize=self.normalize,
+                                     on_error=cfg.data.on_error, max_pixels=cfg.data.max_image_pixels)
         self.settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
         self.model = self.build_model()
         self.init_weights()
@@ -249,6 +259,7 @@ class Trainer:
         _check_same_classes(saved, self.class_names, path)
         stored = stored_config(saved, str(path))
         check_same_network(stored, self.cfg, str(path))
+        check_same_normalization(stored, self.cfg, str(path))
         check_same_data(saved.get("data_fingerprint"), self.fingerprint, str(path))
         self.model.load_state_dict(saved["model"])
         self.load_ema(saved, path)
@@ -434,7 +445,7 @@ class Trainer:
         if self.writer is None:
             return
         for k, (image, mask, pred) in enumerate(examples):
-            rgb = denormalize(image, self.cfg.dataset.mean, self.cfg.dataset.std)
+            rgb = denormalize(image, *self.normalize)
             self.writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, self.palette), iteration, dataformats="HWC")
 
     def checkpoint(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
+from segtrain.data.normalization import NORMALIZATION_KEYS
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
 
@@ -35,7 +36,8 @@ def build_model(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classes: in
     """Backbone, then model; `model.bn_momentum` (null: PyTorch's 0.1) then applies to every BatchNorm
     of both, as the recipes that set it do (HRNet's official code: 0.01 everywhere)."""
     momentum = _bn_momentum(model_cfg)
-    backbone = instantiate_checked("backbone", backbone_cfg)
+    # backbone.mean/std describe the weights' input statistics for the data pipeline, not the network.
+    backbone = instantiate_checked("backbone", backbone_cfg, drop=NORMALIZATION_KEYS)
     model = instantiate_checked("model", model_cfg, drop=MODEL_WIDE_KEYS, backbone=backbone,
                                 num_classes=num_classes)
     if momentum is not None:
