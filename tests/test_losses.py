@@ -77,3 +77,17 @@ def test_loss_group_builds_from_config_and_names_bad_keys():
         build_loss(compose_config("train", ["loss.class_weights=[1,2]"]), 6, 255)
     with pytest.raises(ConfigError, match="unknown key loss.treshold"):
         build_loss(compose_config("train", ["loss=ohem", "+loss.treshold=0.5"]), 6, 255)
+
+
+# HRNet/HRNet-Semantic-Segmentation lib/datasets/cityscapes.py, classes in trainId order (road ... bicycle).
+HRNET_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
+                            0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
+
+
+def test_hrnet_cityscapes_experiment_trains_with_the_official_class_weights():
+    cfg = compose_config("train", ["experiment=hrnetv2_w48_cityscapes"])
+    assert cfg.loss._target_ == "segtrain.engine.losses.CrossEntropy"  # the recipe has USE_OHEM false
+    assert list(cfg.loss.class_weights) == HRNET_CITYSCAPES_WEIGHTS
+    loss = build_loss(cfg, len(cfg.dataset.class_names), cfg.dataset.ignore_index)
+    assert cfg.dataset.class_names[0] == "road" and cfg.dataset.class_names[-1] == "bicycle"
+    assert torch.allclose(loss.class_weights, torch.tensor(HRNET_CITYSCAPES_WEIGHTS))
