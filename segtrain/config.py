@@ -120,7 +120,18 @@ class AugmentConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip: bool = True
     pad_image_with: PadWith = PadWith.mean  # type: ignore[attr-defined]
+    # Random scale in discrete steps (DeepLab: 0.25 gives 0.5, 0.75, ..., 2.0); null: any value in scale_range.
+    scale_step: Any = None
+    # Random rotation by an angle uniform in [-rotate, rotate] degrees, with probability rotate_prob: image
+    # bilinear, mask nearest; uncovered pixels get the image pad value and ignore_index in the mask.
+    rotate: float = 0.0
+    rotate_prob: float = 1.0
+    # Probability of a 5x5 Gaussian blur (cv2.GaussianBlur(image, (5, 5), 0)), semseg's: 0.5.
+    gaussian_blur: float = 0.0
+    # torchvision-style colour jitter (brightness, contrast, saturation = j, hue = j/4) with probability 0.8.
     color_jitter: float = 0.0
+    # DLA's RandomJitter: PIL brightness, contrast and sharpness factors uniform in [1-j, 1+j], in random order.
+    enhance_jitter: float = 0.0
 
 
 @dataclass
