@@ -28,12 +28,14 @@ from segtrain.engine.runtime import resolve_amp, resolve_device
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.instantiate import check_stored_targets
 from segtrain.keys import check_effective
-from segtrain.models import build_model
+from segtrain.models import backbone_for_inference, build_model
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
 log = logging.getLogger("segtrain.eval")
 
 GROUPS = ("model", "backbone", "dataset", "loss", "optimizer", "schedule")
+# The eval keys a protocol (conf/protocol/) sets: `protocol=NAME` replaces these in the checkpoint's config.
+PROTOCOL_KEYS = ("mode", "crop_size", "stride", "scales", "flip", "output_stride")
 # Keys of the command's own config, never taken from (or written into) the training config.
 COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "init_from", "info")
 
@@ -82,7 +84,10 @@ def apply_overrides(stored: DictConfig, composed: DictConfig, overrides: list[st
         if key == "experiment":
             raise ConfigError("experiment= cannot be changed at evaluation; override single keys instead")
         check_effective(key)
-        if key in ("model", "backbone"):
+        if key == "protocol":  # its values are in composed.eval, with the eval.* keys of the command line on top
+            for name in PROTOCOL_KEYS:
+                OmegaConf.update(stored, f"eval.{name}", composed.eval[name], merge=False, force_add=True)
+        elif key in ("model", "backbone"):
             refuse_network_change(stored, composed, key, text.split("=", 1)[1], source)
         elif key in GROUPS:
             stored[key] = composed[key]
@@ -149,13 +154,7 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
             f"{ckpt} predicts {len(saved_names)} classes but dataset '{cfg.dataset.name}' has "
             f"{len(class_names)}; use the dataset the model was trained for"
         )
-    backbone_cfg = cfg.backbone
-    if cfg.eval.output_stride is not None:
-        if backbone_cfg.get("output_stride") is None:
-            raise ConfigError(f"eval.output_stride: backbone '{backbone_cfg.get('name')}' has no output_stride to "
-                              "change (only dilated ResNet / Xception backbones do)")
-        backbone_cfg = OmegaConf.merge(backbone_cfg, {"output_stride": int(cfg.eval.output_stride)})
-    backbone_cfg = OmegaConf.merge(backbone_cfg, {"pretrained": False, "weights": None})
+    backbone_cfg = backbone_for_inference(cfg.backbone, cfg.eval.output_stride)
     device = resolve_device(cfg.trainer.device)
     model = build_model(cfg.model, backbone_cfg, len(class_names))
     try:

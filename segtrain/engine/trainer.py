@@ -72,7 +72,7 @@ from segtrain.engine.runtime import progress_enabled, resolve_channels_last, see
 from segtrain.engine.step import Batch, StepResult, TrainStep, build_train_step
 from segtrain.engine.sweep import write_result
 from segtrain.errors import ConfigError, Preempted, TrainingStopped, WeightsError
-from segtrain.models import build_model
+from segtrain.models import backbone_for_inference, build_model
 from segtrain.visualize import denormalize, make_palette, panel
 
 log = logging.getLogger("segtrain.train")
@@ -198,6 +198,7 @@ class Trainer:
         self.init_weights()
         decay = ema_decay(t.ema_decay)  # before DDP wraps the model
         self.ema = WeightEma(self.model, decay) if decay is not None else None
+        self.val_model = self.build_val_model()
         self.step: TrainStep = build_train_step(cfg, self.model, self.ctx, len(self.class_names))
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.palette = make_palette(cfg.dataset.palette, len(self.class_names))
@@ -238,6 +239,19 @@ class Trainer:
                      self.run_dir / CHECKPOINT_DIR)
             return
         self.init_report = load_init_weights(self.model, Path(str(init_from)), self.class_names)
+
+    def build_val_model(self) -> nn.Module | None:
+        """A copy of the network at eval.output_stride (e.g. 8 for a model trained at 16), which each
+        validation loads the current weights into; None when validation uses the training network."""
+        stride = self.cfg.eval.output_stride
+        if stride is None or stride == self.cfg.backbone.get("output_stride"):
+            return None
+        model = build_model(self.cfg.model, backbone_for_inference(self.cfg.backbone, stride), len(self.class_names))
+        model = model.to(self.device).eval()
+        if resolve_channels_last(self.cfg.trainer.channels_last, self.device):
+            model = model.to(memory_format=torch.channels_last)
+        log.info("validation at output stride %s (training at %s)", stride, self.cfg.backbone.get("output_stride"))
+        return model
 
     def build_loaders(self) -> None:
         """Loaders start at the resumed position of the training stream."""
@@ -414,8 +428,12 @@ class Trainer:
             for buffer in evaluated.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         num_images = self.cfg.logging.num_images if log_images and self.ctx.is_main else 0
+        model = evaluated
+        if self.val_model is not None:  # the protocol's output stride: a copy of the evaluated weights
+            self.val_model.load_state_dict(evaluated.state_dict())
+            model = self.val_model
         with self.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
-            result = evaluate(evaluated, self.val_loader, len(self.class_names), self.device, self.step.amp,
+            result = evaluate(model, self.val_loader, len(self.class_names), self.device, self.step.amp,
                               self.cfg.dataset.ignore_index, self.settings, num_examples=num_images)
         self.set_train_mode()
         m = result.metrics

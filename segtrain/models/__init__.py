@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segtrain.data.normalization import NORMALIZATION_KEYS
@@ -43,3 +43,14 @@ def build_model(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classes: in
     if momentum is not None:
         set_bn_momentum(model, momentum)
     return model
+
+
+def backbone_for_inference(backbone_cfg: DictConfig, output_stride: int | None) -> DictConfig:
+    """The backbone node for a network that receives trained weights: no pretrained download, and at
+    `output_stride` where given (dilation changes no weight shape; the ASPP rates follow the stride)."""
+    if output_stride is not None:
+        if backbone_cfg.get("output_stride") is None:
+            raise ConfigError(f"eval.output_stride: backbone '{backbone_cfg.get('name')}' has no output_stride to "
+                              "change (only dilated ResNet / Xception backbones do)")
+        backbone_cfg = OmegaConf.merge(backbone_cfg, {"output_stride": int(output_stride)})
+    return OmegaConf.merge(backbone_cfg, {"pretrained": False, "weights": None})
