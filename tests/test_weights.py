@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from segtrain.cli import config_dir
 from segtrain.errors import WeightsError
-from segtrain.instantiate import instantiate_checked
+from segtrain.models import build_backbone
 from segtrain.models.backbones import drn as drn_module
 from segtrain.models.backbones import weights
 
@@ -88,6 +88,7 @@ HF_FOLDER = "put the {} folder it writes in the Hugging Face cache here ({})"
     ("resnet101", HF_FOLDER.format("models--timm--resnet101.tv_in1k", "{hf_cache}")),
     ("resnet18", HF_FOLDER.format("models--timm--resnet18.a1_in1k", "{hf_cache}")),
     ("hrnet_w48", HF_FOLDER.format("models--timm--hrnet_w48.ms_in1k", "{hf_cache}")),
+    ("xception65", HF_FOLDER.format("models--timm--xception65.tf_in1k", "{hf_cache}")),  # DeepLab's TF weights
 ])
 def test_offline_pretrained_fails_fast_saying_where_the_file_goes(torch_home, monkeypatch, backbone_name, where):
     import huggingface_hub
@@ -97,7 +98,7 @@ def test_offline_pretrained_fails_fast_saying_where_the_file_goes(torch_home, mo
     where = where.format(checkpoints=torch_home, hf_cache=constants.HF_HUB_CACHE)
     start = time.perf_counter()
     with pytest.raises(WeightsError) as info:
-        instantiate_checked("backbone", _node("backbone", backbone_name, pretrained=True))
+        build_backbone(_node("backbone", backbone_name, pretrained=True))
     assert time.perf_counter() - start < 30
     message = str(info.value)
     assert message.startswith("backbone.pretrained=true: the ImageNet weights of ") and "\n" not in message
@@ -109,4 +110,4 @@ def test_offline_message_names_the_torchvision_file_behind_a_tv_tag(torch_home, 
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     with pytest.raises(WeightsError, match=r"backbone.weights=/path/to/resnet50-0676ba61\.pth"):
-        instantiate_checked("backbone", _node("backbone", "resnet50", pretrained=True))
+        build_backbone(_node("backbone", "resnet50", pretrained=True))

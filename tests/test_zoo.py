@@ -14,8 +14,7 @@ from segtrain.commands.evaluate import checkpoint_config
 from segtrain.commands.info import model_complexity
 from segtrain.engine.resume import check_same_network
 from segtrain.errors import ConfigError, WeightsError
-from segtrain.instantiate import instantiate_checked
-from segtrain.models import build_model
+from segtrain.models import build_backbone, build_model
 from segtrain.models.backbones import drn as drn_module
 
 PAIRS = (
@@ -212,10 +211,10 @@ def test_official_format_drn_checkpoint_loads_strictly(tmp_path):
 @pytest.mark.parametrize("backbone_name", ["resnet50", "resnet18", "xception65", "hrnet_w18", "drn_d_22"])
 def test_weights_file_from_a_fresh_backbone_gives_identical_outputs(tmp_path, backbone_name):
     torch.manual_seed(2)
-    source = instantiate_checked("backbone", _node("backbone", backbone_name)).eval()
+    source = build_backbone(_node("backbone", backbone_name)).eval()
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
-    loaded = instantiate_checked("backbone", _node("backbone", backbone_name, weights=str(path))).eval()
+    loaded = build_backbone(_node("backbone", backbone_name, weights=str(path))).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         for a, b in zip(source(x), loaded(x)):
@@ -228,14 +227,14 @@ def test_torchvision_format_file_loads_into_the_resnet_backbone(tmp_path):
     reference = torchvision.models.resnet50()
     path = tmp_path / "resnet50-0676ba61.pth"
     torch.save(reference.state_dict(), path)
-    backbone = instantiate_checked("backbone", _node("backbone", "resnet50", weights=str(path)))
+    backbone = build_backbone(_node("backbone", "resnet50", weights=str(path)))
     assert torch.equal(backbone.net.conv1.weight, reference.conv1.weight)
 
 
 def test_mismatched_weights_file_is_named(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="wrong.pth"):
-        instantiate_checked("backbone", _node("backbone", "drn_d_22", weights=str(tmp_path / "wrong.pth")))
+        build_backbone(_node("backbone", "drn_d_22", weights=str(tmp_path / "wrong.pth")))
 
 
 def test_info_counts_parameters_and_multiply_adds():

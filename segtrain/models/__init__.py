@@ -32,12 +32,16 @@ def _bn_momentum(model_cfg: DictConfig | dict) -> float | None:
     return float(value)
 
 
+def build_backbone(backbone_cfg: DictConfig) -> nn.Module:
+    # backbone.mean/std describe the weights' input statistics for the data pipeline, not the network.
+    return instantiate_checked("backbone", backbone_cfg, drop=NORMALIZATION_KEYS)
+
+
 def build_model(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classes: int) -> nn.Module:
     """Backbone, then model; `model.bn_momentum` (null: PyTorch's 0.1) then applies to every BatchNorm
     of both, as the recipes that set it do (HRNet's official code: 0.01 everywhere)."""
     momentum = _bn_momentum(model_cfg)
-    # backbone.mean/std describe the weights' input statistics for the data pipeline, not the network.
-    backbone = instantiate_checked("backbone", backbone_cfg, drop=NORMALIZATION_KEYS)
+    backbone = build_backbone(backbone_cfg)
     model = instantiate_checked("model", model_cfg, drop=MODEL_WIDE_KEYS, backbone=backbone,
                                 num_classes=num_classes)
     if momentum is not None:
