@@ -13,6 +13,7 @@ from conftest import compose_config
 from segtrain.data.dataset import read_mask
 from segtrain.data.folder import folder_samples
 from segtrain.data.loading import build_dataset
+from segtrain.data.normalization import normalization
 from segtrain.errors import ConfigError, DataError
 
 
@@ -32,7 +33,7 @@ def folder(root: Path, write_mask, count: int = 4) -> Path:
 def dataset_of(root: Path, *overrides: str, on_error: str = "raise"):
     cfg = compose_config("train", ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[bg,fg]",
                                    "dataset.augment.crop_size=[8,8]", *overrides])
-    return build_dataset(cfg.dataset, "val", train=False, on_error=on_error)
+    return build_dataset(cfg.dataset, "val", train=False, normalize=normalization(cfg), on_error=on_error)
 
 
 def data_check(root: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,9 @@ TIMM_TARGET = "segtrain.models.backbones.timm_encoder.TimmBackbone"
 
 
 def _backbone_files() -> list[Path]:
-    return sorted(p for p in (Path(config_dir()) / "backbone").glob("*.yaml") if p.stem != "timm")
+    """Every backbone file but timm.yaml (null: timm's) and aliases (`defaults:` to another file)."""
+    files = (Path(config_dir()) / "backbone").glob("*.yaml")
+    return sorted(p for p in files if p.stem != "timm" and "defaults" not in OmegaConf.load(p))
 
 
 @pytest.mark.parametrize("path", _backbone_files(), ids=lambda p: p.stem)
@@ -41,6 +43,7 @@ def test_every_backbone_config_carries_the_statistics_of_its_weights(path):
 def test_xception65_experiment_uses_the_tf_weights_and_half_statistics():
     cfg = compose_config("train", ["experiment=deeplabv3plus_xception65_voc"])
     assert cfg.backbone.name == "xception65.tf_in1k"
+    assert normalization(compose_config("train", ["backbone=xception"])) == ([0.5] * 3, [0.5] * 3)  # the alias
     assert cfg.dataset.mean is None and cfg.dataset.std is None  # null: the backbone's
     assert normalization(cfg) == ([0.5] * 3, [0.5] * 3)
 
