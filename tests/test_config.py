@@ -105,4 +105,4 @@ def test_speed_defaults_resolve_per_device_and_explicit_values_win(tmp_path, sha
 
 def test_xception_is_an_alias_of_xception65():
     alias, original = (compose_config("train", [f"backbone={name}"]).backbone for name in ("xception", "xception65"))
-    assert alias == original and alias.name == "xception65"
+    assert alias == original and alias.name == "xception65.tf_in1k"  # DeepLab's TF ImageNet weights
