@@ -47,6 +47,21 @@ def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
     return ["experiment=quickstart", *(f"{k}={v}" for k, v in values.items())]
 
 
+def fit_recording_start(cfg: DictConfig, run_dir: Path) -> tuple[object, dict[str, torch.Tensor], dict]:
+    """Set up (and resume or init) a Trainer, record the weights it starts from, train; close it always."""
+    from segtrain.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir)
+    try:
+        trainer.setup()
+        trainer.resume()
+        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    return trainer, weights, result
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets_builders import write_folder_dataset
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, fit_recording_start, tiny_overrides
 from segtrain.commands.evaluate import load_for_inference, run_eval
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
@@ -46,15 +46,8 @@ def test_fine_tuning_a_5_class_checkpoint_on_3_classes_reinitialises_only_the_cl
     cfg = compose_config("train", folder_overrides(shapes_root, root, f"init_from={shapes_checkpoint}", **{
         "trainer.max_iters": 3, "trainer.val_interval": 3, "trainer.ckpt_interval": 3}))
     source = load_checkpoint(shapes_checkpoint)["model"]
-    trainer = Trainer(cfg, tmp_path / "run")
-    try:
-        with caplog.at_level("INFO"):
-            trainer.setup()
-            trainer.resume()
-            weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-            result = trainer.fit()
-    finally:
-        trainer.close()
+    with caplog.at_level("INFO"):
+        trainer, weights, result = fit_recording_start(cfg, tmp_path / "run")
     report = trainer.init_report
     assert report.reinitialised == CLASSIFIER and report.file_classes == 5
     assert sorted(report.loaded) == sorted(set(source) - set(CLASSIFIER)) and not report.kept and not report.unused

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, fit_recording_start, tiny_overrides
 from segtrain.cli import config_dir
 from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError, WeightsError
@@ -229,14 +229,18 @@ def test_backbone_weights_take_the_backbone_part_of_an_official_model(tmp_path, 
     assert all(torch.equal(got[k], expected[k]) for k in expected if not k.endswith("num_batches_tracked"))
 
 
+def _drnseg_run(shapes_root, **values):
+    """A 2-iteration DRN-D-22 DRNSeg run on the tiny shapes data (quickstart's DeepLab head keys removed)."""
+    return compose_config("train", tiny_overrides(shapes_root, **{
+        "model": "drnseg", "backbone": "drn_d_22", "trainer.max_iters": 2, "trainer.val_interval": 2,
+        "trainer.ckpt_interval": 2, **values}) + [f"~model.{key}" for key in QUICKSTART_HEAD])
+
+
 def test_train_starts_from_the_backbone_of_an_official_drnseg_file(tmp_path, shapes_root):
     path = tmp_path / "drn_d_22_cityscapes.pth"
     source = _model("drnseg", "drn_d_22", seed=7)
     torch.save(to_official("drnseg", source), path)
-    cfg = compose_config("train", tiny_overrides(shapes_root, **{
-        "model": "drnseg", "backbone": "drn_d_22", "backbone.weights": str(path), "trainer.max_iters": 2,
-        "trainer.val_interval": 2, "trainer.ckpt_interval": 2}) + [f"~model.{key}" for key in QUICKSTART_HEAD])
-    result = train(cfg, tmp_path / "run")
+    result = train(_drnseg_run(shapes_root, **{"backbone.weights": str(path)}), tmp_path / "run")
     assert len(result["history"]) == 2
 
 
@@ -309,22 +313,10 @@ def test_drn_weights_come_from_the_host_of_the_official_code():
 def test_init_from_an_official_drnseg_file_trains_with_its_weights(tmp_path, shapes_root):
     """A released 19-class Cityscapes DRNSeg starts a shapes run: every tensor loaded or, for the class
     count, re-initialised."""
-    from segtrain.engine.trainer import Trainer
-
     path = tmp_path / "drn_d_22_cityscapes.pth"
     source = _model("drnseg", "drn_d_22", seed=8)
     torch.save(to_official("drnseg", source), path)
-    cfg = compose_config("train", tiny_overrides(shapes_root, **{
-        "model": "drnseg", "backbone": "drn_d_22", "init_from": str(path), "trainer.max_iters": 2,
-        "trainer.val_interval": 2, "trainer.ckpt_interval": 2}) + [f"~model.{key}" for key in QUICKSTART_HEAD])
-    trainer = Trainer(cfg, tmp_path / "run")
-    try:
-        trainer.setup()
-        trainer.resume()
-        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        result = trainer.fit()
-    finally:
-        trainer.close()
+    trainer, weights, result = fit_recording_start(_drnseg_run(shapes_root, init_from=str(path)), tmp_path / "run")
     report = trainer.init_report
     assert sorted(report.reinitialised) == ["classifier.bias", "classifier.weight", "upsample.weight"]
     assert report.file_classes == 19 and not report.kept and not report.unused

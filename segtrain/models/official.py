@@ -75,13 +75,17 @@ def _drnseg_keys(state: State, backbone: nn.Module) -> State:
             index, _, rest = key.removeprefix("base.").partition(".")
             name = children[int(index)] if index.isdigit() and int(index) < len(children) else f"base.{index}"
             mapped[f"backbone.{name}.{rest}"] = value
-        elif key.startswith("seg."):
-            mapped["classifier." + key.removeprefix("seg.")] = value
-        elif key == "up.weight":
-            mapped["upsample.weight"] = value
         else:
-            mapped[key] = value
+            mapped[_seg_head_key(key, "seg.")] = value
     return mapped
+
+
+def _seg_head_key(key: str, classifier_prefix: str) -> str:
+    """DRNSeg's and DLA-Up's shared head layout: a classifier under `classifier_prefix`, `up` the x-fold
+    bilinear transposed conv; any other key is left as it is."""
+    if key.startswith(classifier_prefix):
+        return "classifier." + key.removeprefix(classifier_prefix)
+    return "upsample.weight" if key == "up.weight" else key
 
 
 def _unused_dla_project(key: str, backbone: nn.Module) -> bool:
@@ -113,12 +117,8 @@ def _dla_up_keys(state: State, backbone: nn.Module) -> State:
             else:
                 part = "project" if kind == "proj" else "upsample"
                 mapped[f"decoder.stages.{stage}.{part}.{index}.{rest}"] = value
-        elif key.startswith("fc.0."):
-            mapped["classifier." + key.removeprefix("fc.0.")] = value
-        elif key == "up.weight":
-            mapped["upsample.weight"] = value
         else:
-            mapped[key] = value
+            mapped[_seg_head_key(key, "fc.0.")] = value
     return mapped
 
 
