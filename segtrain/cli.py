@@ -241,7 +241,7 @@ def _refuse_training_keys(command: str, overrides: list[str]) -> None:
         if override.is_delete() or override.key_or_group.split(".")[0] == "hydra":
             continue
         try:
-            check_effective(override.key_or_group)
+            check_effective(override.key_or_group, command)
         except SegtrainError as exc:
             _fail(command, str(exc))
 

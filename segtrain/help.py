@@ -63,14 +63,14 @@ HELP = {
         "segtrain export ckpt=PATH [format=onnx|torchscript] [export.input_size=[H,W]] [export.output=FILE]",
         ("segtrain export ckpt=outputs/<run>/checkpoints/best.pt format=onnx",
          "segtrain export ckpt=outputs/<run>/checkpoints/best.pt format=torchscript export.input_size=[512,1024]"),
-        FROM_CHECKPOINT, ("ckpt", "format", "export", "trainer.device"), CHECKPOINT_NOTE),
+        (*FROM_CHECKPOINT, "protocol"), ("ckpt", "format", "export", "trainer.device"), CHECKPOINT_NOTE),
     "info": CommandHelp(
         "parameters, GFLOPs and (info.batch_size) training memory of a model, without data",
         "segtrain info [model=NAME backbone=NAME | ckpt=PATH] [info.input_size=[H,W]] [info.batch_size=N]",
         ("segtrain info model=deeplabv3plus backbone=xception info.input_size=[513,513]",
          "segtrain info experiment=hrnetv2_w48_cityscapes info.input_size=[1024,2048] info.batch_size=2",
          "segtrain info ckpt=outputs/<run>/checkpoints/best.pt"),
-        ("loss", "optimizer", "schedule"), ("ckpt", "info", "model", "backbone")),
+        ("loss", "optimizer", "schedule", "protocol"), ("ckpt", "info", "model", "backbone")),
     "bench": CommandHelp(
         "training and inference speed, memory and FLOP use on trainer.device",
         "segtrain bench [model=NAME backbone=NAME] [bench.batch_size=N bench.crop_size=[H,W]] [key=value ...]",

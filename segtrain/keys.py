@@ -115,10 +115,17 @@ def check_added_key(key: str, cfg: DictConfig) -> None:
     raise ConfigError(unknown_key_message(key, known_keys(cfg), " (nothing reads a key added with +)"))
 
 
-def check_effective(key: str) -> None:
+# Commands that run no evaluation: the evaluation protocol and its eval.* keys do nothing there.
+NOT_EVALUATING = ("export", "info")
+
+
+def check_effective(key: str, command: str = "eval") -> None:
     """eval, predict, export and info read the model, dataset, eval.*, data.* and a few trainer keys;
-    a training-only key given to them is refused."""
+    a training-only key given to them is refused, and so is an evaluation key given to export or info."""
     section = key.split(".")[0]
+    if command in NOT_EVALUATING and section in ("protocol", "eval"):
+        raise ConfigError(f"{key} has no effect on {command}, which evaluates nothing; evaluation protocols "
+                          "and eval.* keys apply to segtrain eval and segtrain predict")
     if section in TRAINING_ONLY or (section == "trainer" and key not in INFERENCE_TRAINER_KEYS):
         raise ConfigError(f"{key} has no effect here: eval, predict, export and info only read the model, "
                           f"backbone, dataset, eval.*, data.* and {', '.join(INFERENCE_TRAINER_KEYS)}")

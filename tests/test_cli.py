@@ -48,7 +48,8 @@ def test_each_command_help_shows_its_own_examples_and_groups(tmp_path):
         examples = result.stdout.split("Examples:")[1]
         assert f"segtrain {command} " in examples and "segtrain train" not in examples
         helps[command] = result.stdout
-    assert groups(helps["eval"]) == groups(helps["predict"]) == groups(helps["export"]) == {"dataset"}
+    assert groups(helps["eval"]) == groups(helps["predict"]) == {"dataset", "protocol"}
+    assert groups(helps["export"]) == {"dataset"} and "protocol" not in groups(helps["info"])
     assert {"model", "backbone", "dataset"} <= groups(helps["info"]) and "optimizer" not in groups(helps["info"])
     assert "optimizer:" not in helps["eval"] and "ckpt: ???" in helps["eval"]
     data_check = segtrain("data", "check", "--help", cwd=tmp_path)

@@ -74,3 +74,11 @@ def test_training_only_keys_are_refused_by_checkpoint_commands(capsys, key):
     with pytest.raises(ConfigError, match="has no effect here"):
         check_effective(key)
     assert "has no effect here" in refused(capsys, "eval", "ckpt=x.pt", f"{key}=1")
+
+
+@pytest.mark.parametrize("command", ["export", "info"])
+def test_evaluation_keys_are_refused_by_commands_that_evaluate_nothing(capsys, command):
+    check_effective("protocol", "eval")
+    check_effective("eval.flip", "predict")
+    assert "protocol has no effect on " + command in refused(capsys, command, "ckpt=x.pt", "protocol=ms_flip")
+    assert "eval.flip has no effect on " + command in refused(capsys, command, "ckpt=x.pt", "eval.flip=true")
