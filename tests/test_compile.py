@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -14,7 +13,7 @@ from conftest import compose_config, tiny_overrides
 from segtrain.engine.compile import RegionalCompile, model_regions
 from segtrain.engine.step import FirstCallFallback
 from segtrain.engine.trainer import train
-from segtrain.models import build_model
+from segtrain.models import build_backbone, build_model
 
 
 def _quickstart(*overrides: str) -> nn.Module:
@@ -30,7 +29,7 @@ def test_regions_are_the_backbone_blocks_and_the_head():
     assert {id(model.aspp), id(model.low_level), id(model.fuse)} <= {id(r) for r in regions}
     # Single layers stay eager: the stem conv and BatchNorm, the 1x1 classifier.
     assert all(id(m) not in {id(r) for r in regions} for m in (model.backbone.net.conv1, model.classifier))
-    xception = instantiate(compose_config("train", ["backbone=xception65"]).backbone)
+    xception = build_backbone(compose_config("train", ["backbone=xception65"]).backbone)
     kinds = [type(r).__name__ for r in model_regions(xception)]
     # All 21 blocks, and (for the feature taps, which call a block's layers one by one) their separable convs.
     assert kinds.count("XceptionModule") == 21 and kinds.count("SeparableConv2d") >= 5 * 3

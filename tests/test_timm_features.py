@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from hydra.utils import instantiate
 from timm.models._features import FeatureGetterNet, FeatureHookNet
 
 from conftest import compose_config
+from segtrain.models import build_backbone
 from segtrain.models.backbones.timm_encoder import TimmBackbone
 
 
@@ -38,7 +38,7 @@ def test_xception_features_equal_the_hook_wrapper_under_the_same_weights(output_
 
 @pytest.mark.parametrize("name", ["resnet18", "xception65", "hrnet_w18", "dla34", "timm"])
 def test_every_timm_backbone_config_extracts_features_without_hooks(name):
-    backbone = instantiate(compose_config("train", [f"backbone={name}"]).backbone)
+    backbone = build_backbone(compose_config("train", [f"backbone={name}"]).backbone)
     assert _hooks(backbone) == 0
 
 
