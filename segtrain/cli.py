@@ -320,9 +320,10 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float:
+    from segtrain.engine.hparams import hydra_run_info
     from segtrain.engine.trainer import train
 
-    return float(train(cfg, run_dir)["best_miou"])
+    return float(train(cfg, run_dir, run_info=hydra_run_info()).best_miou)
 
 
 def _eval(cfg: DictConfig, run_dir: Path) -> None:

@@ -175,6 +175,9 @@ class TrainAppConfig(CommonConfig):
     # A checkpoint (segtrain's or a plain state dict) whose model weights start a new run: fresh
     # optimizer, schedule and iteration; classifiers re-initialised for another class count.
     init_from: Any = None
+    # The user's own training-loop callbacks: name -> `_target_` node of a segtrain.engine.callbacks.Callback
+    # (run after segtrain's own, in this order; null switches one off).
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

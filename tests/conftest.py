@@ -55,7 +55,7 @@ def fit_recording_start(cfg: DictConfig, run_dir: Path) -> tuple[object, dict[st
     try:
         trainer.setup()
         trainer.resume()
-        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        weights = {k: v.clone() for k, v in trainer.run.model.state_dict().items()}
         result = trainer.fit()
     finally:
         trainer.close()

@@ -52,23 +52,25 @@ def train_rank(rank: int, world_size: int, init_file: str, overrides: list[str],
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import compose_config
+    from segtrain.engine.callbacks import Callback
     from segtrain.engine.trainer import train
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     agreed = []
 
-    def compare(iteration, model):
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        dist.all_gather(gathered, flat)
-        agreed.append(all(torch.equal(gathered[0], g) for g in gathered[1:]))
+    class CompareAcrossRanks(Callback):
+        def on_step_end(self, run, result):
+            flat = torch.cat([p.detach().flatten() for p in run.model.parameters()])
+            gathered = [torch.empty_like(flat) for _ in range(world_size)]
+            dist.all_gather(gathered, flat)
+            agreed.append(all(torch.equal(gathered[0], g) for g in gathered[1:]))
 
     try:
         # Rank 0 names the run directory; the others pass a scratch one, as the CLI does.
         mine = run_dir if rank == 0 else str(Path(run_dir).parent / f"scratch-{rank}")
-        result = train(compose_config("train", overrides), Path(mine), on_step=compare)
+        result = train(compose_config("train", overrides), Path(mine), callbacks=[CompareAcrossRanks()])
         if rank == 0:
-            torch.save({"state": result["model"].state_dict(), "agreed": agreed,
-                        "losses": [h["loss"] for h in result["history"]]}, out_path)
+            torch.save({"state": result.model.state_dict(), "agreed": agreed,
+                        "losses": [h["loss"] for h in result.history]}, out_path)
     finally:
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from conftest import compose_config, tiny_overrides
+from segtrain.engine.callbacks import Callback
 from segtrain.engine.compile import RegionalCompile, model_regions
 from segtrain.engine.step import FirstCallFallback
 from segtrain.engine.trainer import train
@@ -63,9 +64,13 @@ def test_compiled_training_and_validation_never_recompile(tmp_path, shapes_root)
         # resnet18's first stage only (its two blocks are identical: one graph for inductor) and the head.
         "backbone.out_indices": "[1]", "logging.image_interval": 3}))
     start = time.perf_counter()
-    result = train(cfg, tmp_path, on_step=lambda it, _: frames.__setitem__(it, counters["frames"]["total"]))
+    class FrameCount(Callback):
+        def on_step_end(self, run, result):
+            frames[run.state.iteration] = counters["frames"]["total"]
+
+    result = train(cfg, tmp_path, callbacks=[FrameCount()])
     elapsed = time.perf_counter() - start
-    regions = [m for m in result["model"].modules() if "forward" in m.__dict__]
+    regions = [m for m in result.model.modules() if "forward" in m.__dict__]
     assert regions, "trainer.compile=true compiled no region"
     assert frames[1] > 0 and counters["frames"]["ok"] == counters["frames"]["total"]
     # Step 1 compiles; steps 2-3, the validations after steps 2 and 3 and the checkpoints compile nothing.
@@ -73,9 +78,9 @@ def test_compiled_training_and_validation_never_recompile(tmp_path, shapes_root)
     # A compiled region per code object: one graph per compiled frame, and no graph breaks.
     assert counters["stats"]["unique_graphs"] == counters["frames"]["ok"]
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     # The eager path takes any image size without compiling.
-    model = result["model"].eval()
+    model = result.model.eval()
     with torch.no_grad(), RegionalCompile.eager():
         assert model(torch.randn(1, 3, 37, 51))["out"].shape == (1, 5, 37, 51)
     assert counters["frames"]["total"] == frames[3]

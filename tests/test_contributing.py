@@ -67,8 +67,8 @@ def test_a_model_and_a_loss_added_as_documented_train(tmp_path, shapes_root, my_
     cfg = compose_config("train", _overrides(shapes_root, my_conf))
     assert cfg.model._target_ == "test_contributing.TinyFCN"
     result = train(cfg, tmp_path / "run")
-    assert isinstance(result["model"], TinyFCN)
-    losses = [h["loss"] for h in result["history"]]
+    assert isinstance(result.model, TinyFCN)
+    losses = [h["loss"] for h in result.history]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()

@@ -24,7 +24,7 @@ def _cuda(shapes_root, **values) -> list[str]:
 
 
 def _weights(result: dict) -> dict:
-    return {k: v.detach().cpu() for k, v in result["model"].state_dict().items()}
+    return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
 
 
 def test_defaults_resolve_to_fast_settings_on_cuda(tmp_path, shapes_root):
@@ -34,10 +34,10 @@ def test_defaults_resolve_to_fast_settings_on_cuda(tmp_path, shapes_root):
     trainer = Trainer(compose_config("train", _cuda(shapes_root, **{"trainer.amp": "auto",
                                                                      "trainer.channels_last": "auto"})), tmp_path)
     trainer.setup()
-    assert trainer.step.amp == expected
-    assert trainer.step.scaler.is_enabled() == (expected == "fp16")
-    assert trainer.step.memory_format == torch.channels_last
-    conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert trainer.run.step.amp == expected
+    assert trainer.run.step.scaler.is_enabled() == (expected == "fp16")
+    assert trainer.run.step.memory_format == torch.channels_last
+    conv = next(m for m in trainer.run.model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -50,7 +50,7 @@ def test_mixed_precision_training_resumes_exactly(tmp_path, shapes_root, amp):
     part = tmp_path / "part"
     train(compose_config("train", _cuda(shapes_root, **{**values, "trainer.max_iters": 2})), part)
     resumed = train(compose_config("train", [*_cuda(shapes_root, **values), "resume=auto"]), part)
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in full["history"])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in full.history)
     for (name, a), b in zip(_weights(full).items(), _weights(resumed).values()):
         assert torch.equal(a, b), name
     if amp == "fp16":
@@ -61,8 +61,8 @@ def test_channels_last_and_compile_train_on_cuda(tmp_path, shapes_root):
     result = train(compose_config("train", _cuda(shapes_root, **{
         "trainer.channels_last": "true", "trainer.compile": "true", "trainer.max_iters": 3,
         "trainer.val_interval": 3})), tmp_path)
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
-    assert result["final_miou"] >= 0
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    assert result.final_miou >= 0
 
 
 def test_cpu_and_cuda_evaluation_agree(tmp_path, shapes_root):

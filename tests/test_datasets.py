@@ -254,7 +254,7 @@ def test_training_skips_bad_samples_when_asked(tmp_path, shapes_root):
     with pytest.raises(DataError, match=r"img\d"):
         train(compose_config("train", overrides + ["data.on_error=raise"]), tmp_path / "raise")
     result = train(compose_config("train", overrides + ["data.on_error=skip"]), tmp_path / "skip")
-    assert result["skipped"] >= 1
+    assert result.skipped >= 1
 
 
 def test_validation_of_a_split_keeps_full_size(tmp_path, voc_archives):

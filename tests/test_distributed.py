@@ -56,9 +56,9 @@ def test_two_process_training_matches_one_process(tmp_path, shapes_root):
     single, result = train_two_ranks(tmp_path, overrides)
     run_dir = tmp_path / "ddp" / "run"
     assert result["agreed"] == [True] * 4  # identical weights on both ranks after every step
-    for (name, a), b in zip(single["model"].state_dict().items(), result["state"].values()):
+    for (name, a), b in zip(single.model.state_dict().items(), result["state"].values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
-    assert result["losses"] == pytest.approx([h["loss"] for h in single["history"]], abs=1e-5)
+    assert result["losses"] == pytest.approx([h["loss"] for h in single.history], abs=1e-5)
     # only rank 0 wrote: checkpoints and events in its run directory, nothing in rank 1's
     assert (run_dir / "checkpoints" / "last.pt").is_file() and list(run_dir.glob("events.out.tfevents.*"))
     assert not (tmp_path / "ddp" / "scratch-1").exists() or not any((tmp_path / "ddp" / "scratch-1").rglob("*"))
@@ -68,7 +68,7 @@ def test_channels_last_training_runs(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.channels_last": "true",
                                                                  "trainer.max_iters": 2}))
     result = train(cfg, tmp_path)
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
 
 
 def test_compile_falls_back_with_a_message(monkeypatch, caplog):

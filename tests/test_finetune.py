@@ -9,6 +9,7 @@ from datasets_builders import write_folder_dataset
 
 from conftest import compose_config, fit_recording_start, tiny_overrides
 from segtrain.commands.evaluate import load_for_inference, run_eval
+from segtrain.engine.callbacks import Callback
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.init_from import load_init_weights
@@ -58,10 +59,10 @@ def test_fine_tuning_a_5_class_checkpoint_on_3_classes_reinitialises_only_the_cl
             "tensors; re-initialised 2 for the class count (5 in the file): classifier.weight, classifier.bias"
             ) in caplog.text
     # A new run: iteration 1 at the full learning rate, fresh optimizer state.
-    assert [h["iteration"] for h in result["history"]] == [1, 2, 3]
-    assert result["history"][0]["lr"] == pytest.approx(cfg.optimizer.lr)
+    assert [h["iteration"] for h in result.history] == [1, 2, 3]
+    assert result.history[0]["lr"] == pytest.approx(cfg.optimizer.lr)
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert saved["class_names"] == ["sky", "road", "car"] and saved["iteration"] == 3
+    assert saved["class_names"] == ["sky", "road", "car"] and saved["train_state"]["iteration"] == 3
     assert f"init_from: {shapes_checkpoint}" in saved["config"]
     overrides = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"]  # the stored init_from is not eval's
     assert load_for_inference(compose_config("eval", overrides), overrides).class_names == ["sky", "road", "car"]
@@ -149,7 +150,7 @@ def test_resume_auto_with_checkpoints_wins_over_init_from_and_an_explicit_resume
     with caplog.at_level("INFO"):
         result = train(compose_config("train", overrides), tmp_path)
     assert f"init_from={shapes_checkpoint} not applied: resume=auto continues this run's checkpoints" in caplog.text
-    assert [h["iteration"] for h in result["history"]] == [3]
+    assert [h["iteration"] for h in result.history] == [3]
     with pytest.raises(ConfigError, match="init_from=.* and resume=.*: give one"):
         train(compose_config("train", tiny_overrides(shapes_root) + [
             f"init_from={shapes_checkpoint}", f"resume={shapes_checkpoint}"]), tmp_path / "b")
@@ -180,18 +181,19 @@ def test_ema_matches_the_formula_and_validation_and_eval_use_it(tmp_path, shapes
         "trainer.ema_decay": decay, "trainer.max_iters": 3, "trainer.val_interval": 3, "trainer.ckpt_interval": 3}))
     snapshots = []
 
-    def record(iteration, model):
-        snapshots.append({k: p.detach().clone() for k, p in model.named_parameters()})
+    class Record(Callback):
+        def on_step_end(self, run, result):
+            snapshots.append({k: p.detach().clone() for k, p in run.model.named_parameters()})
 
-    trainer = Trainer(cfg, tmp_path / "run", on_step=record)
+    trainer = Trainer(cfg, tmp_path / "run", callbacks=[Record()])
     try:
         trainer.setup()
-        start = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
+        start = {k: p.detach().clone() for k, p in trainer.run.model.named_parameters()}
         trainer.fit()
     finally:
         trainer.close()
     assert len(snapshots) == 3
-    averaged = dict(trainer.ema.module.named_parameters())
+    averaged = dict(trainer.run.ema.module.named_parameters())
     for name, initial in start.items():
         expected = initial
         for snapshot in snapshots:
@@ -199,15 +201,15 @@ def test_ema_matches_the_formula_and_validation_and_eval_use_it(tmp_path, shapes
         torch.testing.assert_close(averaged[name], expected, rtol=1e-5, atol=1e-6)
     moved = [n for n in start if not torch.equal(snapshots[-1][n], start[n])]
     assert moved and any(not torch.allclose(averaged[n], snapshots[-1][n]) for n in moved)  # an average, not a copy
-    for (name, mine), theirs in zip(trainer.ema.module.named_buffers(), trainer.model.buffers()):
+    for (name, mine), theirs in zip(trainer.run.ema.module.named_buffers(), trainer.run.model.buffers()):
         assert torch.equal(mine, theirs), name  # BatchNorm statistics: copied
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert saved["ema"].keys() == saved["model"].keys()
-    assert all(torch.equal(saved["ema"][k], v) for k, v in trainer.ema.state_dict().items())
+    assert all(torch.equal(saved["ema"][k], v) for k, v in trainer.run.ema.state_dict().items())
     # Validation scored the average; eval of the checkpoint loads it and reproduces that mIoU.
-    ema_miou = evaluate(trainer.ema.module, trainer.val_loader, 5, trainer.device, "off", 255, trainer.settings
+    ema_miou = evaluate(trainer.run.ema.module, trainer.val_loader, 5, trainer.device, "off", 255, trainer.settings
                         ).metrics["miou"]
-    assert trainer.state.last_miou == ema_miou
+    assert trainer.run.state.last_miou == ema_miou
     overrides = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"]
     loaded = load_for_inference(compose_config("eval", overrides), overrides)
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in saved["ema"].items())
@@ -225,7 +227,7 @@ def test_ema_resumes_exactly(tmp_path, shapes_root):
     train(compose_config("train", tiny_overrides(shapes_root, **values) + ["resume=auto"]), resumed_dir)
     full = load_checkpoint(full_dir / "checkpoints" / "last.pt")
     resumed = load_checkpoint(resumed_dir / "checkpoints" / "last.pt")
-    assert resumed["iteration"] == 4
+    assert resumed["train_state"]["iteration"] == 4
     for key in ("model", "ema"):
         assert full[key].keys() == resumed[key].keys()
         for name in full[key]:
@@ -246,7 +248,7 @@ def test_ema_turned_on_at_resume_starts_from_the_checkpoint_weights(tmp_path, sh
         trainer.close()
     assert "holds no averaged weights; the average (trainer.ema_decay=0.9) starts from its weights" in caplog.text
     saved = load_checkpoint(shapes_checkpoint)["model"]
-    assert all(torch.equal(trainer.ema.state_dict()[k], v) for k, v in saved.items())
+    assert all(torch.equal(trainer.run.ema.state_dict()[k], v) for k, v in saved.items())
 
 
 def test_a_checkpoint_with_non_finite_averaged_weights_is_refused(tmp_path, shapes_checkpoint):

@@ -66,8 +66,8 @@ def test_the_event_file_holds_the_hparams_entry_with_best_miou_and_the_config(ba
     assert metadata.SESSION_END_INFO_TAG in content
     best = events.Scalars("val/best_mIoU")
     assert [e.step for e in best] == [3, 5]
-    assert best[-1].value == pytest.approx(result["best_miou"])
-    assert events.Scalars("val/mIoU")[-1].value == pytest.approx(result["final_miou"])
+    assert best[-1].value == pytest.approx(result.best_miou)
+    assert events.Scalars("val/mIoU")[-1].value == pytest.approx(result.final_miou)
     assert "config/text_summary" in events.Tags()["tensors"]
     assert f"max_iters: {MAX_ITERS}" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
@@ -78,14 +78,14 @@ def test_metrics_jsonl_has_one_line_per_logged_step_with_the_tensorboard_values(
     assert [line["iteration"] for line in lines] == [2, 3, 4, 5]
     assert all(isinstance(line["time"], float) for line in lines)
     assert [line["train/loss"] for line in lines if "train/loss" in line] == pytest.approx(
-        [h["loss"] for h in result["history"]])
+        [h["loss"] for h in result.history])
     assert {"val/mIoU", "val/best_mIoU", "val_iou/background"} <= set(lines[1])
     events = _events(run_dir)
     for tag in ("train/loss", "train/lr", "val/mIoU", "val/pixel_acc", "val_iou/background"):
         logged = {line["iteration"]: line[tag] for line in lines if tag in line}
         assert logged == pytest.approx({e.step: e.value for e in events.Scalars(tag)}, rel=1e-6), tag
     written = json.loads((run_dir / "result.json").read_text())
-    assert written["best_miou"] == pytest.approx(result["best_miou"]) and written["iteration"] == MAX_ITERS
+    assert written["best_miou"] == pytest.approx(result.best_miou) and written["iteration"] == MAX_ITERS
 
 
 def test_train_log_gets_the_loss_lines_and_iou_tables_with_the_bar_on(bar_run):

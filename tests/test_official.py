@@ -241,7 +241,7 @@ def test_train_starts_from_the_backbone_of_an_official_drnseg_file(tmp_path, sha
     source = _model("drnseg", "drn_d_22", seed=7)
     torch.save(to_official("drnseg", source), path)
     result = train(_drnseg_run(shapes_root, **{"backbone.weights": str(path)}), tmp_path / "run")
-    assert len(result["history"]) == 2
+    assert len(result.history) == 2
 
 
 def _bilinear_x2(x: torch.Tensor) -> torch.Tensor:
@@ -324,7 +324,7 @@ def test_init_from_an_official_drnseg_file_trains_with_its_weights(tmp_path, sha
     for name in report.loaded:
         assert torch.equal(weights[name], expected[name]), name
     assert len(report.loaded) == len([k for k in expected if not k.endswith("num_batches_tracked")]) - 3
-    assert [h["iteration"] for h in result["history"]] == [1, 2]
+    assert [h["iteration"] for h in result.history] == [1, 2]
 
 
 def test_init_from_an_official_file_of_another_family_is_refused(tmp_path, shapes_root):

@@ -64,8 +64,8 @@ def os8_run(tmp_path_factory, shapes_root):
 def test_training_validates_at_the_protocols_output_stride(os8_run):
     run, result, records = os8_run
     assert "validation at output stride 8 (training at 16)" in records
-    assert result["best_miou"] >= 0 and (run / "checkpoints" / "best.pt").is_file()
-    assert result["model"].backbone.strides[-1] == 16  # the trained network itself stays at 16
+    assert result.best_miou >= 0 and (run / "checkpoints" / "best.pt").is_file()
+    assert result.model.backbone.strides[-1] == 16  # the trained network itself stays at 16
 
 
 def test_eval_rebuilds_the_checkpoint_at_the_protocols_output_stride(os8_run):

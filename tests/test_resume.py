@@ -22,8 +22,8 @@ def test_a_changed_learning_rate_applies_from_the_resumed_iteration_and_is_logge
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2, "optimizer.lr": 0.02})
     with caplog.at_level("INFO"):
         result = _run(shapes_root, tmp_path, "resume=auto", **{"optimizer.lr": 0.04, "optimizer.weight_decay": 0.0})
-    assert [h["iteration"] for h in result["history"]] == [3, 4]
-    assert result["history"][0]["lr"] == pytest.approx(poly_lr(0.04, 2, 4))
+    assert [h["iteration"] for h in result.history] == [3, 4]
+    assert result.history[0]["lr"] == pytest.approx(poly_lr(0.04, 2, 4))
     assert "resume: optimizer.lr: 0.02 -> 0.04 (from iteration 3)" in caplog.text
     assert "resume: optimizer.weight_decay: 0.0001 -> 0.0 (from iteration 3)" in caplog.text
     assert "resume: trainer.max_iters: 2 -> 4 (from iteration 3)" in caplog.text
@@ -38,8 +38,8 @@ def test_a_changed_batch_size_continues_the_same_sample_stream(tmp_path, shapes_
     trainer.build_loaders()
     assert trainer.loader.sampler.start == 8  # the next sample of the stream: none skipped, none repeated
     result = trainer.fit()
-    assert [h["iteration"] for h in result["history"]] == [3, 4]
-    assert trainer.state.samples_seen == 8 + 2 * 8
+    assert [h["iteration"] for h in result.history] == [3, 4]
+    assert trainer.run.state.samples_seen == 8 + 2 * 8
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train_state"]["samples_seen"] == 24
 
 
@@ -74,7 +74,7 @@ def test_non_finite_buffers_are_never_saved(tmp_path, shapes_root, monkeypatch):
     with pytest.raises(TrainingStopped, match=r"non-finite values \(NaN or infinity\) in backbone\.net\.bn1\."
                                               r"running_var at iteration 4: not saved"):
         _run(shapes_root, tmp_path)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train_state"]["iteration"] == 2
 
 
 def test_loading_a_checkpoint_with_a_nan_tensor_names_it(tmp_path, shapes_root):
@@ -96,7 +96,7 @@ def test_resume_auto_prefers_the_newest_complete_checkpoint_and_cleans_up(tmp_pa
     torch.save(state, ckpt / "iter_0000006.pt")
     (ckpt / ".iter_0000008.pt.abc123.tmp").write_bytes(b"partial")
     path, found = find_resume_checkpoint(tmp_path)
-    assert path.name == "iter_0000006.pt" and found["iteration"] == 6
+    assert path.name == "iter_0000006.pt" and found["train_state"]["iteration"] == 6
     assert not list(ckpt.glob(".*.tmp"))
 
 
@@ -119,15 +119,15 @@ def test_best_pt_is_only_replaced_by_a_better_miou(tmp_path, shapes_root):
         if path.name != "best.pt":
             path.unlink()
     best_path = tmp_path / "b" / "checkpoints" / "best.pt"
-    assert load_checkpoint(best_path)["best_miou"] == first["best_miou"]
+    assert load_checkpoint(best_path)["train_state"]["best_miou"] == first.best_miou
     # Stand in for a well-trained best.pt: a score no 1-iteration run of this tiny model reaches (the
     # tiny runs can tie, so the score is raised rather than earned by training longer).
     state = load_checkpoint(best_path)
-    state["best_miou"] = first["best_miou"] + 0.5
+    state["train_state"]["best_miou"] = first.best_miou + 0.5
     torch.save(state, best_path)
     before = best_path.read_bytes()
     worse = _run(shapes_root, tmp_path / "b", **{"trainer.max_iters": 1, "trainer.val_interval": 1})
-    assert worse["best_miou"] < first["best_miou"] + 0.5
+    assert worse.best_miou < first.best_miou + 0.5
     assert best_path.read_bytes() == before
 
 
@@ -154,12 +154,12 @@ def test_a_checkpoint_written_before_the_engine_redesign_resumes(tmp_path, shape
     for other in (tmp_path / "checkpoints").glob("iter_*.pt"):
         other.unlink()
     result = _run(shapes_root, tmp_path, "resume=auto")
-    assert [h["iteration"] for h in result["history"]] == [3, 4]
+    assert [h["iteration"] for h in result.history] == [3, 4]
 
 
 def test_resume_with_another_optimizer_starts_its_state_fresh(tmp_path, shapes_root, caplog):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
     with caplog.at_level("WARNING"):
         result = _run(shapes_root, tmp_path, "resume=auto", "optimizer=adamw", "optimizer.head_lr_mult=1.0")
-    assert [h["iteration"] for h in result["history"]] == [3, 4]
+    assert [h["iteration"] for h in result.history] == [3, 4]
     assert "the optimizer changed (torch.optim.SGD -> torch.optim.AdamW)" in caplog.text

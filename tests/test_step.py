@@ -20,21 +20,21 @@ def test_bench_and_trainer_run_the_same_step(tmp_path, shapes_root):
     trainer.setup()
     bench = bench_train_step(compose_config("bench", [*overrides, "bench.batch_size=4", "bench.crop_size=[32,32]"]),
                              torch.device("cpu"))
-    bench.model.load_state_dict(trainer.model.state_dict())
-    trainer.model.train()
+    bench.model.load_state_dict(trainer.run.model.state_dict())
+    trainer.run.model.train()
     bench.model.train()
     batches = [(bench.images.clone(), bench.masks.clone())]
     for iteration in (1, 2):
-        ours = trainer.step(iteration, batches)
+        ours = trainer.run.step(iteration, batches)
         theirs = bench.step(iteration, batches)
         assert torch.equal(ours.loss, theirs.loss)
     before = dict(bench_train_step(compose_config("bench", overrides), torch.device("cpu")).model.state_dict())
     changed = 0
-    for (name, a), b in zip(trainer.model.state_dict().items(), bench.model.state_dict().values()):
+    for (name, a), b in zip(trainer.run.model.state_dict().items(), bench.model.state_dict().values()):
         assert torch.equal(a, b), name
         changed += not torch.equal(a, before[name]) if a.shape == before[name].shape else 1
     assert changed > 0  # the two steps did update the weights
-    assert trainer.step.optimizer.param_groups[0]["lr"] == bench.step.optimizer.param_groups[0]["lr"]
+    assert trainer.run.step.optimizer.param_groups[0]["lr"] == bench.step.optimizer.param_groups[0]["lr"]
 
 
 def test_compile_fallback_guards_only_the_first_call(caplog):
@@ -102,5 +102,5 @@ def test_ddp_with_an_unweighted_auxiliary_head(tmp_path, shapes_root):
     overrides = _pspnet(shapes_root, **{"loss.aux_weight": 0.0})
     single, result = train_two_ranks(tmp_path, overrides)
     assert result["agreed"] == [True, True]
-    for (name, a), b in zip(single["model"].state_dict().items(), result["state"].values()):
+    for (name, a), b in zip(single.model.state_dict().items(), result["state"].values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name

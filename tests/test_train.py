@@ -17,10 +17,10 @@ def test_short_training_lowers_the_loss(tmp_path, shapes_root):
         "trainer.max_iters": 30, "trainer.val_interval": 30, "trainer.ckpt_interval": 30,
         "dataset.augment.crop_size": "[40,40]"}))
     result = train(cfg, tmp_path)
-    losses = [h["loss"] for h in result["history"]]
+    losses = [h["loss"] for h in result.history]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
-    assert result["final_miou"] > 0.1
+    assert result.final_miou > 0.1
 
 
 def test_outputs_checkpoints_and_events(tmp_path, shapes_root):
@@ -29,8 +29,8 @@ def test_outputs_checkpoints_and_events(tmp_path, shapes_root):
     ckpt_dir = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "iter_0000006.pt", "last.pt"]
     state = load_checkpoint(ckpt_dir / "last.pt")
-    assert state["iteration"] == 6
-    for key in ("model", "optimizer", "scaler", "rng", "best_miou", "class_names", "config", "train_state"):
+    assert state["train_state"]["iteration"] == 6
+    for key in ("model", "optimizer", "scaler", "rng", "class_names", "config", "train_state"):
         assert key in state
     assert "scheduler" not in state  # the learning rate is a function of the config and the iteration
     assert state["train_state"]["samples_seen"] == 6 * 4
@@ -50,7 +50,7 @@ def test_resume_continues_at_the_saved_iteration_with_the_same_lr(tmp_path, shap
     cfg = compose_config("train", tiny_overrides(shapes_root))
     full = train(cfg, full_dir)
     lr0 = cfg.optimizer.lr
-    assert [h["lr"] for h in full["history"]] == pytest.approx([poly_lr(lr0, i, 6) for i in range(6)])
+    assert [h["lr"] for h in full.history] == pytest.approx([poly_lr(lr0, i, 6) for i in range(6)])
 
     # Resume from the iteration-3 checkpoint of the uninterrupted run.
     resumed_dir.mkdir()
@@ -60,14 +60,14 @@ def test_resume_continues_at_the_saved_iteration_with_the_same_lr(tmp_path, shap
     shutil.copy(full_dir / "metrics.jsonl", resumed_dir / "metrics.jsonl")  # as if killed after iteration 6
     cfg_resume = compose_config("train", tiny_overrides(shapes_root) + ["resume=auto"])
     resumed = train(cfg_resume, resumed_dir)
-    assert [h["iteration"] for h in resumed["history"]] == [4, 5, 6]
+    assert [h["iteration"] for h in resumed.history] == [4, 5, 6]
     records = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
                for d in (full_dir, resumed_dir)]
     assert [r["iteration"] for r in records[1]] == [r["iteration"] for r in records[0]] == [1, 2, 3, 4, 5, 6]
     assert [r["train/loss"] for r in records[1]] == [r["train/loss"] for r in records[0]]  # 4-6 once, resumed
-    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in full["history"][3:]]
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"][3:]]
-    for (name, a), b in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history[3:]]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[3:]]
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
 
@@ -75,7 +75,7 @@ def test_resume_auto_in_an_empty_directory_starts_fresh(tmp_path, shapes_root, c
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 2}) + ["resume=auto"])
     with caplog.at_level("INFO"):
         result = train(cfg, tmp_path)
-    assert result["history"][0]["iteration"] == 1
+    assert result.history[0]["iteration"] == 1
     assert "starting from scratch" in caplog.text
 
 
@@ -97,7 +97,7 @@ def test_eval_reproduces_the_logged_miou(tmp_path, shapes_root):
     composed = compose_config("eval", overrides)
     (tmp_path / "eval").mkdir()
     metrics = run_eval(composed, overrides, tmp_path / "eval")
-    assert metrics["miou"] == result["best_miou"] == load_checkpoint(best)["best_miou"]
+    assert metrics["miou"] == result.best_miou == load_checkpoint(best)["train_state"]["best_miou"]
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["miou"] == metrics["miou"]
     assert set(written["per_class"]) == set(cfg.dataset.class_names)
@@ -126,7 +126,7 @@ def test_bad_trainer_values_are_config_errors(tmp_path, shapes_root):
 def test_bf16_autocast_trains_on_cpu(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.amp": "bf16", "trainer.max_iters": 2}))
     result = train(cfg, tmp_path)
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
 
 
 def test_resume_with_a_longer_schedule_follows_the_new_one(tmp_path, shapes_root):
@@ -134,7 +134,7 @@ def test_resume_with_a_longer_schedule_follows_the_new_one(tmp_path, shapes_root
     longer = tiny_overrides(shapes_root, **{"trainer.max_iters": 8}) + ["resume=auto"]
     result = train(compose_config("train", longer), tmp_path)
     lr0 = compose_config("train", longer).optimizer.lr
-    assert [h["lr"] for h in result["history"]] == pytest.approx([poly_lr(lr0, i, 8) for i in range(4, 8)])
+    assert [h["lr"] for h in result.history] == pytest.approx([poly_lr(lr0, i, 8) for i in range(4, 8)])
 
 
 @pytest.mark.parametrize("override,message", [

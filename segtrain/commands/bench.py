@@ -47,7 +47,7 @@ from segtrain.data.loading import train_loader
 from segtrain.data.transforms import train_transform
 from segtrain.engine.distributed import DistContext
 from segtrain.engine.evaluate import autocast
-from segtrain.engine.runtime import resolve_amp, resolve_channels_last, resolve_device
+from segtrain.engine.runtime import resolve_runtime
 from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
@@ -127,10 +127,9 @@ def bench_train_step(cfg: DictConfig, device: torch.device) -> BenchSetup:
     crop = [int(v) for v in b.crop_size]
     num_classes = len(cfg.dataset.class_names)
     backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "weights": None})
-    model = build_model(cfg.model, backbone_cfg, num_classes).to(device)
-    if resolve_channels_last(cfg.trainer.channels_last, device):
-        model = model.to(memory_format=torch.channels_last)
-    step = build_train_step(cfg, model, DistContext(0, 1, 0, device), num_classes)
+    runtime = resolve_runtime(cfg.trainer, device)
+    model = build_model(cfg.model, backbone_cfg, num_classes).to(device, memory_format=runtime.memory_format)
+    step = build_train_step(cfg, model, DistContext(0, 1, 0, device), runtime, num_classes)
     images = torch.randn(b.batch_size, 3, *crop, device=device).contiguous(memory_format=step.memory_format)
     masks = torch.randint(0, num_classes, (b.batch_size, *crop), device=device)
     return BenchSetup(model, step, images, masks)
@@ -167,8 +166,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     for key in sorted({"trainer.batch_size", "trainer.grad_accum_steps"} & command_line_keys()):
         raise ConfigError(f"{key} has no effect on segtrain bench: it times one pass of bench.batch_size images")
     crop = [int(v) for v in b.crop_size]
-    device = resolve_device(t.device)
-    amp = resolve_amp(t.amp, device)
+    runtime = resolve_runtime(t)
+    device, amp = runtime.device, runtime.amp
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)

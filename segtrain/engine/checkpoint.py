@@ -152,9 +152,9 @@ def _periodic(ckpt_dir: Path) -> list[Path]:
     return sorted(ckpt_dir.glob("iter_*.pt"), reverse=True)
 
 
-def save_periodic(state: dict[str, Any], ckpt_dir: Path, keep_last: int) -> Path:
-    """Write iter_<N>.pt, point last.pt at it (a hard link: no second write) and prune old ones."""
-    path = periodic_checkpoint_path(ckpt_dir, int(state["iteration"]))
+def save_periodic(state: dict[str, Any], ckpt_dir: Path, keep_last: int, iteration: int) -> Path:
+    """Write iter_<iteration>.pt, point last.pt at it (a hard link: no second write) and prune old ones."""
+    path = periodic_checkpoint_path(ckpt_dir, iteration)
     save_checkpoint(state, path)
     last = ckpt_dir / "last.pt"
     tmp = ckpt_dir / f".last.pt.{os.getpid()}.tmp"

@@ -7,6 +7,7 @@ import os
 import random
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,6 +46,30 @@ def resolve_channels_last(requested: object, device: torch.device) -> bool:
     """trainer.channels_last for `device`: auto is on for CUDA (tensor cores want NHWC), off on CPU."""
     mode = channels_last_mode(requested)
     return device.type == "cuda" if mode == "auto" else mode == "true"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this process runs the network, resolved once from `trainer.*` for its device: the engine
+    receives it and never reads those keys again."""
+
+    device: torch.device
+    amp: str  # off | bf16 | fp16
+    channels_last: bool
+    compile: bool = False
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def resolve_runtime(trainer: object, device: torch.device | None = None) -> Runtime:
+    """`trainer` is the `trainer` config section; `device` the process's device when already chosen
+    (under torchrun, the local rank's GPU), else `trainer.device` resolved here."""
+    device = resolve_device(str(trainer.device)) if device is None else device  # type: ignore[attr-defined]
+    return Runtime(device, resolve_amp(trainer.amp, device),  # type: ignore[attr-defined]
+                   resolve_channels_last(trainer.channels_last, device),  # type: ignore[attr-defined]
+                   bool(getattr(trainer, "compile", False)))
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +21,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from segtrain.config import command_line_keys
 from segtrain.engine.compile import RegionalCompile
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.evaluate import autocast
 from segtrain.engine.losses import SegmentationLoss
 from segtrain.engine.optim import build_optimizer
-from segtrain.engine.runtime import resolve_amp, resolve_channels_last
+from segtrain.engine.runtime import Runtime
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
 
@@ -115,12 +114,11 @@ class TrainStep:
     """One optimizer step: `step(iteration, batches)` with one (images, masks) pair per accumulation pass."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: SegmentationLoss,
-                 lr_at: Callable[[int], float], ctx: DistContext, amp: str = "off", nan_policy: str = "stop",
-                 channels_last: bool = False, compile: bool = False) -> None:
+                 lr_at: Callable[[int], float], ctx: DistContext, runtime: Runtime, nan_policy: str = "stop") -> None:
         self.model, self.optimizer, self.loss, self.lr_at, self.ctx = model, optimizer, loss, lr_at, ctx
-        self.device, self.amp, self.nan_policy = ctx.device, amp, nan_policy
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.device, self.amp, self.nan_policy = runtime.device, runtime.amp, nan_policy
+        self.memory_format = runtime.memory_format
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.amp == "fp16")
         self.ddp: DistributedDataParallel | None = None
         network: nn.Module = model
         if ctx.enabled:
@@ -131,7 +129,7 @@ class TrainStep:
             network = self.ddp
         self.forward: Callable = network
         self.regions: RegionalCompile | None = None
-        if compile:
+        if runtime.compile:
             self.forward, self.regions = compile_regions(model, network)
 
     def eager(self) -> contextlib.AbstractContextManager:
@@ -191,12 +189,13 @@ def check_aux_weight(model: nn.Module, given: set[str]) -> None:
                           "has one, with model.aux=true); remove the key")
 
 
-def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, num_classes: int) -> TrainStep:
-    """The trainer's step for `model` (already on its device) from cfg's loss, optimizer, schedule, trainer."""
-    t = cfg.trainer
-    check_aux_weight(model, command_line_keys())
+def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, runtime: Runtime, num_classes: int,
+                     given_keys: Iterable[str] = ()) -> TrainStep:
+    """The trainer's step for `model` (already on its device) from cfg's loss, optimizer and schedule;
+    `given_keys`: the keys set on the command line (a loss.aux_weight for a model without an auxiliary head
+    is refused)."""
+    check_aux_weight(model, set(given_keys))
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
-    return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, amp=resolve_amp(t.amp, ctx.device),
-                     nan_policy=str(t.nan_policy), channels_last=resolve_channels_last(t.channels_last, ctx.device),
-                     compile=bool(t.compile))
+    return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, runtime,
+                     nan_policy=str(cfg.trainer.nan_policy))

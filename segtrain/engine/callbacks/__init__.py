@@ -1,0 +1,52 @@
+"""Callbacks of the training loop (segtrain.engine.callbacks.base explains the events).
+
+segtrain's own behaviour around the step is a list of callbacks, in this order: the non-finite
+guard (first, so nothing reports or saves a poisoned state), EMA, progress, validation with best.pt,
+the metric writers, periodic checkpoints and preemption. A user's callbacks come from the config's
+`callbacks` mapping (name -> `_target_` node) and run after them:
+
+    segtrain train '+callbacks.timer={_target_: my_project.TimerCallback, every: 100}'
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from segtrain.engine.callbacks.base import Callback, CallbackList
+from segtrain.engine.callbacks.checkpointing import PeriodicCheckpoint
+from segtrain.engine.callbacks.ema import EmaUpdate
+from segtrain.engine.callbacks.metric_writers import MetricWriters
+from segtrain.engine.callbacks.nonfinite import NonFiniteGuard
+from segtrain.engine.callbacks.preemption import PreemptionStop
+from segtrain.engine.callbacks.progress import ProgressLogger
+from segtrain.engine.callbacks.validation import ValidateAndKeepBest
+from segtrain.errors import ConfigError
+from segtrain.instantiate import instantiate_checked
+
+__all__ = ["Callback", "CallbackList", "EmaUpdate", "MetricWriters", "NonFiniteGuard", "PeriodicCheckpoint",
+           "PreemptionStop", "ProgressLogger", "ValidateAndKeepBest", "default_callbacks", "configured_callbacks"]
+
+
+def default_callbacks() -> list[Callback]:
+    return [NonFiniteGuard(), EmaUpdate(), ProgressLogger(), ValidateAndKeepBest(), MetricWriters(),
+            PeriodicCheckpoint(), PreemptionStop()]
+
+
+def configured_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The config's `callbacks` mapping, built in its order; a null entry is switched off (so a
+    config file's callback can be removed from the command line: `callbacks.NAME=null`)."""
+    nodes = cfg.get("callbacks") or {}
+    built = []
+    for name, node in nodes.items():
+        if node is None:
+            continue
+        section = f"callbacks.{name}"
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{section} must be a node with a _target_ naming a segtrain.engine.callbacks.Callback "
+                              f"subclass, e.g. +{section}={{_target_: my_module.MyCallback}}")
+        callback = instantiate_checked(section, node)
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"{section}._target_={node._target_!r} is not a segtrain.engine.callbacks.Callback: "
+                              "subclass it and override the events you need")
+        built.append(callback)
+    return built

@@ -1,0 +1,112 @@
+"""The callback contract: what the training loop calls, when, and in which order.
+
+`Trainer.fit` calls these events on every callback, in list order (segtrain's own first, then the
+config's `callbacks`):
+
+    on_fit_start(run)               once, before the first step (after resume)
+    on_step_end(run, result)        after every optimizer step; run.state.iteration is the step's
+    on_log(run, result)             every logging.interval steps and at the last
+    on_validation(run)              every trainer.val_interval steps and at the last; the validation
+                                    callback fills run.validation, which later callbacks read
+    on_checkpoint(run)              every trainer.ckpt_interval steps and at the last; run.last_checkpoint
+                                    is the file written (rank 0)
+    on_iteration_end(run)           after all of the above, every step
+    on_preempt(run)                 when every process agreed to stop on SIGTERM/SIGINT
+    on_fit_end(run)                 after the last step
+    on_close(run)                   always, after the end or any failure (release what on_fit_start took)
+
+`run` (segtrain.engine.run.Run) holds the model, the step, the datasets, the records and the
+`TrainState`; a callback keeps its own state in its own attributes. Every process calls every
+event: a callback that writes files checks `run.ctx.is_main`, and one that makes a collective
+call (all-reduce) must make it on every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from segtrain.engine.run import Run
+    from segtrain.engine.step import StepResult
+
+
+class Callback:
+    """Does nothing at every event; a callback overrides the events it needs."""
+
+    def on_fit_start(self, run: Run) -> None:
+        pass
+
+    def on_step_end(self, run: Run, result: StepResult) -> None:
+        pass
+
+    def on_log(self, run: Run, result: StepResult) -> None:
+        pass
+
+    def on_validation(self, run: Run) -> None:
+        pass
+
+    def on_checkpoint(self, run: Run) -> None:
+        pass
+
+    def on_iteration_end(self, run: Run) -> None:
+        pass
+
+    def on_preempt(self, run: Run) -> None:
+        pass
+
+    def on_fit_end(self, run: Run) -> None:
+        pass
+
+    def on_close(self, run: Run) -> None:
+        pass
+
+
+class CallbackList(Callback):
+    """Calls each event on every callback, in order. `on_close` reaches every callback even when one
+    of them fails; the first failure is raised after all were called."""
+
+    def __init__(self, callbacks: Iterable[Callback]) -> None:
+        self.callbacks = list(callbacks)
+
+    def on_fit_start(self, run: Run) -> None:
+        for callback in self.callbacks:
+            callback.on_fit_start(run)
+
+    def on_step_end(self, run: Run, result: StepResult) -> None:
+        for callback in self.callbacks:
+            callback.on_step_end(run, result)
+
+    def on_log(self, run: Run, result: StepResult) -> None:
+        for callback in self.callbacks:
+            callback.on_log(run, result)
+
+    def on_validation(self, run: Run) -> None:
+        for callback in self.callbacks:
+            callback.on_validation(run)
+
+    def on_checkpoint(self, run: Run) -> None:
+        for callback in self.callbacks:
+            callback.on_checkpoint(run)
+
+    def on_iteration_end(self, run: Run) -> None:
+        for callback in self.callbacks:
+            callback.on_iteration_end(run)
+
+    def on_preempt(self, run: Run) -> None:
+        for callback in self.callbacks:
+            callback.on_preempt(run)
+
+    def on_fit_end(self, run: Run) -> None:
+        for callback in self.callbacks:
+            callback.on_fit_end(run)
+
+    def on_close(self, run: Run) -> None:
+        failure: BaseException | None = None
+        for callback in reversed(self.callbacks):  # released in the reverse order of on_fit_start
+            try:
+                callback.on_close(run)
+            except BaseException as exc:  # noqa: BLE001 - every callback gets to release its resources
+                failure = failure or exc
+        if failure is not None:
+            raise failure

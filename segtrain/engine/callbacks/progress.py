@@ -1,0 +1,59 @@
+"""Progress: the bar on a terminal, and a loss / learning-rate / speed line every logging.interval.
+
+The line is the loop's one regular host synchronisation (the loss is read). It always reaches
+train.log; on the console the bar shows it instead when there is one. Speed counts training steps
+only: the loop leaves validation and checkpoint writing out of `run.throughput`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+from tqdm import tqdm
+
+from segtrain.engine.callbacks.base import Callback
+from segtrain.engine.distributed import all_reduce_sum
+from segtrain.engine.logger import PROGRESS_RECORD, Throughput, console_above_bar, format_eta
+from segtrain.engine.run import Run
+from segtrain.engine.runtime import progress_enabled
+from segtrain.engine.step import StepResult
+
+log = logging.getLogger("segtrain.train")
+
+
+class ProgressLogger(Callback):
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.console = contextlib.ExitStack()
+
+    def on_fit_start(self, run: Run) -> None:
+        shown = progress_enabled(run.cfg.logging.progress) and run.ctx.is_main
+        self.bar = tqdm(total=run.max_iters, initial=run.state.iteration, desc="train", unit="it",
+                        disable=not shown, dynamic_ncols=True)
+        self.console.enter_context(console_above_bar(shown))
+        run.throughput = Throughput(run.state.iteration)
+
+    def on_step_end(self, run: Run, result: StepResult) -> None:
+        self.bar.update(1)
+
+    def on_log(self, run: Run, result: StepResult) -> None:
+        iteration, max_iters = run.state.iteration, run.max_iters
+        lr = run.step.lr(iteration)
+        loss = float(all_reduce_sum(result.loss, run.ctx)) / run.ctx.world_size  # the global batch's loss
+        rate = run.throughput.rate(iteration)  # over the iterations since the last line: the last may be short
+        run.state.history.append({"iteration": iteration, "loss": loss, "lr": lr})
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s, eta %s", iteration, max_iters, loss, lr, rate,
+                 format_eta((max_iters - iteration) / rate if rate > 0 else math.inf),
+                 extra={PROGRESS_RECORD: True})
+        values = {"train/loss": loss, "train/lr": lr, "train/iter_per_s": rate}
+        if run.cfg.data.on_error == "skip":
+            values["data/skipped_samples"] = run.state.skipped_samples
+        run.records.scalars(iteration, values)
+
+    def on_close(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.console.close()

@@ -1,0 +1,102 @@
+"""Validation at the protocol of `eval.*`, its report (log, TensorBoard, metrics.jsonl) and best.pt.
+
+The measured network is the averaged one when EMA is on, at eval.output_stride when that differs
+from training's (a copy that takes the current weights). best.pt is replaced only by a better
+mIoU than the one already on disk, so a restarted run never overwrites a better model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from segtrain.engine.callbacks.base import Callback
+from segtrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from segtrain.engine.evaluate import evaluate
+from segtrain.engine.inference import InferenceSettings
+from segtrain.engine.report import format_table
+from segtrain.engine.run import Run, Validation, checkpoint_state, set_train_mode
+from segtrain.errors import WeightsError
+from segtrain.visualize import denormalize, make_palette, panel
+
+log = logging.getLogger("segtrain.train")
+
+
+def saved_best_miou(run: Run) -> float:
+    """The mIoU of an existing best.pt (-1 when there is none or it does not load)."""
+    best = run.ckpt_dir / "best.pt"
+    if not best.is_file():
+        return -1.0
+    try:
+        return float(load_checkpoint(best)["train_state"]["best_miou"])
+    except (WeightsError, KeyError, TypeError, ValueError):
+        log.warning("%s does not load; the first validation replaces it", best)
+        return -1.0
+
+
+class ValidateAndKeepBest(Callback):
+    def __init__(self) -> None:
+        self.best_on_disk = -1.0
+        self.images_written = 0  # image_interval periods already shown in TensorBoard
+
+    def on_fit_start(self, run: Run) -> None:
+        self.best_on_disk = saved_best_miou(run) if run.ctx.is_main else -1.0
+        self.images_written = run.state.iteration // run.cfg.logging.image_interval
+
+    def on_validation(self, run: Run) -> None:
+        iteration, interval = run.state.iteration, run.cfg.logging.image_interval
+        show_images = (iteration // interval > self.images_written or iteration == run.max_iters)
+        validation = self.validate(run, show_images)
+        if show_images:
+            self.images_written = iteration // interval
+        run.validation = validation
+        self.report(run, validation)
+        miou = validation.metrics["miou"]
+        run.state.last_miou = miou
+        if miou > run.state.best_miou:
+            run.state.best_miou, run.state.best_iteration = miou, iteration
+            if run.ctx.is_main and miou > self.best_on_disk:
+                self.best_on_disk = miou
+                save_checkpoint(checkpoint_state(run), run.ckpt_dir / "best.pt")
+                log.info("new best mIoU %.4f at iteration %d: %s", miou, iteration, run.ckpt_dir / "best.pt")
+
+    def validate(self, run: Run, show_images: bool) -> Validation:
+        evaluated = run.evaluated_model
+        if run.ctx.enabled:  # without SyncBatchNorm each rank's running statistics drift; use rank 0's
+            for buffer in evaluated.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        model = evaluated
+        if run.val_model is not None:  # the protocol's output stride: a copy of the evaluated weights
+            run.val_model.load_state_dict(evaluated.state_dict())
+            model = run.val_model
+        settings = InferenceSettings.from_config(run.cfg.eval, run.cfg.dataset.augment.crop_size)
+        num_images = run.cfg.logging.num_images if show_images and run.ctx.is_main else 0
+        with run.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
+            result = evaluate(model, run.val_loader, len(run.class_names), run.runtime.device, run.runtime.amp,
+                              run.cfg.dataset.ignore_index, settings, num_examples=num_images)
+        set_train_mode(run)
+        run.report_problems(result.skipped, "validation sample")
+        return Validation(run.state.iteration, result.metrics, result.examples, result.skipped)
+
+    def report(self, run: Run, validation: Validation) -> None:
+        """The log line and class table; scalars (val/best_mIoU: the best so far) and example images."""
+        m, iteration = validation.metrics, validation.iteration
+        left_out = (f" ({len(validation.skipped)} unusable samples left out: data.on_error=skip)"
+                    if validation.skipped else "")
+        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s%s\n%s", iteration, m["miou"],
+                 m["pixel_acc"], m["mean_acc"], "" if run.ema is None else " (EMA weights)", left_out,
+                 format_table(m, run.class_names))
+        values = {tag: m[key] for key, tag in (("miou", "val/mIoU"), ("pixel_acc", "val/pixel_acc"),
+                                               ("mean_acc", "val/mean_acc"))}
+        values["val/best_mIoU"] = max(run.state.best_miou, m["miou"])
+        values.update({f"val_iou/{name}": iou for name, iou in zip(run.class_names, m["iou"]) if not math.isnan(iou)})
+        run.records.scalars(iteration, values)
+        if run.records.writer is None or not validation.examples:
+            return
+        palette = make_palette(run.cfg.dataset.palette, len(run.class_names))
+        for k, (image, mask, pred) in enumerate(validation.examples):
+            rgb = denormalize(image, *run.normalize)
+            run.records.writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, palette), iteration,
+                                         dataformats="HWC")
