@@ -264,3 +264,27 @@ def test_info_estimates_training_memory(tmp_path):
     result = segtrain("info", "experiment=quickstart", "info.input_size=[128,128]", "info.batch_size=4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "GiB to train 4 x 128x128 per process" in result.stdout
+
+
+def test_data_check_logs_into_its_run_directory_not_the_current_one(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    checkout = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(checkout)}
+    check = ["data", "check", "dataset=shapes", f"dataset.root={tmp_path / 'shapes'}", "dataset.source.num_train=4",
+             "dataset.source.num_val=2", "data.split=val", "logging.progress=false"]
+    result = subprocess.run([sys.executable, "-m", "segtrain", *check, f"hydra.run.dir={tmp_path / 'check'}"],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "data check: OK" in result.stdout
+    log = (tmp_path / "check" / "data_check.log").read_text()
+    assert "split 'val': 2 samples, 0 problems" in log and "data check: OK" in log
+    assert (tmp_path / "check" / ".hydra" / "config.yaml").is_file()
+    assert list(cwd.iterdir()) == []
+    # Without hydra.run.dir: a dated directory under outputs/, still nothing in the current directory itself.
+    default = subprocess.run([sys.executable, "-m", "segtrain", *check], cwd=cwd, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert default.returncode == 0, default.stderr
+    assert [p.name for p in cwd.iterdir()] == ["outputs"]
+    logs = list((cwd / "outputs").glob("*/*-data-check/data_check.log"))
+    assert len(logs) == 1 and "data check: OK" in logs[0].read_text()

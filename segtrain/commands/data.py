@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,16 @@ from segtrain.data.dataset import check_pair, decode_image, read_decoded_mask
 from segtrain.data.loading import source_samples
 from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
+
+
+def say(text: str) -> None:
+    """A report line on the console (plain, as before) and in the run's data_check.log: the console
+    handler would prefix Hydra's log format, so the line goes to the file handlers only."""
+    print(text)
+    record = logging.LogRecord("segtrain.data_check", logging.INFO, __file__, 0, text.lstrip("\n"), None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def prepare_main(args: list[str]) -> int:
@@ -110,22 +121,22 @@ def binary_mask_warning(report: SplitReport, class_names: list[str], ignore_inde
 
 def print_report(report: SplitReport, class_names: list[str], ignore_index: int) -> None:
     usable = report.samples - len({f for f, _ in report.problems})
-    print(f"\nsplit '{report.split}': {report.samples} samples, {len(report.problems)} problems")
+    say(f"\nsplit '{report.split}': {report.samples} samples, {len(report.problems)} problems")
     for path, reason in report.problems:
-        print(f"  BAD {path}: {reason}")
+        say(f"  BAD {path}: {reason}")
     for kind, count in sorted(report.conversions.items()):
-        print(f"  converted {count} {kind} image(s) to 8-bit RGB (usable, counted)")
+        say(f"  converted {count} {kind} image(s) to 8-bit RGB (usable, counted)")
     labelled = report.pixels[: len(class_names)].sum()
     if labelled:
-        print(f"  {'class':<16} {'pixels %':>9} {'images':>7}")
+        say(f"  {'class':<16} {'pixels %':>9} {'images':>7}")
         for index, name in enumerate(class_names):
             share = 100.0 * report.pixels[index] / labelled
-            print(f"  {name:<16} {share:>9.3f} {report.images_with[index]:>7}")
-        print(f"  ignored ({ignore_index}) pixels: {report.pixels[ignore_index]}")
+            say(f"  {name:<16} {share:>9.3f} {report.images_with[index]:>7}")
+        say(f"  ignored ({ignore_index}) pixels: {report.pixels[ignore_index]}")
     warning = binary_mask_warning(report, class_names, ignore_index)
     if warning:
-        print(f"  {warning}")
-    print(f"  usable samples: {max(usable, 0)} of {report.samples}")
+        say(f"  {warning}")
+    say(f"  usable samples: {max(usable, 0)} of {report.samples}")
 
 
 def run_check(cfg: DictConfig) -> int:
@@ -140,9 +151,9 @@ def run_check(cfg: DictConfig) -> int:
         summary[split] = {"samples": report.samples, "problems": report.problems,
                           "conversions": dict(report.conversions),
                           "class_pixels": {n: int(report.pixels[i]) for i, n in enumerate(names)}}
-    print(json.dumps({s: {"samples": v["samples"], "problems": len(v["problems"])} for s, v in summary.items()}))
+    say(json.dumps({s: {"samples": v["samples"], "problems": len(v["problems"])} for s, v in summary.items()}))
     if failed:
-        print("data check: FAILED (unusable samples listed above as BAD)")
+        say("data check: FAILED (unusable samples listed above as BAD)")
         return 1
-    print("data check: OK")
+    say("data check: OK")
     return 0

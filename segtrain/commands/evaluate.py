@@ -22,7 +22,7 @@ from segtrain.engine.ema import inference_weights
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import refuse_used_eval_dir
-from segtrain.engine.report import format_table, write_metrics
+from segtrain.engine.report import class_table, format_table, write_metrics
 from segtrain.engine.resume import NOT_ARCHITECTURE, stored_config
 from segtrain.engine.runtime import resolve_amp, resolve_device
 from segtrain.errors import ConfigError, WeightsError
@@ -211,7 +211,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     write_metrics(run_dir, metrics, class_names, extra)
     matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
     cv2.imwrite(str(run_dir / "confusion_matrix.png"), cv2.cvtColor(matrix_image, cv2.COLOR_RGB2BGR))
-    table = format_table(metrics, class_names)
+    table = format_table(metrics, class_names)  # TensorBoard's text tab holds the full table at any length
     if cfg.logging.tensorboard:
         with SummaryWriter(str(run_dir)) as writer:
             step = int(state.get("iteration") or 0)
@@ -223,7 +223,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
                     writer.add_scalar(f"eval_iou/{name}", iou, step)
             writer.add_text("eval/per_class_iou", "    " + table.replace("\n", "\n    "), step)
             writer.add_image("eval/confusion_matrix", matrix_image, step, dataformats="HWC")
-    print(table)
+    print(class_table(metrics, class_names, csv_path=run_dir / "per_class_iou.csv"))
     logged = state.get("best_miou")
     note = f" (checkpoint's recorded val mIoU {logged:.4f})" if isinstance(logged, float) and logged >= 0 else ""
     for problem in result.skipped:
