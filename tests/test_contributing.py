@@ -185,9 +185,9 @@ def test_a_dataset_with_a_label_decoder_shifts_labels_and_ignores_zero(tmp_path,
     assert report.pixels[:4].tolist() == [(raw == 1).sum(), (raw == 2).sum(), (raw == 3).sum(), 0]
     assert report.pixels[255] == (raw == 0).sum() > 0
     result = train(cfg, tmp_path / "run")
-    losses = [h["loss"] for h in result["history"]]
+    losses = [h["loss"] for h in result.history]
     assert len(losses) == 12 and all(np.isfinite(losses)) and sum(losses[-3:]) < sum(losses[:3])
-    assert 0.0 <= result["best_miou"] <= 1.0
+    assert 0.0 <= result.best_miou <= 1.0
     # A stored 255 becomes 254 (the shift applies to every value): named as out of range, not trained on.
     bad = stored["validation"][0].copy()
     bad[0, 0] = 255
@@ -225,7 +225,7 @@ def test_dice_loss_is_the_same_however_the_global_batch_is_split(tmp_path, shape
     split = train(compose_config("train", _overrides(shapes_root, my_conf, *fixed, "trainer.grad_accum_steps=2",
                                                      loss="dice")), tmp_path / "split")
     assert isinstance(big["model"], TinyFCN)
-    assert [h["loss"] for h in big["history"]] == pytest.approx([h["loss"] for h in split["history"]], abs=1e-6)
-    assert all(0.0 < h["loss"] < 1.0 for h in big["history"])
+    assert [h["loss"] for h in big.history] == pytest.approx([h["loss"] for h in split.history], abs=1e-6)
+    assert all(0.0 < h["loss"] < 1.0 for h in big.history)
     for a, b in zip(big["model"].state_dict().values(), split["model"].state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)

@@ -36,7 +36,7 @@ def test_a_changed_batch_size_continues_the_same_sample_stream(tmp_path, shapes_
     trainer.setup()
     trainer.resume()
     trainer.build_loaders()
-    assert trainer.loader.sampler.start == 8  # the next sample of the stream: none skipped, none repeated
+    assert trainer.run.loader.sampler.start == 8  # the next sample of the stream: none skipped, none repeated
     result = trainer.fit()
     assert [h["iteration"] for h in result.history] == [3, 4]
     assert trainer.run.state.samples_seen == 8 + 2 * 8

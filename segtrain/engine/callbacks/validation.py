@@ -16,12 +16,15 @@ from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
-from segtrain.engine.report import format_table
+from segtrain.engine.report import class_table, write_class_csv
 from segtrain.engine.run import Run, Validation, checkpoint_state, set_train_mode
 from segtrain.errors import WeightsError
 from segtrain.visualize import denormalize, make_palette, panel
 
 log = logging.getLogger("segtrain.train")
+
+CLASS_ROWS = 30  # above this many classes the log shows a summary and the full table goes to VAL_CLASS_CSV
+VAL_CLASS_CSV = "val_per_class.csv"  # the latest validation's per-class IoU and accuracy
 
 
 def saved_best_miou(run: Run) -> float:
@@ -83,11 +86,14 @@ class ValidateAndKeepBest(Callback):
     def report(self, run: Run, validation: Validation) -> None:
         """The log line and class table; scalars (val/best_mIoU: the best so far) and example images."""
         m, iteration = validation.metrics, validation.iteration
+        table_csv = None
+        if len(run.class_names) > CLASS_ROWS and run.ctx.is_main:  # the console gets a summary, the file all rows
+            table_csv = write_class_csv(run.run_dir / VAL_CLASS_CSV, m, run.class_names)
         left_out = (f" ({len(validation.skipped)} unusable samples left out: data.on_error=skip)"
                     if validation.skipped else "")
         log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s%s\n%s", iteration, m["miou"],
                  m["pixel_acc"], m["mean_acc"], "" if run.ema is None else " (EMA weights)", left_out,
-                 format_table(m, run.class_names))
+                 class_table(m, run.class_names, CLASS_ROWS, csv_path=table_csv))
         values = {tag: m[key] for key, tag in (("miou", "val/mIoU"), ("pixel_acc", "val/pixel_acc"),
                                                ("mean_acc", "val/mean_acc"))}
         values["val/best_mIoU"] = max(run.state.best_miou, m["miou"])
