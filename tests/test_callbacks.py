@@ -43,6 +43,10 @@ class Recorder(Callback):
 
     def on_checkpoint(self, run):
         self.write({"event": "checkpoint", "iteration": run.state.iteration, "path": str(run.last_checkpoint)})
+
+
+class NotACallback:
+    pass
 '''
 
 
@@ -119,8 +123,8 @@ def test_a_callback_key_its_class_does_not_take_is_refused_in_one_line(tmp_path)
         cfg = compose_config("train", ["+callbacks.record={_target_: my_callbacks_keys.Recorder, path: x, every: 2}"])
         with pytest.raises(ConfigError, match=r"unknown key callbacks.record.every for Recorder"):
             configured_callbacks(cfg)
-        cfg = compose_config("train", ["+callbacks.record={_target_: collections.OrderedDict}"])
-        with pytest.raises(ConfigError, match=r"callbacks.record._target_='collections.OrderedDict' is not a "):
+        cfg = compose_config("train", ["+callbacks.record={_target_: my_callbacks_keys.NotACallback}"])
+        with pytest.raises(ConfigError, match=r"callbacks.record._target_='my_callbacks_keys.NotACallback' is not a "):
             configured_callbacks(cfg)
         cfg = compose_config("train", ["+callbacks.record=null"])
         assert configured_callbacks(cfg) == []
