@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from segtrain.config import command_line_keys
 from segtrain.engine.compile import RegionalCompile
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.evaluate import autocast
@@ -191,10 +190,12 @@ def check_aux_weight(model: nn.Module, given: set[str]) -> None:
                           "has one, with model.aux=true); remove the key")
 
 
-def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, num_classes: int) -> TrainStep:
-    """The trainer's step for `model` (already on its device) from cfg's loss, optimizer, schedule, trainer."""
+def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, num_classes: int,
+                     given: Collection[str] = ()) -> TrainStep:
+    """The trainer's step for `model` (already on its device) from cfg's loss, optimizer, schedule, trainer;
+    `given`: the keys set on the command line (segtrain.keys.given_keys of RunInfo.overrides)."""
     t = cfg.trainer
-    check_aux_weight(model, command_line_keys())
+    check_aux_weight(model, set(given))
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
     return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, amp=resolve_amp(t.amp, ctx.device),
