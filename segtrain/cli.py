@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from segtrain.composition import checkpoint_cfg_text, config_dir, precheck
+from segtrain.composition import checkpoint_cfg_text, config_dir, hydra_run_info, precheck
 from segtrain.config import register_configs
 from segtrain.errors import Preempted, SegtrainError, user_message
 
@@ -95,9 +95,8 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
 def _train(cfg: DictConfig, run_dir: Path) -> float:
     from segtrain.engine.trainer import train
 
-    # TRANSITIONAL (issue 19): with the rewritten trainer this is
-    # `return float(train(cfg, run_dir, run_info=hydra_run_info()).best_miou)`; the current one reads Hydra itself.
-    return float(train(cfg, run_dir)["best_miou"])
+    run_info = hydra_run_info()
+    return float(train(cfg, run_dir, run_info=run_info).best_miou)
 
 
 def _eval(cfg: DictConfig, run_dir: Path) -> None:

@@ -245,10 +245,3 @@ def register_configs() -> None:
     from segtrain.sweep import register_resolvers  # hydra.sweep.subdir's resolver
 
     register_resolvers()
-
-
-# TRANSITIONAL (issue 19): the current engine/trainer.py imports check_options; drop with its rewrite.
-def check_options(cfg: Any) -> None:
-    from segtrain.config_checks import check_config
-
-    check_config(cfg)

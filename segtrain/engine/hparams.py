@@ -67,11 +67,3 @@ def run_hparams(cfg: DictConfig, overrides: list[str], choices: dict[str, str]) 
         else:
             values[key] = _value(OmegaConf.select(cfg, key, default=override.value()))
     return values
-
-
-# TRANSITIONAL (issue 19): the current engine/trainer.py calls hydra_run_info(); drop with its rewrite
-# (the CLI passes train(..., run_info=...)).
-def hydra_run_info() -> RunInfo:
-    from segtrain.composition import hydra_run_info as from_hydra
-
-    return from_hydra()

@@ -191,15 +191,10 @@ def check_aux_weight(model: nn.Module, given: set[str]) -> None:
 
 
 def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, num_classes: int,
-                     given: Collection[str] | None = None) -> TrainStep:
+                     given: Collection[str] = ()) -> TrainStep:
     """The trainer's step for `model` (already on its device) from cfg's loss, optimizer, schedule, trainer;
     `given`: the keys set on the command line (segtrain.keys.given_keys of RunInfo.overrides)."""
     t = cfg.trainer
-    if given is None:  # TRANSITIONAL (issue 19): the current trainer.py passes no keys; drop with its rewrite
-        from segtrain.composition import hydra_run_info
-        from segtrain.keys import given_keys
-
-        given = given_keys(hydra_run_info().overrides)
     check_aux_weight(model, set(given))
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
