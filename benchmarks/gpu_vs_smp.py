@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segtrain.cli import config_dir
 from segtrain.commands.bench import bench_train_step
+from segtrain.composition import compose_config, config_dir
 from segtrain.config import register_configs
+from segtrain.config_checks import check_config
 
 NUM_CLASSES = 21  # dataset=voc on segtrain's side, classes=21 on smp's
 
@@ -75,8 +75,8 @@ def segtrain_contender(encoder: str, args: argparse.Namespace) -> tuple[Contende
         f"trainer.channels_last={str(args.channels_last).lower()}", f"trainer.compile={str(args.compile).lower()}",
         *args.overrides,
     ]
-    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="gpu_vs_smp"):
-        cfg = compose(config_name="bench", overrides=overrides)
+    cfg = compose_config("bench", overrides)
+    check_config(cfg)
     setup = bench_train_step(cfg, torch.device(args.device))
     setup.model.train()
     batches = [(setup.images, setup.masks)]

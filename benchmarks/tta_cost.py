@@ -33,12 +33,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from segtrain.cli import config_dir
+from segtrain.composition import compose_config
 from segtrain.config import register_configs
+from segtrain.config_checks import check_config
 from segtrain.engine.evaluate import autocast
 from segtrain.engine.inference import InferenceSettings, infer
 from segtrain.engine.runtime import cudnn_autotuning, resolve_amp, resolve_channels_last, resolve_device
@@ -62,8 +62,9 @@ def load_config(args: argparse.Namespace) -> DictConfig:
     scales = ",".join(str(s) for s in args.scales)
     overrides = ["model=deeplabv3plus", "backbone=xception65", "dataset=voc", f"trainer.device={args.device}",
                  f"eval.scales=[{scales}]", f"eval.flip={str(args.flip).lower()}", *args.overrides]
-    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="tta_cost"):
-        return compose(config_name="eval", overrides=overrides)
+    cfg = compose_config("eval", overrides)
+    check_config(cfg)
+    return cfg
 
 
 def build(cfg: DictConfig, device: torch.device) -> nn.Module:

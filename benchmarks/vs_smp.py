@@ -28,23 +28,23 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
-from segtrain.cli import config_dir
 from segtrain.commands.bench import bench_train_step
+from segtrain.composition import compose_config, config_dir
 from segtrain.config import register_configs
+from segtrain.config_checks import check_config
 
 Step = Callable[[int], object]
 
 
 def segtrain_step(size: int, device: str) -> tuple[torch.nn.Module, Step]:
     register_configs()
-    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="vs_smp"):
-        cfg = compose(config_name="bench", overrides=[
-            # separable convs, as smp's DeepLabV3Plus (segtrain's default with ResNets is plain, as the paper)
-            "model=deeplabv3plus", "model.separable=true", "backbone=resnet50", "backbone.output_stride=16",
-            "bench.batch_size=2",
-            f"bench.crop_size=[{size},{size}]", f"trainer.device={device}", "dataset=voc"])  # 21 classes
+    cfg = compose_config("bench", [
+        # separable convs, as smp's DeepLabV3Plus (segtrain's default with ResNets is plain, as the paper)
+        "model=deeplabv3plus", "model.separable=true", "backbone=resnet50", "backbone.output_stride=16",
+        "bench.batch_size=2",
+        f"bench.crop_size=[{size},{size}]", f"trainer.device={device}", "dataset=voc"])  # 21 classes
+    check_config(cfg)
     setup = bench_train_step(cfg, torch.device(device))
     batches = [(setup.images, setup.masks)]
     return setup.model, lambda iteration: setup.step(iteration, batches)

@@ -2,29 +2,28 @@
 
 The command name picks conf/<command>.yaml; everything after it is handed to Hydra, so overrides,
 `-m` sweeps, `--cfg job` and `hydra.run.dir=...` work as Hydra users expect. Before Hydra runs, the
-overrides are composed once so that an unknown key or group option fails with one line naming it
-(and the closest known key) rather than a multi-line report; a key added with `+` must be one that
-segtrain reads (segtrain.keys). segtrain answers three things itself: `<command> --help` (only that
-command's groups and keys, segtrain.help), and for eval/predict/export/info with `ckpt=`,
-`--cfg job|all` (the checkpoint's config with the overrides applied: what will run) and a
-`model=`/`backbone=` choice the checkpoint was not trained with.
+overrides are composed and checked once (segtrain.composition), so that a mistake fails with one
+line naming it rather than a multi-line report, before any run directory exists. segtrain answers
+three things itself: `<command> --help` (only that command's groups and keys, segtrain.help), and
+for eval/predict/export/info with `ckpt=`, `--cfg job|all` (the checkpoint's config with the
+overrides applied: what will run) and a `model=`/`backbone=` choice the checkpoint was not trained
+with. Each Hydra job's config is checked again (segtrain.config_checks) before its command runs:
+sweep values after the first are seen only there.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
-from segtrain.config import check_options, register_configs
+from segtrain.composition import checkpoint_cfg_text, config_dir, hydra_run_info, precheck
+from segtrain.config import register_configs
 from segtrain.errors import Preempted, SegtrainError, user_message
+
+__all__ = ["COMMANDS", "config_dir", "main", "version"]  # config_dir: where scripts and tests find conf/
 
 COMMANDS = {
     "train": "train a model: segtrain train [experiment=NAME] [group=option ...] [key=value ...]",
@@ -37,234 +36,6 @@ COMMANDS = {
 }
 
 USAGE = "usage: segtrain <command> [Hydra overrides]   (segtrain <command> --help for its options)"
-
-
-def config_dir() -> Path:
-    """conf/ of a source checkout (editable install), else the copy shipped inside the wheel."""
-    source = Path(__file__).resolve().parent.parent / "conf"
-    if (source / "train.yaml").is_file():
-        return source
-    return Path(__file__).resolve().parent / "conf"
-
-
-def _one_line(exc: BaseException, known: Callable[[str], set[str]] | None = None) -> str:
-    """A composition failure in one line; an unknown key comes with the closest known key (`known`
-    gives the keys of the config composed without the offending override)."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    from segtrain.keys import unknown_key_message
-
-    for err in (exc.__cause__, exc):
-        key = getattr(err, "full_key", None) if isinstance(err, OmegaConfBaseException) else None
-        if not key:
-            continue
-        if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-            try:
-                keys = known(key) if known is not None else set()
-            except Exception:  # noqa: BLE001 - the hint is a courtesy; the message stands without it
-                keys = set()
-            return unknown_key_message(key, keys)
-        return f"invalid value for '{key}': {str(err).splitlines()[0]}"
-    text = str(exc).split("Config search path:")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " ".join(lines).replace(" Available options in", "; available options in")
-
-
-# Commands that rebuild the network from a checkpoint's stored config (`ckpt=`).
-CHECKPOINT_COMMANDS = ("eval", "predict", "export", "info")
-
-
-@dataclass
-class Prechecked:
-    """What precheck composed: the parsed arguments, the overrides (first value of any sweep), the config."""
-
-    args: argparse.Namespace
-    overrides: list[str]
-    cfg: DictConfig | None
-
-
-def _first_values(command: str, parsed: argparse.Namespace) -> list[str]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = []
-    parser = OverridesParser.create()
-    try:
-        for text in parsed.overrides:
-            override = parser.parse_override(text)
-            if override.is_sweep_override():
-                if not parsed.multirun:
-                    _fail(command, f"'{text}' is a sweep: add -m to run one job per value, or quote the "
-                          "value (key='a,b') / use a list (key=[a,b])")
-                value = _first_value(override)
-                prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(override.type.name, "")
-                text = f"{prefix}{override.get_key_element().lstrip('+~')}={value}"
-            overrides.append(text)
-    except Exception as exc:  # noqa: BLE001 - malformed overrides
-        _fail(command, _one_line(exc))
-    return overrides
-
-
-def _added_keys(overrides: list[str]) -> list[str]:
-    """Overrides that add a key (`+key=`, `++key=`), not a config group option (`+group=option`)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    loader = GlobalHydra.instance().config_loader()
-    parser = OverridesParser.create()
-    added = []
-    for text in overrides:
-        override = parser.parse_override(text)
-        key = override.key_or_group
-        if not (override.is_add() or override.is_force_add()) or key.split(".")[0] == "hydra":
-            continue
-        if loader.get_group_options(key.replace(".", "/")):
-            continue
-        added.append(text)
-    return added
-
-
-def _compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose; every key added with `+` must be one that segtrain reads."""
-    from hydra import compose
-
-    from segtrain.keys import check_added_key
-
-    added = _added_keys(overrides)
-    if added:
-        base = compose(config_name=config_name, overrides=[t for t in overrides if t not in added])
-        for text in added:
-            check_added_key(text.split("=", 1)[0].lstrip("+"), base)
-    cfg = compose(config_name=config_name, overrides=overrides)
-    check_options(cfg)
-    return cfg
-
-
-def _known_without(config_name: str, overrides: list[str]) -> Callable[[str], set[str]]:
-    def known(key: str) -> set[str]:
-        from hydra import compose
-
-        from segtrain.keys import known_keys
-
-        kept = [t for t in overrides if t.split("=", 1)[0].lstrip("+~") != key]
-        return known_keys(compose(config_name=config_name, overrides=kept))
-
-    return known
-
-
-def precheck(config_name: str, args: list[str]) -> Prechecked:
-    """Compose the config with the given overrides (first value of any sweep) and report failures."""
-    command = config_name.replace("_", " ")
-    from hydra import initialize_config_dir
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.global_hydra import GlobalHydra
-
-    parsed = get_args_parser().parse_args(args)
-    if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
-        return Prechecked(parsed, [], None)
-    overrides = _first_values(command, parsed)
-    if config_name in CHECKPOINT_COMMANDS:
-        _refuse_training_keys(command, overrides)
-    if config_name == "eval" or (config_name == "train" and int(os.environ.get("RANK", "0")) == 0):
-        _refuse_used_run_dir(command, overrides)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=config_name):
-            try:
-                cfg = _compose_checked(config_name, overrides)
-            except SegtrainError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any composition failure is a config error to the user
-                _fail(command, _one_line(exc, _known_without(config_name, overrides)))
-    except SegtrainError as exc:
-        _fail(command, str(exc))
-    finally:
-        GlobalHydra.instance().clear()
-    return Prechecked(parsed, overrides, cfg)
-
-
-def _checkpoint_given(cfg: DictConfig | None) -> bool:
-    from omegaconf import OmegaConf
-
-    return cfg is not None and "ckpt" in cfg and not OmegaConf.is_missing(cfg, "ckpt") and cfg.ckpt is not None
-
-
-def with_checkpoint(config_name: str, pre: Prechecked) -> None:
-    """eval, predict, export and info with `ckpt=`: `--cfg job|all` prints the checkpoint's config with
-    the command line applied (what will run, not the defaults), and a `model=`/`backbone=` choice
-    is compared with the checkpoint before Hydra creates a run directory."""
-    from omegaconf import OmegaConf
-
-    if config_name not in CHECKPOINT_COMMANDS or not _checkpoint_given(pre.cfg):
-        return
-    show = pre.args.cfg in ("job", "all")
-    task = [t for t in pre.overrides if not t.lstrip("+~").startswith("hydra.")]
-    if not show and not any(t.split("=", 1)[0].lstrip("+") in ("model", "backbone") for t in task):
-        return
-    from segtrain.commands.evaluate import checkpoint_view
-
-    try:
-        view = checkpoint_view(pre.cfg, task)
-    except SegtrainError as exc:
-        _fail(config_name, user_message(exc))
-    if not show:
-        return
-    if pre.args.cfg == "all":
-        view = OmegaConf.merge({"hydra": _hydra_node(config_name, pre.overrides)}, view)
-    if pre.args.package:
-        view = OmegaConf.select(view, pre.args.package)
-        print(f"# @package {pre.args.package}")
-    print(OmegaConf.to_yaml(view, resolve=pre.args.resolve) if OmegaConf.is_config(view) else view, end="")
-    raise SystemExit(0)
-
-
-def _hydra_node(config_name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=config_name):
-            return compose(config_name=config_name, overrides=overrides, return_hydra_config=True).hydra
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _refuse_training_keys(command: str, overrides: list[str]) -> None:
-    """eval, predict, export and info refuse keys only training reads, before anything is composed."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from segtrain.keys import check_effective
-
-    parser = OverridesParser.create()
-    for text in overrides:
-        override = parser.parse_override(text)
-        if override.is_delete() or override.key_or_group.split(".")[0] == "hydra":
-            continue
-        try:
-            check_effective(override.key_or_group, command)
-        except SegtrainError as exc:
-            _fail(command, str(exc))
-
-
-def _first_value(override: Any) -> str:
-    """A sweep's first value, enough to check the config; an interval (Optuna) its lower end."""
-    if override.is_interval_sweep():
-        return str(override.value().start)
-    return next(iter(override.sweep_string_iterator()))
-
-
-def _refuse_used_run_dir(command: str, overrides: list[str]) -> None:
-    """Before Hydra writes its files into an explicit hydra.run.dir: train refuses one a live run holds,
-    eval one that holds another run's outputs."""
-    from segtrain.engine.lock import refuse_if_held, refuse_used_eval_dir
-
-    check = refuse_if_held if command == "train" else refuse_used_eval_dir
-    for text in overrides:
-        if text.startswith("hydra.run.dir="):
-            try:
-                check(Path(text.split("=", 1)[1]))
-            except SegtrainError as exc:
-                _fail(command, str(exc))
 
 
 def _fail(command: str, message: str) -> None:
@@ -294,10 +65,12 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
     def run(cfg: DictConfig) -> object:
         from hydra.core.hydra_config import HydraConfig
 
+        from segtrain.config_checks import check_config
         from segtrain.engine.runtime import stop_worker_processes
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
+            check_config(cfg)  # this job's values (a sweep's later values too); canonical option strings
             return body(cfg, run_dir)
         except Preempted as exc:
             _to_log_file(f"segtrain {command}: {exc}")
@@ -320,10 +93,10 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float:
-    from segtrain.engine.hparams import hydra_run_info
     from segtrain.engine.trainer import train
 
-    return float(train(cfg, run_dir, run_info=hydra_run_info()).best_miou)
+    run_info = hydra_run_info()
+    return float(train(cfg, run_dir, run_info=run_info).best_miou)
 
 
 def _eval(cfg: DictConfig, run_dir: Path) -> None:
@@ -367,9 +140,11 @@ def _export(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _bench(cfg: DictConfig, run_dir: Path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from segtrain.commands.bench import run_bench
 
-    run_bench(cfg, run_dir)
+    run_bench(cfg, list(HydraConfig.get().overrides.task), run_dir)
 
 
 TASKS = {"bench": _bench, "train": _train, "eval": _eval, "info": _info, "data_check": _data_check, "predict": _predict,
@@ -395,6 +170,22 @@ def _data(args: list[str]) -> None:
     _hydra_app("data_check", args[1:])
 
 
+def _checked(command: str, rest: list[str]) -> None:
+    """Compose and check the command line before Hydra runs it; answer `--cfg` of checkpoint commands."""
+    name = command.replace("_", " ")
+    try:
+        pre = precheck(command, rest)
+    except SegtrainError as exc:
+        _fail(name, str(exc))
+    try:
+        text = checkpoint_cfg_text(command, pre)
+    except SegtrainError as exc:
+        _fail(command, user_message(exc))
+    if text is not None:
+        print(text, end="")
+        raise SystemExit(0)
+
+
 def _hydra_app(command: str, rest: list[str]) -> None:
     import hydra
 
@@ -402,12 +193,11 @@ def _hydra_app(command: str, rest: list[str]) -> None:
     if "-h" in rest or "--help" in rest:
         _command_help(command, rest)
         return
-    with_checkpoint(command, precheck(command, rest))
-    if int(os.environ.get("RANK", "0")) > 0 and command == "train":
-        # Under torchrun only rank 0 writes; the others get a throw-away Hydra directory and learn
-        # rank 0's run directory from it (segtrain.engine.trainer).
-        scratch = tempfile.mkdtemp(prefix=f"segtrain-rank{os.environ['RANK']}-")
-        rest = [*rest, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+    _checked(command, rest)
+    if command == "train":
+        from segtrain.engine.distributed import rank_scratch_overrides
+
+        rest = [*rest, *rank_scratch_overrides()]  # under torchrun only rank 0 writes
     sys.argv = [f"segtrain-{command}", *rest]
     app = hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(
         _task(command.replace("_", " "), TASKS[command])
@@ -439,21 +229,14 @@ def _usage() -> str:
 
 def _command_help(command: str, rest: list[str]) -> None:
     """`segtrain <command> --help`, composed with the overrides given next to it (as Hydra's help is)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+    from segtrain.composition import compose_config
     from segtrain.help import render
 
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=command):
-            try:
-                cfg = compose(config_name=command, overrides=overrides)
-            except Exception:  # noqa: BLE001 - help with a bad override: show the defaults
-                cfg = compose(config_name=command)
-    finally:
-        GlobalHydra.instance().clear()
+        cfg = compose_config(command, overrides)
+    except Exception:  # noqa: BLE001 - help with a bad override: show the defaults
+        cfg = compose_config(command)
     print(render(command, config_dir(), cfg))
 
 

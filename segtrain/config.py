@@ -4,22 +4,18 @@ Typed sections (trainer, eval, logging, data, dataset) are dataclasses registere
 ConfigStore, so a misspelt key or an option outside its fixed set of values fails at composition
 time. `model`, `backbone`, `loss`, `optimizer`, `schedule` and `dataset.source` are `_target_` nodes
 whose keys are the arguments of the function or class they name; `segtrain.instantiate` checks them
-against its signature. `check_options` covers the option fields whose values YAML would otherwise
-read as booleans (`off`, `true`) or that have a free form (`cuda:N`); the CLI runs it right after
-composition, so they fail just as early.
+against its signature. The values themselves (ranges, the option fields whose values YAML would
+otherwise read as booleans, `cuda:N`) are checked by segtrain.config_checks right after composition.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-from segtrain.errors import ConfigError
+from omegaconf import MISSING, OmegaConf
 
 
 class Choice(str, Enum):
@@ -42,11 +38,6 @@ EvalMode = _choice("EvalMode", ["whole", "slide"])
 OnError = _choice("OnError", ["raise", "skip"])
 PadWith = _choice("PadWith", ["mean", "zero"])
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
-SYNC_BN_MODES = ("auto", "true", "false")
-CHANNELS_LAST_MODES = ("auto", "true", "false")
-
-
 @dataclass
 class TrainerConfig:
     max_iters: int = 30000
@@ -55,16 +46,16 @@ class TrainerConfig:
     grad_accum_steps: int = 1
     val_interval: int = 2000
     ckpt_interval: int = 1000
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by check_options)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by segtrain.config_checks)
     # auto: bf16 on CUDA devices that support it, fp16 (+ GradScaler) on older ones, off on CPU.
-    amp: str = "auto"  # auto | off | bf16 | fp16 (checked by check_options: YAML reads a bare `off` as false)
+    amp: str = "auto"  # auto | off | bf16 | fp16 (segtrain.config_checks: YAML reads a bare `off` as false)
     num_workers: int = 4
     seed: int = 0
     deterministic: bool = False
     # Periodic checkpoints (iter_XXXXXXX.pt) kept on disk; last.pt always names the newest.
     keep_last: int = 2
     # BatchNorm -> SyncBatchNorm across processes: auto = exactly when world size > 1 on CUDA.
-    sync_bn: str = "auto"  # auto | true | false (checked by check_options)
+    sync_bn: str = "auto"  # auto | true | false (checked by segtrain.config_checks)
     # Keep BatchNorm layers in eval mode (running statistics frozen), e.g. for tiny batches.
     freeze_bn: bool = False
     channels_last: str = "auto"  # auto (on for CUDA) | true | false
@@ -254,63 +245,6 @@ def register_configs() -> None:
     store.store(name="bench_schema", node=BenchAppConfig)
     store.store(name="predict_schema", node=PredictAppConfig)
     store.store(name="export_schema", node=ExportAppConfig)
-    from segtrain.engine.sweep import register_resolvers  # hydra.sweep.subdir's resolver
+    from segtrain.sweep import register_resolvers  # hydra.sweep.subdir's resolver
 
     register_resolvers()
-
-
-def _normalised(value: Any) -> str:
-    # YAML 1.1 reads bare off/on/true/false as booleans; the options mean the words.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value).lower()
-
-
-def amp_mode(value: Any) -> str:
-    """trainer.amp as one of AMP_MODES (a YAML `off`, read as false, is off)."""
-    amp = _normalised(value)
-    amp = "off" if amp == "false" else amp
-    if amp not in AMP_MODES:
-        raise ConfigError(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {value!r}")
-    return amp
-
-
-def sync_bn_mode(value: Any) -> str:
-    """trainer.sync_bn as one of SYNC_BN_MODES."""
-    mode = _normalised(value)
-    if mode not in SYNC_BN_MODES:
-        raise ConfigError(f"trainer.sync_bn must be one of {', '.join(SYNC_BN_MODES)}, got {value!r}")
-    return mode
-
-
-def channels_last_mode(value: Any) -> str:
-    """trainer.channels_last as one of CHANNELS_LAST_MODES."""
-    mode = _normalised(value)
-    if mode not in CHANNELS_LAST_MODES:
-        raise ConfigError(f"trainer.channels_last must be one of {', '.join(CHANNELS_LAST_MODES)}, got {value!r}")
-    return mode
-
-
-def check_options(cfg: DictConfig) -> None:
-    """Options with a fixed set of values that the schema cannot type; one line naming the key."""
-    trainer = cfg.get("trainer")
-    if trainer is None:
-        return
-    amp_mode(trainer.amp)
-    sync_bn_mode(trainer.sync_bn)
-    channels_last_mode(trainer.channels_last)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(trainer.device)):
-        raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {trainer.device!r}")
-
-
-def command_line_keys() -> set[str]:
-    """Keys set on the command line of the running Hydra app (empty outside one, e.g. in tests)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return set()
-    keys = set()
-    for text in HydraConfig.get().overrides.task:
-        key = text.split("=", 1)[0].lstrip("+~")
-        keys.add(key)
-    return keys

@@ -22,6 +22,11 @@ TRAINING_ONLY = ("loss", "optimizer", "schedule", "callbacks")
 INFERENCE_TRAINER_KEYS = ("trainer.device", "trainer.amp")
 
 
+def given_keys(overrides: list[str]) -> set[str]:
+    """The keys (or groups) a list of Hydra overrides sets: `+a.b=1`, `~c`, `model=x` -> a.b, c, model."""
+    return {text.split("=", 1)[0].lstrip("+~") for text in overrides}
+
+
 def config_keys(node: Any, prefix: str = "") -> set[str]:
     """Every dotted key of a config, sections included (lists are values, not entered)."""
     keys: set[str] = set()

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from segtrain.cli import config_dir
 from segtrain.config import register_configs
 
 register_configs()
 
 
 def compose_config(command: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=command):
-        return compose(config_name=command, overrides=overrides)
+    from segtrain import composition
+    from segtrain.config_checks import check_config
+
+    cfg = composition.compose_config(command, overrides)
+    check_config(cfg)  # as the CLI does: a bad value fails here, canonical option strings
+    return cfg
 
 
 def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:

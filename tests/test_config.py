@@ -5,7 +5,7 @@ import torch
 
 from conftest import compose_config
 from segtrain.cli import config_dir
-from segtrain.config import amp_mode, check_options, sync_bn_mode
+from segtrain.config_checks import amp_mode, sync_bn_mode
 from segtrain.engine.losses import SegmentationLoss
 from segtrain.engine.optim import build_optimizer
 from segtrain.engine.step import build_loss, build_lr_schedule
@@ -61,12 +61,39 @@ def test_amp_accepts_yamls_boolean_off(value, expected):
 
 def test_option_checks_name_the_key():
     with pytest.raises(ConfigError, match="trainer.sync_bn must be one of auto, true, false, got 'sometimes'"):
-        check_options(compose_config("train", ["trainer.sync_bn=sometimes"]))
+        compose_config("train", ["trainer.sync_bn=sometimes"])
     assert sync_bn_mode(True) == "true" and sync_bn_mode("False") == "false"
     for device in ("auto", "cpu", "cuda", "cuda:3"):
-        check_options(compose_config("train", [f"trainer.device={device}"]))
+        assert compose_config("train", [f"trainer.device={device}"]).trainer.device == device
     with pytest.raises(ConfigError, match="trainer.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"):
-        check_options(compose_config("train", ["trainer.device=cuda:x"]))
+        compose_config("train", ["trainer.device=cuda:x"])
+
+
+@pytest.mark.parametrize("command", PRIMARY)
+def test_yaml_booleans_become_the_options_canonical_words(command):
+    extra = ["ckpt=x.pt"] if command in ("eval", "predict", "export") else []
+    trainer = compose_config(command, [*extra, "trainer.amp=off", "trainer.sync_bn=True",
+                                       "trainer.channels_last=false"]).trainer
+    assert (trainer.amp, trainer.sync_bn, trainer.channels_last) == ("off", "true", "false")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.momentum=1.5", "optimizer.momentum must be in [0, 1) (e.g. 0.9), got 1.5"),
+    ("optimizer.momentum=1", "optimizer.momentum must be in [0, 1) (e.g. 0.9), got 1"),
+    ("optimizer.head_lr_mult=-1", "optimizer.head_lr_mult must be >= 0, got -1"),
+    ("schedule.warmup_iters=-5", "schedule.warmup_iters must be >= 0 (0: no warmup), got -5"),
+    ("schedule.min_lr=0.5", "schedule.min_lr must be in [0, optimizer.lr=0.007], got 0.5"),
+    ("logging.interval=0", "logging.interval must be >= 1, got 0"),
+    ("eval.num_workers=-1", "eval.num_workers must be >= 0, got -1"),
+])
+def test_values_out_of_range_fail_at_composition_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        compose_config("train", [override])
+
+
+def test_bench_values_fail_at_composition():
+    with pytest.raises(ConfigError, match="bench.batch_size must be >= 2"):
+        compose_config("bench", ["bench.batch_size=1"])
 
 
 def test_experiment_overrides_groups_and_values():
@@ -95,8 +122,8 @@ def test_speed_defaults_resolve_per_device_and_explicit_values_win(tmp_path, sha
     cpu = torch.device("cpu")
     assert compose_config("train", []).trainer.amp == "auto"
     assert resolve_amp("auto", cpu) == "off" and resolve_channels_last("auto", cpu) is False
-    assert resolve_amp("bf16", cpu) == "bf16" and resolve_channels_last(True, cpu) is True
-    assert resolve_amp(False, cpu) == "off" and resolve_channels_last("false", cpu) is False
+    assert resolve_amp("bf16", cpu) == "bf16" and resolve_channels_last("true", cpu) is True
+    assert resolve_amp("off", cpu) == "off" and resolve_channels_last("false", cpu) is False
     with caplog.at_level("INFO"):
         train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 1,
                                                                      "trainer.val_interval": 1})), tmp_path)

@@ -1,4 +1,4 @@
-"""Sweep job names and summaries (segtrain.engine.sweep), without running jobs."""
+"""Sweep job names and summaries (segtrain.sweep), without running jobs."""
 
 import csv
 import json
@@ -10,7 +10,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import tiny_overrides
-from segtrain.engine.sweep import SWEPT_KEYS_ENV, collect, subdir_name, swept_keys_of, write_result, write_summary
+from segtrain.engine.sweep import write_result
+from segtrain.sweep import SWEPT_KEYS_ENV, collect, subdir_name, swept_keys_of, write_summary
 
 
 def test_a_job_is_named_by_its_swept_overrides_only(monkeypatch):

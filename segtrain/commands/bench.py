@@ -28,7 +28,7 @@ import json
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from segtrain.commands.info import model_complexity
-from segtrain.config import AugmentConfig, check_options, command_line_keys
+from segtrain.config import AugmentConfig
 from segtrain.data.dataset import SegmentationDataset
 from segtrain.data.loading import train_loader
 from segtrain.data.transforms import train_transform
@@ -50,6 +50,7 @@ from segtrain.engine.evaluate import autocast
 from segtrain.engine.runtime import resolve_runtime
 from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError
+from segtrain.keys import given_keys
 from segtrain.models import build_model
 
 
@@ -121,15 +122,16 @@ class BenchSetup:
     masks: torch.Tensor
 
 
-def bench_train_step(cfg: DictConfig, device: torch.device) -> BenchSetup:
-    """The trainer's own step (segtrain.engine.step) for cfg's model on random images of bench.crop_size."""
+def bench_train_step(cfg: DictConfig, device: torch.device, given: Collection[str] = ()) -> BenchSetup:
+    """The trainer's own step (segtrain.engine.step) for cfg's model on random images of bench.crop_size;
+    `given`: the keys set on the command line."""
     b = cfg.bench
     crop = [int(v) for v in b.crop_size]
     num_classes = len(cfg.dataset.class_names)
     backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "weights": None})
     runtime = resolve_runtime(cfg.trainer, device)
     model = build_model(cfg.model, backbone_cfg, num_classes).to(device, memory_format=runtime.memory_format)
-    step = build_train_step(cfg, model, DistContext(0, 1, 0, device), runtime, num_classes)
+    step = build_train_step(cfg, model, DistContext(0, 1, 0, device), runtime, num_classes, given)
     images = torch.randn(b.batch_size, 3, *crop, device=device).contiguous(memory_format=step.memory_format)
     masks = torch.randint(0, num_classes, (b.batch_size, *crop), device=device)
     return BenchSetup(model, step, images, masks)
@@ -158,12 +160,11 @@ def _timed(step: Callable[[int], object], warmup: int, count: int, batch_size: i
     return Timing(batch_size / steady, warm_times[0], max(0.0, sum(warm_times) - len(warm_times) * steady))
 
 
-def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
+def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
+    """Time training steps and data loading; `overrides`: the command line's (segtrain.config_checks has
+    checked the values)."""
     b, t = cfg.bench, cfg.trainer
-    if b.batch_size < 2 or b.steps < 1 or b.warmup < 0:
-        raise ConfigError("bench.batch_size must be >= 2 (BatchNorm), bench.steps >= 1, bench.warmup >= 0")
-    check_options(cfg)
-    for key in sorted({"trainer.batch_size", "trainer.grad_accum_steps"} & command_line_keys()):
+    for key in sorted({"trainer.batch_size", "trainer.grad_accum_steps"} & given_keys(overrides)):
         raise ConfigError(f"{key} has no effect on segtrain bench: it times one pass of bench.batch_size images")
     crop = [int(v) for v in b.crop_size]
     runtime = resolve_runtime(t)
@@ -171,7 +172,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    setup = bench_train_step(cfg, device)
+    setup = bench_train_step(cfg, device, given_keys(overrides))
     frames_before = counters["frames"]["total"]
     batches = [(setup.images, setup.masks)]
     setup.model.train()

@@ -2,12 +2,14 @@
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; segtrain joins the process group from them (NCCL on
 CUDA, gloo on CPU). `trainer.batch_size` is the global batch, split evenly over ranks and
-gradient-accumulation steps. Only rank 0 writes logs, TensorBoard events and checkpoints.
+gradient-accumulation steps. Only rank 0 writes logs, TensorBoard events and checkpoints (and only
+rank 0 lets Hydra create the run directory: `rank_scratch_overrides`).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from segtrain.config import sync_bn_mode
 from segtrain.engine.runtime import resolve_device
 from segtrain.errors import ConfigError
 
@@ -36,6 +37,21 @@ class DistContext:
         return self.world_size > 1
 
 
+def process_rank() -> int:
+    """This process's global rank under torchrun (0 when launched alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def rank_scratch_overrides() -> list[str]:
+    """Hydra overrides for a rank > 0: a throw-away run directory and no `.hydra/` copy, so that only
+    rank 0 writes; the others learn rank 0's run directory from it (broadcast_object). Empty on rank 0."""
+    rank = process_rank()
+    if rank == 0:
+        return []
+    scratch = tempfile.mkdtemp(prefix=f"segtrain-rank{rank}-")
+    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def init_distributed(requested_device: str) -> DistContext:
     """Join the process group described by torchrun's environment (or the one already joined)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,7 +59,7 @@ def init_distributed(requested_device: str) -> DistContext:
     if dist.is_available() and dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
     else:
-        rank = int(os.environ.get("RANK", "0"))
+        rank = process_rank()
     device = resolve_device(requested_device)
     if device.type == "cuda" and world_size > 1:
         if local_rank >= torch.cuda.device_count():
@@ -67,9 +83,9 @@ def micro_batch_size(global_batch: int, world_size: int, accum_steps: int) -> in
     return global_batch // parts
 
 
-def should_sync_bn(setting: str | bool, world_size: int, device_type: str) -> bool:
-    """auto: SyncBatchNorm exactly when training on several CUDA processes."""
-    setting = sync_bn_mode(setting)
+def should_sync_bn(setting: str, world_size: int, device_type: str) -> bool:
+    """trainer.sync_bn (canonical: segtrain.config_checks); auto: SyncBatchNorm exactly when training on
+    several CUDA processes."""
     if setting == "false" or world_size == 1:
         return False
     if device_type != "cuda":
@@ -80,7 +96,7 @@ def should_sync_bn(setting: str | bool, world_size: int, device_type: str) -> bo
     return True
 
 
-def apply_sync_bn(model: nn.Module, setting: str | bool, world_size: int, device_type: str) -> nn.Module:
+def apply_sync_bn(model: nn.Module, setting: str, world_size: int, device_type: str) -> nn.Module:
     if should_sync_bn(setting, world_size, device_type):
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

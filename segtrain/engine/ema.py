@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from segtrain.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 
 def ema_decay(value: Any) -> float | None:
-    """trainer.ema_decay as a decay in (0, 1), or None when off (null or 0)."""
+    """trainer.ema_decay (checked by segtrain.config_checks) as a decay in (0, 1), or None when off (null or 0)."""
     if value is None or value == 0:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value < 1:
-        raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0 or null: off; e.g. 0.999), got {value!r}")
     return float(value)
 
 

@@ -18,23 +18,12 @@ METRIC_TAGS = ("val/best_mIoU", "val/mIoU")
 
 @dataclass
 class RunInfo:
-    """What Hydra knows about the running job; empty outside one (tests, the Python API)."""
+    """What Hydra knows about the running job, built by the CLI (segtrain.composition.hydra_run_info) and
+    passed in; empty outside one (tests, the Python API)."""
 
     overrides: list[str] = field(default_factory=list)  # the task overrides, as given
     choices: dict[str, str] = field(default_factory=dict)  # group -> option (model: deeplabv3plus)
     job: int | None = None  # hydra.job.num of a sweep job
-
-
-def hydra_run_info() -> RunInfo:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return RunInfo()
-    hydra_cfg = HydraConfig.get()
-    choices = {k: v for k, v in OmegaConf.to_container(hydra_cfg.runtime.choices).items()
-               if isinstance(v, str) and not k.startswith("hydra")}
-    job = OmegaConf.select(hydra_cfg, "job.num", default=None)
-    return RunInfo(list(hydra_cfg.overrides.task), choices, None if job is None else int(job))
 
 
 def _value(value: Any) -> float | str:

@@ -80,6 +80,15 @@ def refuse_used_eval_dir(run_dir: Path) -> None:
                           "choose a new directory (the default is a new one per run)")
 
 
+def refuse_used_run_dir(command: str, run_dir: Path) -> None:
+    """Before Hydra writes its files into an explicit hydra.run.dir: train refuses one a live run holds,
+    eval one that holds another run's outputs."""
+    if command == "train":
+        refuse_if_held(run_dir)
+    else:
+        refuse_used_eval_dir(run_dir)
+
+
 class RunLock:
     """Acquire with `acquire()`, give back with `release()` (also safe when never acquired)."""
 

@@ -38,12 +38,9 @@ def fused_update(groups: list[dict]) -> bool:
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Build the optimizer; call it after the model is on its device (the fused update depends on it)."""
-    if cfg.get("lr") is None:
-        raise ConfigError("optimizer.lr is missing: the base learning rate of the schedule")
+    """Build the optimizer; call it after the model is on its device (the fused update depends on it).
+    optimizer.lr and head_lr_mult are taken as valid (segtrain.config_checks)."""
     head_lr_mult = float(cfg.get("head_lr_mult", 1.0))
-    if head_lr_mult < 0:
-        raise ConfigError(f"optimizer.head_lr_mult must be >= 0, got {head_lr_mult}")
     groups = parameter_groups(model, float(cfg.lr), head_lr_mult)
     factory = instantiate_checked("optimizer", cfg, drop=("head_lr_mult",), partial=True, supplied=("params", "fused"))
     accepts_fused = "fused" in inspect.signature(factory).parameters

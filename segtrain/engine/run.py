@@ -30,6 +30,7 @@ from segtrain.engine.resume import data_fingerprint
 from segtrain.engine.runtime import Runtime, resolve_runtime, seed_everything
 from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError, TrainingStopped
+from segtrain.keys import given_keys
 from segtrain.models import backbone_for_inference, build_model
 
 log = logging.getLogger("segtrain.train")
@@ -123,11 +124,6 @@ class Run:
         return str(last) if last.exists() else "none written yet"
 
 
-def given_keys(info: RunInfo) -> set[str]:
-    """The keys the command line set (`key=value`, `+key=value`), without Hydra's own."""
-    return {text.split("=", 1)[0].lstrip("+~") for text in info.overrides}
-
-
 def _network(cfg: DictConfig, backbone: DictConfig, num_classes: int, ctx: DistContext, runtime: Runtime) -> nn.Module:
     model = build_model(cfg.model, backbone, num_classes)
     model = apply_sync_bn(model, cfg.trainer.sync_bn, ctx.world_size, runtime.device.type)
@@ -198,7 +194,7 @@ def build_run(cfg: DictConfig, run_dir: Path, ctx: DistContext, info: RunInfo) -
         fingerprint=data_fingerprint(datasets[0].samples, cfg.dataset.root), micro_batch=micro, model=model,
         ema=WeightEma(model, decay) if decay is not None else None,
         val_model=_validation_network(cfg, len(class_names), runtime),
-        step=build_train_step(cfg, model, ctx, runtime, len(class_names), given_keys(info)),
+        step=build_train_step(cfg, model, ctx, runtime, len(class_names), given_keys(info.overrides)),
         records=RunLogger(run_dir, ctx.is_main, cfg.logging.tensorboard), init_report=init_report,
     )
 

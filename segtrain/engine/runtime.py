@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from segtrain.config import amp_mode, channels_last_mode
 from segtrain.errors import ConfigError
 
 
@@ -26,26 +25,24 @@ def resolve_device(requested: str) -> torch.device:
                 "use trainer.device=cpu or trainer.device=auto"
             )
         return torch.device(requested)
-    if requested == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    return torch.device(requested)  # cpu: the value was checked by segtrain.config_checks
 
 
-def resolve_amp(requested: object, device: torch.device) -> str:
-    """trainer.amp for `device`: auto is bf16 on CUDA devices that support it (Ampere and newer), fp16
-    with a GradScaler on older CUDA devices, and off on CPU; an explicit value is taken as given."""
-    amp = amp_mode(requested)
-    if amp != "auto":
-        return amp
+def resolve_amp(requested: str, device: torch.device) -> str:
+    """trainer.amp (canonical: segtrain.config_checks) for `device`: auto is bf16 on CUDA devices that support
+    it (Ampere and newer), fp16 with a GradScaler on older CUDA devices, and off on CPU; an explicit value
+    is taken as given."""
+    if requested != "auto":
+        return requested
     if device.type != "cuda":
         return "off"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def resolve_channels_last(requested: object, device: torch.device) -> bool:
-    """trainer.channels_last for `device`: auto is on for CUDA (tensor cores want NHWC), off on CPU."""
-    mode = channels_last_mode(requested)
-    return device.type == "cuda" if mode == "auto" else mode == "true"
+def resolve_channels_last(requested: str, device: torch.device) -> bool:
+    """trainer.channels_last (canonical: segtrain.config_checks) for `device`: auto is on for CUDA (tensor
+    cores want NHWC), off on CPU."""
+    return device.type == "cuda" if requested == "auto" else requested == "true"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,11 +190,10 @@ def check_aux_weight(model: nn.Module, given: set[str]) -> None:
 
 
 def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, runtime: Runtime, num_classes: int,
-                     given_keys: Iterable[str] = ()) -> TrainStep:
+                     given: Collection[str] = ()) -> TrainStep:
     """The trainer's step for `model` (already on its device) from cfg's loss, optimizer and schedule;
-    `given_keys`: the keys set on the command line (a loss.aux_weight for a model without an auxiliary head
-    is refused)."""
-    check_aux_weight(model, set(given_keys))
+    `given`: the keys set on the command line (segtrain.keys.given_keys of RunInfo.overrides)."""
+    check_aux_weight(model, set(given))
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
     return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, runtime,

@@ -1,0 +1,243 @@
+"""Composing a command's config before Hydra runs it, so that every mistake fails in one line.
+
+`compose_config` is segtrain's one Hydra composition outside a running Hydra app (the CLI's checks,
+`--help`, `--cfg all` of checkpoint commands, the tests). `precheck` composes the command line once
+(the first value of any sweep) and refuses what would fail later or silently do nothing: an unknown
+key or group option (with the closest known key), a key added with `+` that nothing reads
+(segtrain.keys), a training key given to an inference command, a value out of range
+(segtrain.config_checks), an explicit run directory that is in use. Failures are `ConfigError`s in
+one line; segtrain.cli prints them. `hydra_run_info` turns the running app's Hydra state into the
+`RunInfo` the engine is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.config_checks import check_config
+from segtrain.engine.hparams import RunInfo
+from segtrain.errors import ConfigError, SegtrainError
+
+# Commands that rebuild the network from a checkpoint's stored config (`ckpt=`).
+CHECKPOINT_COMMANDS = ("eval", "predict", "export", "info")
+
+
+def config_dir() -> Path:
+    """conf/ of a source checkout (editable install), else the copy shipped inside the wheel."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "train.yaml").is_file():
+        return source
+    return Path(__file__).resolve().parent / "conf"
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = (), *, with_hydra: bool = False) -> DictConfig:
+    """`config_name` (conf/<config_name>.yaml) composed with `overrides`; `with_hydra`: keep the `hydra`
+    node. Hydra's global state is cleared before and after, so calls never see each other's."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=config_name):
+            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def hydra_run_info() -> RunInfo:
+    """The running Hydra job's overrides, group choices and job number (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return RunInfo()
+    hydra_cfg = HydraConfig.get()
+    choices = {k: v for k, v in OmegaConf.to_container(hydra_cfg.runtime.choices).items()
+               if isinstance(v, str) and not k.startswith("hydra")}
+    job = OmegaConf.select(hydra_cfg, "job.num", default=None)
+    return RunInfo(list(hydra_cfg.overrides.task), choices, None if job is None else int(job))
+
+
+def one_line(exc: BaseException, known: Callable[[str], set[str]] | None = None) -> str:
+    """A composition failure in one line; an unknown key comes with the closest known key (`known`
+    gives the keys of the config composed without the offending override)."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from segtrain.keys import unknown_key_message
+
+    for err in (exc.__cause__, exc):
+        key = getattr(err, "full_key", None) if isinstance(err, OmegaConfBaseException) else None
+        if not key:
+            continue
+        if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+            try:
+                keys = known(key) if known is not None else set()
+            except Exception:  # noqa: BLE001 - the hint is a courtesy; the message stands without it
+                keys = set()
+            return unknown_key_message(key, keys)
+        return f"invalid value for '{key}': {str(err).splitlines()[0]}"
+    text = str(exc).split("Config search path:")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines).replace(" Available options in", "; available options in")
+
+
+@dataclass
+class Prechecked:
+    """What precheck composed: the parsed arguments, the overrides (first value of any sweep), the config."""
+
+    args: argparse.Namespace
+    overrides: list[str]
+    cfg: DictConfig | None
+
+
+def _first_value(override: Any) -> str:
+    """A sweep's first value, enough to check the config; an interval (Optuna) its lower end."""
+    if override.is_interval_sweep():
+        return str(override.value().start)
+    return next(iter(override.sweep_string_iterator()))
+
+
+def first_values(parsed: argparse.Namespace) -> list[str]:
+    """The command line's overrides with every sweep replaced by its first value (a sweep needs -m)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = []
+    parser = OverridesParser.create()
+    try:
+        for text in parsed.overrides:
+            override = parser.parse_override(text)
+            if override.is_sweep_override():
+                if not parsed.multirun:
+                    raise ConfigError(f"'{text}' is a sweep: add -m to run one job per value, or quote the "
+                                      "value (key='a,b') / use a list (key=[a,b])")
+                value = _first_value(override)
+                prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(override.type.name, "")
+                text = f"{prefix}{override.get_key_element().lstrip('+~')}={value}"
+            overrides.append(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed overrides
+        raise ConfigError(one_line(exc)) from None
+    return overrides
+
+
+def added_keys(overrides: list[str]) -> list[str]:
+    """Overrides that add a key (`+key=`, `++key=`), not a config group option (`+group=option`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    added = []
+    for text in overrides:
+        override = parser.parse_override(text)
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or key.split(".")[0] == "hydra":
+            continue
+        if (config_dir() / key.replace(".", "/")).is_dir():  # a config group of conf/
+            continue
+        added.append(text)
+    return added
+
+
+def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose; every key added with `+` must be one that segtrain reads, every value valid."""
+    from segtrain.keys import check_added_key
+
+    added = added_keys(overrides)
+    if added:
+        base = compose_config(config_name, [t for t in overrides if t not in added])
+        for text in added:
+            check_added_key(text.split("=", 1)[0].lstrip("+"), base)
+    cfg = compose_config(config_name, overrides)
+    check_config(cfg)
+    return cfg
+
+
+def known_without(config_name: str, overrides: list[str]) -> Callable[[str], set[str]]:
+    """The keys known to the config composed without the override of a given key (for hints)."""
+    def known(key: str) -> set[str]:
+        from segtrain.keys import known_keys
+
+        kept = [t for t in overrides if t.split("=", 1)[0].lstrip("+~") != key]
+        return known_keys(compose_config(config_name, kept))
+
+    return known
+
+
+def refuse_training_keys(command: str, overrides: list[str]) -> None:
+    """eval, predict, export and info refuse keys only training reads, before anything is composed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from segtrain.keys import check_effective
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        override = parser.parse_override(text)
+        if override.is_delete() or override.key_or_group.split(".")[0] == "hydra":
+            continue
+        check_effective(override.key_or_group, command)
+
+
+def explicit_run_dir(overrides: list[str]) -> Path | None:
+    """The run directory given as hydra.run.dir=..., if any (the last one wins, as in Hydra)."""
+    given = [text.split("=", 1)[1] for text in overrides if text.startswith("hydra.run.dir=")]
+    return Path(given[-1]) if given else None
+
+
+def precheck(config_name: str, args: list[str]) -> Prechecked:
+    """Compose the config with the given overrides (first value of any sweep); ConfigError in one line."""
+    from hydra._internal.utils import get_args_parser
+
+    from segtrain.engine.distributed import process_rank
+    from segtrain.engine.lock import refuse_used_run_dir
+
+    command = config_name.replace("_", " ")
+    parsed = get_args_parser().parse_args(args)
+    if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
+        return Prechecked(parsed, [], None)
+    overrides = first_values(parsed)
+    if config_name in CHECKPOINT_COMMANDS:
+        refuse_training_keys(command, overrides)
+    run_dir = explicit_run_dir(overrides)
+    if run_dir is not None and (config_name == "eval" or (config_name == "train" and process_rank() == 0)):
+        refuse_used_run_dir(command, run_dir)
+    try:
+        cfg = compose_checked(config_name, overrides)
+    except SegtrainError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any composition failure is a config error to the user
+        raise ConfigError(one_line(exc, known_without(config_name, overrides))) from None
+    return Prechecked(parsed, overrides, cfg)
+
+
+def _checkpoint_given(cfg: DictConfig | None) -> bool:
+    return cfg is not None and "ckpt" in cfg and not OmegaConf.is_missing(cfg, "ckpt") and cfg.ckpt is not None
+
+
+def checkpoint_cfg_text(config_name: str, pre: Prechecked) -> str | None:
+    """eval, predict, export and info with `ckpt=`: what `--cfg job|all` prints, the checkpoint's config
+    with the command line applied (what will run, not the defaults); None where Hydra should answer.
+    A `model=`/`backbone=` choice is compared with the checkpoint here, before Hydra creates a run
+    directory (ConfigError/WeightsError)."""
+    if config_name not in CHECKPOINT_COMMANDS or not _checkpoint_given(pre.cfg):
+        return None
+    show = pre.args.cfg in ("job", "all")
+    task = [t for t in pre.overrides if not t.lstrip("+~").startswith("hydra.")]
+    if not show and not any(t.split("=", 1)[0].lstrip("+") in ("model", "backbone") for t in task):
+        return None
+    from segtrain.commands.evaluate import checkpoint_view
+
+    view = checkpoint_view(pre.cfg, task)
+    if not show:
+        return None
+    if pre.args.cfg == "all":
+        view = OmegaConf.merge({"hydra": compose_config(config_name, pre.overrides, with_hydra=True).hydra}, view)
+    header = ""
+    if pre.args.package:
+        view = OmegaConf.select(view, pre.args.package)
+        header = f"# @package {pre.args.package}\n"
+    return header + (OmegaConf.to_yaml(view, resolve=pre.args.resolve) if OmegaConf.is_config(view) else str(view))

@@ -1,0 +1,164 @@
+"""The values of a composed config: ranges, fixed sets of options and combinations, checked once.
+
+Every command runs `check_config` right after Hydra composes its config (segtrain.cli, and the
+tests' compose helper), so a bad value fails before any run directory, model or data loader exists,
+with one line naming the key, the value and what to give instead. The engine then reads the values
+as valid and never checks them again: the option keys YAML may read as booleans (`trainer.amp=off`,
+`trainer.sync_bn=true`) are rewritten here to canonical lowercase strings.
+
+The schema (segtrain.config) already refuses unknown keys and values of the wrong type; the
+arguments of `_target_` nodes are matched against their function's signature by segtrain.instantiate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.errors import ConfigError
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+SYNC_BN_MODES = ("auto", "true", "false")
+CHANNELS_LAST_MODES = ("auto", "true", "false")
+
+AT_LEAST_ONE = ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval", "keep_last")
+
+
+def _normalised(value: Any) -> str:
+    # YAML 1.1 reads bare off/on/true/false as booleans (a str field holds them as "False"); the options mean words.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).lower()
+
+
+def amp_mode(value: Any) -> str:
+    """trainer.amp as one of AMP_MODES (a YAML `off`, read as false, is off)."""
+    amp = _normalised(value)
+    amp = "off" if amp == "false" else amp
+    if amp not in AMP_MODES:
+        raise ConfigError(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {value!r}")
+    return amp
+
+
+def sync_bn_mode(value: Any) -> str:
+    """trainer.sync_bn as one of SYNC_BN_MODES."""
+    mode = _normalised(value)
+    if mode not in SYNC_BN_MODES:
+        raise ConfigError(f"trainer.sync_bn must be one of {', '.join(SYNC_BN_MODES)}, got {value!r}")
+    return mode
+
+
+def channels_last_mode(value: Any) -> str:
+    """trainer.channels_last as one of CHANNELS_LAST_MODES."""
+    mode = _normalised(value)
+    if mode not in CHANNELS_LAST_MODES:
+        raise ConfigError(f"trainer.channels_last must be one of {', '.join(CHANNELS_LAST_MODES)}, got {value!r}")
+    return mode
+
+
+def _section(cfg: DictConfig, key: str) -> DictConfig | None:
+    """A mapping section of the config, or None where the command has none (or it is left unset)."""
+    if key not in cfg or OmegaConf.is_missing(cfg, key):
+        return None
+    node = cfg[key]
+    return node if isinstance(node, DictConfig) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
+    trainer.amp = amp_mode(trainer.amp)
+    trainer.sync_bn = sync_bn_mode(trainer.sync_bn)
+    trainer.channels_last = channels_last_mode(trainer.channels_last)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(trainer.device)):
+        raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {trainer.device!r}")
+    for key in AT_LEAST_ONE:
+        if trainer[key] < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {trainer[key]}")
+    at_least_zero = [("trainer.num_workers", trainer.num_workers), ("trainer.seed", trainer.seed),
+                     ("trainer.max_skipped_steps", trainer.max_skipped_steps)]
+    evaluation = _section(cfg, "eval")
+    if evaluation is not None:
+        at_least_zero.append(("eval.num_workers", evaluation.num_workers))
+    for key, value in at_least_zero:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    decay = trainer.get("ema_decay")
+    if decay is not None and decay != 0 and not (_is_number(decay) and 0 < decay < 1):
+        raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0 or null: off; e.g. 0.999), got {decay!r}")
+
+
+def _check_logging(logging: DictConfig) -> None:
+    for key in ("interval", "image_interval"):
+        if logging[key] < 1:
+            raise ConfigError(f"logging.{key} must be >= 1, got {logging[key]}")
+
+
+def _check_optimizer(optimizer: DictConfig) -> float:
+    """The optimizer's values; returns optimizer.lr, the schedule's base rate."""
+    lr = optimizer.get("lr")
+    if not _is_number(lr) or lr <= 0:
+        raise ConfigError(f"optimizer.lr must be a finite number > 0, got {lr!r}")
+    head_lr_mult = optimizer.get("head_lr_mult", 1.0)
+    if not _is_number(head_lr_mult) or head_lr_mult < 0:
+        raise ConfigError(f"optimizer.head_lr_mult must be >= 0, got {head_lr_mult}")
+    if "momentum" in optimizer:
+        momentum = optimizer.momentum
+        if not _is_number(momentum) or not 0 <= momentum < 1:
+            raise ConfigError(f"optimizer.momentum must be in [0, 1) (e.g. 0.9), got {momentum!r}: at 1 or above "
+                              "the update never forgets a gradient and training diverges")
+    return float(lr)
+
+
+def _check_schedule(schedule: DictConfig, base_lr: float | None) -> None:
+    """The keys of segtrain's schedules (segtrain.engine.schedules), where the node has them."""
+    if "min_lr" in schedule:
+        min_lr = schedule.min_lr
+        if not _is_number(min_lr) or min_lr < 0 or (base_lr is not None and min_lr > base_lr):
+            raise ConfigError(f"schedule.min_lr must be in [0, optimizer.lr={base_lr}], got {min_lr}: the rate "
+                              "would rise or turn negative")
+    if "power" in schedule and not (_is_number(schedule.power) and schedule.power >= 0):
+        raise ConfigError(f"schedule.power must be >= 0, got {schedule.power}")
+    if "warmup_iters" in schedule and not (_is_number(schedule.warmup_iters) and schedule.warmup_iters >= 0):
+        raise ConfigError(f"schedule.warmup_iters must be >= 0 (0: no warmup), got {schedule.warmup_iters}")
+    if "warmup_ratio" in schedule and not (_is_number(schedule.warmup_ratio) and 0 <= schedule.warmup_ratio <= 1):
+        raise ConfigError(f"schedule.warmup_ratio must be in [0, 1] (the first warmup rate as a fraction of "
+                          f"optimizer.lr), got {schedule.warmup_ratio}")
+
+
+def _check_bench(bench: DictConfig) -> None:
+    if bench.batch_size < 2 or bench.steps < 1 or bench.warmup < 0:
+        raise ConfigError("bench.batch_size must be >= 2 (BatchNorm), bench.steps >= 1, bench.warmup >= 0")
+
+
+def _check_start(cfg: DictConfig) -> None:
+    """train: resume= and init_from= are two ways to start; one at a time."""
+    init_from, resume = cfg.get("init_from"), cfg.get("resume")
+    if init_from not in (None, "") and resume not in (None, "", False, "auto"):
+        raise ConfigError(f"init_from={init_from} and resume={resume}: give one. resume= continues a run "
+                          "(weights, optimizer, iteration); init_from= starts a new run from a checkpoint's weights")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse a value out of range, outside its options, or in a contradictory combination (ConfigError,
+    one line); rewrite trainer.amp, trainer.sync_bn and trainer.channels_last to their canonical strings."""
+    trainer = _section(cfg, "trainer")
+    if trainer is not None:
+        _check_trainer(cfg, trainer)
+    logging = _section(cfg, "logging")
+    if logging is not None:
+        _check_logging(logging)
+    optimizer = _section(cfg, "optimizer")
+    base_lr = _check_optimizer(optimizer) if optimizer is not None else None
+    schedule = _section(cfg, "schedule")
+    if schedule is not None:
+        _check_schedule(schedule, base_lr)
+    bench = _section(cfg, "bench")
+    if bench is not None:
+        _check_bench(bench)
+    _check_start(cfg)
