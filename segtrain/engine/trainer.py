@@ -33,7 +33,6 @@ from segtrain.engine.checkpoint import (
     CHECKPOINT_DIR,
     find_resume_checkpoint,
     load_checkpoint,
-    nonfinite_tensor,
     restore_rng_state,
     resume_candidates,
     rng_state,
@@ -74,6 +73,7 @@ from segtrain.engine.sweep import write_result
 from segtrain.errors import ConfigError, Preempted, TrainingStopped, WeightsError
 from segtrain.models import backbone_for_inference, build_model
 from segtrain.visualize import denormalize, make_palette, panel
+from segtrain.weights_file import nonfinite_tensor
 
 log = logging.getLogger("segtrain.train")
 
