@@ -397,7 +397,10 @@ def _data(args: list[str]) -> None:
 def _hydra_app(command: str, rest: list[str]) -> None:
     import hydra
 
+    from segtrain.engine.sweep import register_resolvers  # hydra.sweep.subdir's resolver
+
     register_configs()
+    register_resolvers()
     if "-h" in rest or "--help" in rest:
         _command_help(command, rest)
         return

@@ -45,6 +45,9 @@ PadWith = _choice("PadWith", ["mean", "zero"])
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 SYNC_BN_MODES = ("auto", "true", "false")
 CHANNELS_LAST_MODES = ("auto", "true", "false")
+# Keys of a backbone node that describe its weights' input statistics for the data pipeline
+# (segtrain.data.normalization), not arguments of the backbone's class.
+NORMALIZATION_KEYS = ("mean", "std")
 
 
 @dataclass
@@ -158,7 +161,7 @@ class CommonConfig:
     model: Any = MISSING
     backbone: Any = MISSING
     dataset: DatasetConfig = MISSING
-    # `_target_` nodes: segtrain.engine.losses, torch.optim (+ head_lr_mult), segtrain.engine.schedules.
+    # `_target_` nodes: segtrain.losses, torch.optim (+ head_lr_mult), segtrain.engine.schedules.
     loss: Any = MISSING
     optimizer: Any = MISSING
     schedule: Any = MISSING
@@ -251,9 +254,6 @@ def register_configs() -> None:
     store.store(name="bench_schema", node=BenchAppConfig)
     store.store(name="predict_schema", node=PredictAppConfig)
     store.store(name="export_schema", node=ExportAppConfig)
-    from segtrain.engine.sweep import register_resolvers  # hydra.sweep.subdir's resolver
-
-    register_resolvers()
 
 
 def _normalised(value: Any) -> str:

@@ -13,8 +13,10 @@ from omegaconf import DictConfig
 
 from segtrain.cli import config_dir
 from segtrain.config import register_configs
+from segtrain.engine.sweep import register_resolvers
 
 register_configs()
+register_resolvers()
 
 
 def compose_config(command: str, overrides: list[str]) -> DictConfig:

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segtrain.engine.inference import InferenceSettings, infer
-from segtrain.engine.runtime import cudnn_autotuning, progress_enabled
+from segtrain.engine.runtime import cudnn_autotuning
 from segtrain.metrics import ConfusionMatrix
+from segtrain.progress import progress_enabled
 
 
 @dataclass

@@ -96,10 +96,10 @@ def _resolve_auto(model: dict[str, Any], backbone: Any) -> dict[str, Any]:
     """DeepLab's `separable: auto` stands for what it resolves to with that side's backbone."""
     if model.get("separable") != "auto":
         return model
-    from segtrain.models.deeplab import paper_uses_separable
+    from segtrain.models.deeplab import resolve_separable
 
     name = backbone.get("name") if isinstance(backbone, dict) else None
-    return {**model, "separable": paper_uses_separable(str(name or ""))}
+    return {**model, "separable": resolve_separable("auto", str(name or ""))}
 
 
 def check_same_network(stored: DictConfig, cfg: DictConfig, source: str) -> None:

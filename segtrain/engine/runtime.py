@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -70,11 +69,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def progress_enabled(requested: bool) -> bool:
-    """Progress bars only on an interactive terminal; logs and CI get plain log lines."""
-    return bool(requested) and sys.stderr.isatty()
 
 
 def stop_worker_processes() -> None:

@@ -67,11 +67,12 @@ from segtrain.engine.resume import (
     log_changes,
     stored_config,
 )
-from segtrain.engine.runtime import progress_enabled, resolve_channels_last, seed_everything
+from segtrain.engine.runtime import resolve_channels_last, seed_everything
 from segtrain.engine.step import Batch, StepResult, TrainStep, build_train_step
 from segtrain.engine.sweep import write_result
 from segtrain.errors import ConfigError, Preempted, TrainingStopped, WeightsError
 from segtrain.models import backbone_for_inference, build_model
+from segtrain.progress import progress_enabled
 from segtrain.visualize import denormalize, make_palette, panel
 from segtrain.weights_file import nonfinite_tensor
 
