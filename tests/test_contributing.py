@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import compose_config, tiny_overrides
-from segtrain.engine.losses import CrossEntropy
 from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError
+from segtrain.losses import CrossEntropy
 from segtrain.models.heads.aspp import conv_bn_relu
 from segtrain.models.segmentor import Segmentor
 

@@ -17,9 +17,9 @@ import yaml
 from conftest import compose_config, tiny_overrides
 from segtrain.engine import checkpoint as checkpoint_module
 from segtrain.engine.checkpoint import load_checkpoint
-from segtrain.engine.losses import SegmentationLoss
 from segtrain.engine.trainer import train
 from segtrain.errors import CheckpointWriteError, TrainingStopped, WeightsError
+from segtrain.losses import SegmentationLoss
 
 MAX_ITERS = 12
 

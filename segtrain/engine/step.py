@@ -25,11 +25,11 @@ from segtrain.config import command_line_keys
 from segtrain.engine.compile import RegionalCompile
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.evaluate import autocast
-from segtrain.engine.losses import SegmentationLoss
 from segtrain.engine.optim import build_optimizer
 from segtrain.engine.runtime import resolve_amp, resolve_channels_last
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
+from segtrain.losses import SegmentationLoss
 
 log = logging.getLogger("segtrain.train")
 
@@ -94,7 +94,7 @@ def auxiliary_outputs(model: nn.Module) -> tuple[str, ...]:
 def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int) -> SegmentationLoss:
     loss = instantiate_checked("loss", cfg.loss, num_classes=num_classes, ignore_index=ignore_index)
     if not isinstance(loss, SegmentationLoss):
-        raise ConfigError(f"loss._target_={cfg.loss._target_!r} is not a segtrain.engine.losses.SegmentationLoss")
+        raise ConfigError(f"loss._target_={cfg.loss._target_!r} is not a segtrain.losses.SegmentationLoss")
     return loss
 
 
