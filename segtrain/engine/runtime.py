@@ -46,6 +46,14 @@ def resolve_channels_last(requested: object, device: torch.device) -> bool:
     return device.type == "cuda" if mode == "auto" else mode == "true"
 
 
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for a resolved trainer.amp (off, bf16, fp16) on `device`."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @contextlib.contextmanager
 def cudnn_autotuning(enabled: bool) -> Iterator[None]:
     """cuDNN autotuning pays off only for fixed shapes (training crops); for images of varying size

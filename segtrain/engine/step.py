@@ -24,9 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from segtrain.config import command_line_keys
 from segtrain.engine.compile import RegionalCompile
 from segtrain.engine.distributed import DistContext, all_reduce_sum
-from segtrain.engine.evaluate import autocast
 from segtrain.engine.optim import build_optimizer
-from segtrain.engine.runtime import resolve_amp, resolve_channels_last
+from segtrain.engine.runtime import autocast, resolve_amp, resolve_channels_last
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
 from segtrain.losses import SegmentationLoss
