@@ -15,7 +15,7 @@ from conftest import compose_config, tiny_overrides
 from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError
 from segtrain.losses import CrossEntropy
-from segtrain.models.heads.aspp import conv_bn_relu
+from segtrain.models.heads.blocks import conv_bn_relu
 from segtrain.models.segmentor import Segmentor
 
 
