@@ -200,7 +200,7 @@ def with_checkpoint(config_name: str, pre: Prechecked) -> None:
     task = [t for t in pre.overrides if not t.lstrip("+~").startswith("hydra.")]
     if not show and not any(t.split("=", 1)[0].lstrip("+") in ("model", "backbone") for t in task):
         return
-    from segtrain.commands.evaluate import checkpoint_view
+    from segtrain.engine.restore import checkpoint_view
 
     try:
         view = checkpoint_view(pre.cfg, task)
@@ -328,7 +328,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
 def _eval(cfg: DictConfig, run_dir: Path) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from segtrain.commands.evaluate import run_eval
+    from segtrain.commands.eval import run_eval
 
     run_eval(cfg, list(HydraConfig.get().overrides.task), run_dir)
 

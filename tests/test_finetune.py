@@ -8,10 +8,11 @@ import torch
 from datasets_builders import write_folder_dataset
 
 from conftest import compose_config, fit_recording_start, tiny_overrides
-from segtrain.commands.evaluate import load_for_inference, run_eval
+from segtrain.commands.eval import run_eval
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.init_from import load_init_weights
+from segtrain.engine.restore import load_for_inference
 from segtrain.engine.trainer import Trainer, train
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.models import build_model

@@ -21,9 +21,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 import segtrain
-from segtrain.commands.evaluate import LoadedModel, load_for_inference
 from segtrain.commands.quiet import library_output_to_log
 from segtrain.data.normalization import normalization
+from segtrain.engine.restore import LoadedModel, load_for_inference
 from segtrain.errors import ConfigError, SegtrainError, first_line
 from segtrain.visualize import make_palette
 
