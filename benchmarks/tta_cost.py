@@ -39,9 +39,8 @@ from torch import nn
 from segtrain.composition import compose_config
 from segtrain.config import register_configs
 from segtrain.config_checks import check_config
-from segtrain.engine.evaluate import autocast
 from segtrain.engine.inference import InferenceSettings, infer
-from segtrain.engine.runtime import cudnn_autotuning, resolve_amp, resolve_channels_last, resolve_device
+from segtrain.engine.runtime import autocast, cudnn_autotuning, resolve_amp, resolve_channels_last, resolve_device
 from segtrain.models import build_model
 
 DEFAULT_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]

@@ -102,7 +102,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
 def _eval(cfg: DictConfig, run_dir: Path) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from segtrain.commands.evaluate import run_eval
+    from segtrain.commands.eval import run_eval
 
     run_eval(cfg, list(HydraConfig.get().overrides.task), run_dir)
 

@@ -229,7 +229,7 @@ def checkpoint_cfg_text(config_name: str, pre: Prechecked) -> str | None:
     task = [t for t in pre.overrides if not t.lstrip("+~").startswith("hydra.")]
     if not show and not any(t.split("=", 1)[0].lstrip("+") in ("model", "backbone") for t in task):
         return None
-    from segtrain.commands.evaluate import checkpoint_view
+    from segtrain.engine.restore import checkpoint_view
 
     view = checkpoint_view(pre.cfg, task)
     if not show:

@@ -38,6 +38,11 @@ EvalMode = _choice("EvalMode", ["whole", "slide"])
 OnError = _choice("OnError", ["raise", "skip"])
 PadWith = _choice("PadWith", ["mean", "zero"])
 
+# Keys of a backbone node that describe its weights' input statistics for the data pipeline
+# (segtrain.data.normalization), not arguments of the backbone's class.
+NORMALIZATION_KEYS = ("mean", "std")
+
+
 @dataclass
 class TrainerConfig:
     max_iters: int = 30000
@@ -149,7 +154,7 @@ class CommonConfig:
     model: Any = MISSING
     backbone: Any = MISSING
     dataset: DatasetConfig = MISSING
-    # `_target_` nodes: segtrain.engine.losses, torch.optim (+ head_lr_mult), segtrain.engine.schedules.
+    # `_target_` nodes: segtrain.losses, torch.optim (+ head_lr_mult), segtrain.engine.schedules.
     loss: Any = MISSING
     optimizer: Any = MISSING
     schedule: Any = MISSING

@@ -1,5 +1,9 @@
 """Errors that segtrain reports to the user as one clear line instead of a traceback."""
 
+import re
+
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
 
 class SegtrainError(Exception):
     """Base class: the CLI prints `segtrain <command>: error: <message>` and exits with status 2."""
@@ -40,3 +44,12 @@ def user_message(exc: BaseException) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1]
         return last.split(": ", 1)[1] if last.startswith(("segtrain.errors.", "DataError", "ConfigError")) else last
     return text
+
+
+def first_line(exc_or_text: BaseException | str) -> str:
+    """One line for a message that quotes another library's error, whose text may be a paragraph
+    with terminal colour codes: the first non-blank line; for an exception, `Type: line`."""
+    text = ANSI_COLOUR.sub("", str(exc_or_text))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else "no details"
+    return f"{type(exc_or_text).__name__}: {line}" if isinstance(exc_or_text, BaseException) else line

@@ -58,7 +58,7 @@ def test_a_network_override_against_a_checkpoint_is_one_line(tmp_path, checkpoin
 
 
 def test_a_layer_changing_model_key_is_one_line(checkpoint):
-    from segtrain.commands.evaluate import load_for_inference
+    from segtrain.engine.restore import load_for_inference
     from segtrain.errors import WeightsError
 
     overrides = [f"ckpt={checkpoint}", "model.aspp_channels=32", "trainer.device=cpu"]
@@ -86,7 +86,7 @@ def test_predict_writes_into_its_run_directory_by_default(tmp_path, checkpoint):
 
 
 def test_training_commands_own_keys_in_a_stored_config_are_left_out(checkpoint):
-    from segtrain.commands.evaluate import checkpoint_config
+    from segtrain.engine.restore import checkpoint_config
 
     state = torch.load(checkpoint, weights_only=True)
     stored = yaml.safe_load(state["config"])

@@ -6,10 +6,10 @@ import torch
 from conftest import compose_config
 from segtrain.cli import config_dir
 from segtrain.config_checks import amp_mode, sync_bn_mode
-from segtrain.engine.losses import SegmentationLoss
 from segtrain.engine.optim import build_optimizer
 from segtrain.engine.step import build_loss, build_lr_schedule
 from segtrain.errors import ConfigError
+from segtrain.losses import SegmentationLoss
 
 GROUPS = ["model", "backbone", "dataset", "loss", "optimizer", "schedule", "experiment"]
 PRIMARY = ["train", "eval", "predict", "export", "info", "bench", "data_check"]
@@ -51,7 +51,7 @@ def test_primary_configs_share_the_groups_from_common(command):
     cfg = compose_config(command, extra)
     for group in ("model", "backbone", "dataset", "loss", "optimizer", "schedule"):
         assert cfg[group] is not None, group
-    assert cfg.loss._target_ == "segtrain.engine.losses.CrossEntropy"
+    assert cfg.loss._target_ == "segtrain.losses.CrossEntropy"
 
 
 @pytest.mark.parametrize("value,expected", [(False, "off"), ("off", "off"), ("OFF", "off"), ("bf16", "bf16")])

@@ -18,16 +18,11 @@ from segtrain.commands.data import check_split
 from segtrain.data.dataset import LookupDecoder
 from segtrain.data.loading import build_dataset
 from segtrain.data.normalization import normalization
-from segtrain.engine.losses import CrossEntropy
 from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError, DataError
-from segtrain.models.heads.aspp import conv_bn_relu
+from segtrain.losses import CrossEntropy, SegmentationLoss
+from segtrain.models.heads.blocks import conv_bn_relu
 from segtrain.models.segmentor import Segmentor
-
-try:
-    from segtrain.losses import SegmentationLoss
-except ImportError:  # the loss package's former home
-    from segtrain.engine.losses import SegmentationLoss
 
 
 class TinyFCN(Segmentor):

@@ -8,11 +8,12 @@ import torch
 from datasets_builders import write_folder_dataset
 
 from conftest import compose_config, fit_recording_start, tiny_overrides
-from segtrain.commands.evaluate import load_for_inference, run_eval
+from segtrain.commands.eval import run_eval
 from segtrain.engine.callbacks import Callback
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.init_from import load_init_weights
+from segtrain.engine.restore import load_for_inference
 from segtrain.engine.trainer import Trainer, train
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.models import build_model
@@ -131,7 +132,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path, shapes_root):
     with open(tmp_path / "evil.pt", "wb") as handle:
         pickle.dump({"weight": Payload()}, handle, protocol=2)
     cfg = compose_config("train", tiny_overrides(shapes_root))
-    with pytest.raises(WeightsError, match="refusing to load it .*could run code"):
+    with pytest.raises(WeightsError, match=r"refusing to load init_from=\S*evil\.pt: .*could run code"):
         load_init_weights(tiny_model(cfg, 5), tmp_path / "evil.pt")
     assert (tmp_path / "victim").is_dir()
 

@@ -191,7 +191,7 @@ def test_eval_writes_metrics_table_matrix_image_and_predictions(tmp_path, demo_c
 
 def test_eval_output_stride_8_for_a_model_trained_at_16(tmp_path, demo_checkpoint):
     overrides = [f"ckpt={demo_checkpoint}", "eval.output_stride=8"]
-    from segtrain.commands.evaluate import load_for_inference
+    from segtrain.engine.restore import load_for_inference
 
     loaded = load_for_inference(compose_config("eval", overrides), overrides)
     assert loaded.model.backbone.strides[-1] == 8
@@ -232,7 +232,7 @@ def test_export_onnx_is_one_file_with_metadata_and_matches_pytorch(tmp_path, dem
     import onnx
     import onnxruntime
 
-    from segtrain.commands.evaluate import load_for_inference
+    from segtrain.engine.restore import load_for_inference
 
     metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
     state = torch.load(demo_checkpoint, weights_only=False)

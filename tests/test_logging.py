@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import compose_config, tiny_overrides
-from segtrain.commands.evaluate import run_eval
+from segtrain.commands.eval import run_eval
 from segtrain.engine import logger as logger_module
 from segtrain.engine.logger import Throughput, keep_until
 from segtrain.engine.trainer import train

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose_config
-from segtrain.engine.losses import CrossEntropy, OhemCrossEntropy
 from segtrain.engine.step import build_loss
 from segtrain.errors import ConfigError
+from segtrain.losses import CrossEntropy, OhemCrossEntropy
 
 
 def _two_class_logits(true_class_probs: list[float], target: list[int]) -> torch.Tensor:
@@ -86,8 +86,19 @@ HRNET_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754
 
 def test_hrnet_cityscapes_experiment_trains_with_the_official_class_weights():
     cfg = compose_config("train", ["experiment=hrnetv2_w48_cityscapes"])
-    assert cfg.loss._target_ == "segtrain.engine.losses.CrossEntropy"  # the recipe has USE_OHEM false
+    assert cfg.loss._target_ == "segtrain.losses.CrossEntropy"  # the recipe has USE_OHEM false
     assert list(cfg.loss.class_weights) == HRNET_CITYSCAPES_WEIGHTS
     loss = build_loss(cfg, len(cfg.dataset.class_names), cfg.dataset.ignore_index)
     assert cfg.dataset.class_names[0] == "road" and cfg.dataset.class_names[-1] == "bicycle"
     assert torch.allclose(loss.class_weights, torch.tensor(HRNET_CITYSCAPES_WEIGHTS))
+
+
+def test_a_checkpoint_config_naming_the_old_loss_module_reads_as_the_losses_package():
+    """Checkpoints written before segtrain.losses name segtrain.engine.losses; resume compares them as equal."""
+    from omegaconf import OmegaConf
+
+    from segtrain.engine.resume import upgrade_legacy_config
+
+    for name in ("CrossEntropy", "OhemCrossEntropy"):
+        stored = OmegaConf.create({"loss": {"_target_": f"segtrain.engine.losses.{name}", "aux_weight": 0.4}})
+        assert upgrade_legacy_config(stored).loss._target_ == f"segtrain.losses.{name}"

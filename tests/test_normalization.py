@@ -10,9 +10,9 @@ from PIL import Image
 
 from conftest import compose_config
 from segtrain.cli import config_dir
-from segtrain.commands.evaluate import checkpoint_config
 from segtrain.data.loading import build_dataset
 from segtrain.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalization
+from segtrain.engine.restore import checkpoint_config
 from segtrain.engine.resume import check_same_normalization
 from segtrain.errors import ConfigError
 from segtrain.models import build_model

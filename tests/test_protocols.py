@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config, tiny_overrides
 from segtrain.cli import config_dir
-from segtrain.commands.evaluate import PROTOCOL_KEYS, load_for_inference
+from segtrain.engine.restore import PROTOCOL_KEYS, load_for_inference
 from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError
 from segtrain.models import backbone_for_inference

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import compose_config, tiny_overrides
-from segtrain.commands.evaluate import run_eval
+from segtrain.commands.eval import run_eval
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.schedules import poly_lr
 from segtrain.engine.trainer import train

@@ -8,10 +8,11 @@ import torch
 from omegaconf import OmegaConf
 
 from segtrain.cli import config_dir
-from segtrain.errors import WeightsError
+from segtrain.errors import WeightsError, first_line
 from segtrain.models import build_backbone
 from segtrain.models.backbones import drn as drn_module
 from segtrain.models.backbones import weights
+from segtrain.weights_file import load_weights_file
 
 URL = "https://weights.example.invalid/models/"
 
@@ -111,3 +112,32 @@ def test_offline_message_names_the_torchvision_file_behind_a_tv_tag(torch_home, 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     with pytest.raises(WeightsError, match=r"backbone.weights=/path/to/resnet50-0676ba61\.pth"):
         build_backbone(_node("backbone", "resnet50", pretrained=True))
+
+
+class _Touch:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_the_weight_file_reader_refuses_code_and_names_unreadable_files(tmp_path):
+    torch.save({"conv.weight": torch.ones(2)}, tmp_path / "plain.pt")
+    assert torch.equal(load_weights_file(tmp_path / "plain.pt")["conv.weight"], torch.ones(2))
+    torch.save({"weight": _Touch(tmp_path / "ran")}, tmp_path / "code.pt")
+    with pytest.raises(WeightsError, match=r"refusing to load init_from=\S*code\.pt: .*Python global .*could run code"):
+        load_weights_file(tmp_path / "code.pt", setting="init_from")
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "plain.pt").read_bytes()[:100])
+    with pytest.raises(WeightsError, match=r"cannot read \S*cut\.pt \(.*\): the file is cut short") as error:
+        load_weights_file(tmp_path / "cut.pt")
+    assert "\n" not in str(error.value)
+    with pytest.raises(WeightsError, match=r"backbone.weights=\S*absent\.pt: no such file"):
+        load_weights_file(tmp_path / "absent.pt", setting="backbone.weights")
+
+
+def test_first_line_is_one_plain_line_of_a_message_or_an_error():
+    assert first_line("\x1b[31m\n  first  \nsecond") == "first"
+    assert first_line(ValueError("bad value\ndetails")) == "ValueError: bad value"
+    assert first_line(RuntimeError()) == "RuntimeError: no details"

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from segtrain.cli import config_dir
-from segtrain.commands.evaluate import checkpoint_config
 from segtrain.commands.info import model_complexity
+from segtrain.engine.restore import checkpoint_config
 from segtrain.engine.resume import check_same_network
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.models import build_backbone, build_model

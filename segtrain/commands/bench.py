@@ -46,8 +46,7 @@ from segtrain.data.dataset import SegmentationDataset
 from segtrain.data.loading import train_loader
 from segtrain.data.transforms import train_transform
 from segtrain.engine.distributed import DistContext
-from segtrain.engine.evaluate import autocast
-from segtrain.engine.runtime import resolve_runtime
+from segtrain.engine.runtime import autocast, resolve_runtime
 from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError
 from segtrain.keys import given_keys

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from segtrain.data.dataset import check_pair, decode_image, read_decoded_mask
 from segtrain.data.loading import source_samples
-from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
+from segtrain.progress import progress_enabled
 
 
 def say(text: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 import segtrain
-from segtrain.commands.evaluate import LoadedModel, load_for_inference
 from segtrain.commands.quiet import library_output_to_log
 from segtrain.data.normalization import normalization
-from segtrain.errors import ConfigError, SegtrainError
+from segtrain.engine.restore import LoadedModel, load_for_inference
+from segtrain.errors import ConfigError, SegtrainError, first_line
 from segtrain.visualize import make_palette
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -117,21 +116,20 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, metadata: 
     except SegtrainError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; one line for the user
-        raise SegtrainError(f"ONNX export failed: {_first_line(exc)} (the exporter's "
+        raise SegtrainError(f"ONNX export failed: {first_line(innermost_cause(exc))} (the exporter's "
                             "messages are in the run directory's export.log)") from None
     # The exporter also moves weights out on its own above its threshold: what it wrote decides.
     wrote_data = data_file.exists() and data_file.stat().st_mtime_ns != before
     return [path, data_file] if wrote_data else [path]
 
 
-def _first_line(exc: BaseException) -> str:
-    """`Type: first line` of the innermost cause: the exporter wraps the real error in its own."""
+def innermost_cause(exc: BaseException) -> BaseException:
+    """The error the exporter and tracer wrap in their own: the one the user can act on."""
     seen = {id(exc)}
     while (exc.__cause__ or exc.__context__) is not None and id(exc.__cause__ or exc.__context__) not in seen:
         exc = exc.__cause__ or exc.__context__
         seen.add(id(exc))
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    return exc
 
 
 def onnx_outputs(path: Path, image: torch.Tensor) -> np.ndarray:
@@ -151,7 +149,7 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, met
             traced = torch.jit.trace(module.eval(), example, check_trace=False)
         traced.save(str(path), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
     except Exception as exc:  # noqa: BLE001 - the tracer fails in many ways; one line for the user
-        raise SegtrainError(f"TorchScript export failed: {_first_line(exc)}") from None
+        raise SegtrainError(f"TorchScript export failed: {first_line(innermost_cause(exc))}") from None
     return [path]
 
 

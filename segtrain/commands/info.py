@@ -73,8 +73,8 @@ def _from_checkpoint(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The checkpoint's config (model, backbone, classes) with the command line applied; one line saying what."""
     from pathlib import Path
 
-    from segtrain.commands.evaluate import checkpoint_config
     from segtrain.engine.checkpoint import load_checkpoint
+    from segtrain.engine.restore import checkpoint_config
 
     state = load_checkpoint(Path(cfg.ckpt))
     merged = checkpoint_config(state, cfg, overrides, str(cfg.ckpt))

@@ -22,12 +22,11 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from segtrain.commands.evaluate import load_for_inference
 from segtrain.data.dataset import decode_image
 from segtrain.data.normalization import normalization
-from segtrain.engine.evaluate import autocast
 from segtrain.engine.inference import InferenceSettings, infer
-from segtrain.engine.runtime import cudnn_autotuning, resolve_amp
+from segtrain.engine.restore import load_for_inference
+from segtrain.engine.runtime import autocast, cudnn_autotuning, resolve_amp
 from segtrain.errors import ConfigError, DataError
 from segtrain.visualize import colorize, make_palette, overlay
 

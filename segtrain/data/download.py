@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
+from segtrain.progress import progress_enabled
 
 CHUNK = 1 << 20
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,10 +90,15 @@ class TrainStream(Sampler):
             position += self.world_size
 
 
-def _seed_worker(worker_id: int) -> None:
-    from segtrain.engine.preemption import ignore_termination_signals
+def ignore_termination_signals() -> None:
+    """For data-loader workers: the main process decides when to stop (after checkpointing, see
+    segtrain.engine.preemption) and then stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    ignore_termination_signals()  # the main process checkpoints and stops the workers itself
+
+def _seed_worker(worker_id: int) -> None:
+    ignore_termination_signals()
     # Augmentation is seeded per sample; this only pins any other library randomness in workers.
     seed = torch.initial_seed() % 2**32
     random.seed(seed)

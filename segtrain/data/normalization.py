@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from segtrain.config import NORMALIZATION_KEYS
 from segtrain.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Keys of a backbone node that describe its weights' input statistics, not constructor arguments.
-NORMALIZATION_KEYS = ("mean", "std")
 TIMM_TARGET = "segtrain.models.backbones.timm_encoder.TimmBackbone"
 
 

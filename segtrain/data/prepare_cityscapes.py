@@ -15,8 +15,8 @@ from tqdm import tqdm
 from segtrain.data.cityscapes import LABEL_TO_TRAIN
 from segtrain.data.dataset import read_mask
 from segtrain.data.download import extract
-from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
+from segtrain.progress import progress_enabled
 
 ARCHIVES = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
 DOWNLOAD_PAGE = "https://www.cityscapes-dataset.com/downloads/"

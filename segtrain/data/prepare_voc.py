@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from segtrain.data.dataset import read_split_file
 from segtrain.data.download import download, extract, verify
-from segtrain.engine.runtime import progress_enabled
 from segtrain.errors import DataError
+from segtrain.progress import progress_enabled
 from segtrain.visualize import make_palette
 
 log = logging.getLogger(__name__)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 import torch
 
 from segtrain.errors import CheckpointWriteError, WeightsError
+from segtrain.weights_file import load_weights_file, nonfinite_tensor
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +54,6 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         os.close(dir_fd)
 
 
-def unpickling_culprit(exc: Exception) -> str:
-    """What PyTorch's weights_only loader refused, in one plain line (its message is a paragraph,
-    sometimes with terminal colour codes)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return f"it names the Python global {found.group(1)}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:200] if lines else "it needs arbitrary unpickling"
-
-
 LOW_SPACE_BYTES = 64 * 2**20
 
 
@@ -88,19 +76,11 @@ def write_failure_reason(exc: BaseException, directory: Path) -> str:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with weights_only=True: nothing in the file can run code."""
+    """Read a checkpoint (segtrain.weights_file: nothing in the file can run code) and check its entries."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"refusing to load {path}: it is not a plain segtrain checkpoint ({unpickling_culprit(exc)}; "
-            "loading it could run code)"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign files raise many types
-        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    state = load_weights_file(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise WeightsError(f"{path} is not a segtrain checkpoint (no 'model' and 'config' entries)")
     if not isinstance(state["model"], dict):
@@ -209,14 +189,3 @@ def resume_candidates(run_dir: Path) -> list[Path]:
     """The files `resume=auto` tries, newest first: periodic checkpoints, then last.pt (not best.pt)."""
     ckpt_dir = run_dir / CHECKPOINT_DIR
     return [path for path in [*_periodic(ckpt_dir), ckpt_dir / "last.pt"] if path.is_file()]
-
-
-def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding NaN or infinity (one host sync in all)."""
-    floats = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floats:
-        return None
-    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
-    if bool(finite.all()):
-        return None
-    return floats[int((~finite).nonzero()[0])][0]

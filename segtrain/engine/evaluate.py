@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,8 +13,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segtrain.engine.inference import InferenceSettings, infer
-from segtrain.engine.runtime import cudnn_autotuning, progress_enabled
+from segtrain.engine.runtime import autocast, cudnn_autotuning
 from segtrain.metrics import ConfusionMatrix
+from segtrain.progress import progress_enabled
 
 
 @dataclass
@@ -27,13 +27,6 @@ class EvalResult:
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     # data.on_error=skip: the problems of the samples left out of the metric (this process's shard).
     skipped: list[str] = field(default_factory=list)
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _batches_by_size(samples: list[dict]) -> list[list[dict]]:

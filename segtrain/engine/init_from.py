@@ -14,13 +14,13 @@ model by name:
 - a model tensor the file lacks keeps its initialisation; a file tensor the model lacks is unused.
 
 A file that matches fewer than half of the model's tensors is refused: it is not this model's.
-The file is untrusted: read with `torch.load(weights_only=True)`, and a NaN or infinity refuses it.
+The file is untrusted: read by segtrain.weights_file (tensors and plain types only), and a NaN or
+infinity refuses it.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from segtrain.engine.checkpoint import nonfinite_tensor, unpickling_culprit
 from segtrain.errors import WeightsError
 from segtrain.models.official import map_official_state_dict
+from segtrain.weights_file import load_weights_file, nonfinite_tensor
 
 log = logging.getLogger("segtrain.train")
 
@@ -74,13 +74,7 @@ def read_weights_file(path: Path) -> Any:
     """The unpickled file, tensors and plain types only: nothing in it can run code."""
     if not path.is_file():
         raise WeightsError(f"init_from={path}: no such file; give a segtrain checkpoint or a state dict (.pt/.pth)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(f"init_from={path}: refusing to load it ({unpickling_culprit(exc)}; loading it could run "
-                           "code); save its state dict alone with torch.save(model.state_dict(), ...)") from None
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign files raise many types
-        raise WeightsError(f"init_from={path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    return load_weights_file(path, setting="init_from")
 
 
 def _tensors(node: Any) -> dict[str, torch.Tensor]:

@@ -43,9 +43,3 @@ class PreemptionHandler:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def ignore_termination_signals() -> None:
-    """For data-loader workers: the main process decides when to stop (after checkpointing)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -23,6 +23,7 @@ from segtrain.errors import ConfigError
 log = logging.getLogger("segtrain.train")
 
 LEGACY_RESNET_TARGET = "segtrain.models.backbones.resnet.ResNetBackbone"
+LEGACY_LOSS_MODULE = "segtrain.engine.losses."
 # Keys that do not change the network a checkpoint's weights belong to (mean/std: the input
 # statistics, compared as the resolved normalisation by check_same_normalization).
 NOT_ARCHITECTURE = {"pretrained", "weights", "mean", "std"}
@@ -42,15 +43,19 @@ def stored_config(state: dict, source: str) -> DictConfig:
 
 
 def upgrade_legacy_config(stored: DictConfig) -> DictConfig:
-    """Configs of checkpoints written before the loss group: `model.aux_weight` became `loss.aux_weight`.
+    """Configs of checkpoints written before the loss group: `model.aux_weight` became `loss.aux_weight`;
+    the losses lived in segtrain.engine.losses before the segtrain.losses package.
     Before ResNets came from timm, they were a `ResNetBackbone` node: the timm build has the same
     module names and the same dilations, so the stored weights load into it unchanged."""
     model = stored.get("model")
     if isinstance(model, DictConfig) and "aux_weight" in model:
         aux_weight = model.pop("aux_weight")
         if stored.get("loss") is None:
-            stored.loss = {"_target_": "segtrain.engine.losses.CrossEntropy", "aux_weight": aux_weight,
+            stored.loss = {"_target_": "segtrain.losses.CrossEntropy", "aux_weight": aux_weight,
                            "class_weights": None}
+    loss = stored.get("loss")
+    if isinstance(loss, DictConfig) and str(loss.get("_target_", "")).startswith(LEGACY_LOSS_MODULE):
+        loss._target_ = "segtrain.losses." + loss._target_[len(LEGACY_LOSS_MODULE):]
     backbone = stored.get("backbone")
     if isinstance(backbone, DictConfig) and backbone.get("_target_") == LEGACY_RESNET_TARGET:
         backbone._target_ = "segtrain.models.backbones.timm_encoder.TimmBackbone"
@@ -96,10 +101,10 @@ def _resolve_auto(model: dict[str, Any], backbone: Any) -> dict[str, Any]:
     """DeepLab's `separable: auto` stands for what it resolves to with that side's backbone."""
     if model.get("separable") != "auto":
         return model
-    from segtrain.models.deeplab import paper_uses_separable
+    from segtrain.models.deeplab import resolve_separable
 
     name = backbone.get("name") if isinstance(backbone, dict) else None
-    return {**model, "separable": paper_uses_separable(str(name or ""))}
+    return {**model, "separable": resolve_separable("auto", str(name or ""))}
 
 
 def check_same_network(stored: DictConfig, cfg: DictConfig, source: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -69,6 +68,14 @@ def resolve_runtime(trainer: object, device: torch.device | None = None) -> Runt
                    bool(getattr(trainer, "compile", False)))
 
 
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for a resolved trainer.amp (off, bf16, fp16) on `device`."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @contextlib.contextmanager
 def cudnn_autotuning(enabled: bool) -> Iterator[None]:
     """cuDNN autotuning pays off only for fixed shapes (training crops); for images of varying size
@@ -92,11 +99,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def progress_enabled(requested: bool) -> bool:
-    """Progress bars only on an interactive terminal; logs and CI get plain log lines."""
-    return bool(requested) and sys.stderr.isatty()
 
 
 def stop_worker_processes() -> None:

@@ -23,12 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from segtrain.engine.compile import RegionalCompile
 from segtrain.engine.distributed import DistContext, all_reduce_sum
-from segtrain.engine.evaluate import autocast
-from segtrain.engine.losses import SegmentationLoss
 from segtrain.engine.optim import build_optimizer
-from segtrain.engine.runtime import Runtime
+from segtrain.engine.runtime import Runtime, autocast
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
+from segtrain.losses import SegmentationLoss
 
 log = logging.getLogger("segtrain.train")
 
@@ -93,7 +92,7 @@ def auxiliary_outputs(model: nn.Module) -> tuple[str, ...]:
 def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int) -> SegmentationLoss:
     loss = instantiate_checked("loss", cfg.loss, num_classes=num_classes, ignore_index=ignore_index)
     if not isinstance(loss, SegmentationLoss):
-        raise ConfigError(f"loss._target_={cfg.loss._target_!r} is not a segtrain.engine.losses.SegmentationLoss")
+        raise ConfigError(f"loss._target_={cfg.loss._target_!r} is not a segtrain.losses.SegmentationLoss")
     return loss
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from segtrain.data.normalization import NORMALIZATION_KEYS
+from segtrain.config import NORMALIZATION_KEYS
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone
-from segtrain.models.heads.aspp import ASPP, conv3x3_bn_relu, conv_bn_relu, scaled_rates
+from segtrain.models.heads.aspp import ASPP, scaled_rates
+from segtrain.models.heads.blocks import conv3x3_bn_relu, conv_bn_relu
 from segtrain.models.resize import resize_to
 from segtrain.models.segmentor import Segmentor, check_dropout
 

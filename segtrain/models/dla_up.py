@@ -16,7 +16,7 @@ from torch import nn
 
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone
-from segtrain.models.heads.aspp import conv_bn_relu
+from segtrain.models.heads.blocks import conv_bn_relu
 from segtrain.models.heads.upsample import bilinear_upsampler
 from segtrain.models.segmentor import Segmentor
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.base import Backbone
-from segtrain.models.heads.aspp import conv_bn_relu
+from segtrain.models.heads.blocks import conv_bn_relu
 from segtrain.models.resize import resize_to
 from segtrain.models.segmentor import Segmentor
 

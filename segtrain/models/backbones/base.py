@@ -12,6 +12,7 @@ from torch import nn
 
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.models.official import official_backbone_state
+from segtrain.weights_file import load_weights_file
 
 
 class Backbone(nn.Module):
@@ -32,17 +33,11 @@ class Backbone(nn.Module):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weight file safely (tensors and plain types only) and unwrap common containers."""
+    """Read a weight file (segtrain.weights_file: tensors and plain types only) and unwrap common containers."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"backbone.weights: file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure here means the same thing to the user
-        raise WeightsError(
-            f"cannot read weights from {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
-            "Only files of tensors and plain types are accepted (torch.load(weights_only=True))."
-        ) from None
+    obj = load_weights_file(path, setting="backbone.weights")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

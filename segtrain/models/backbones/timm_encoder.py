@@ -16,18 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, first_line
 from segtrain.models.backbones.base import Backbone, load_backbone_weights
 from segtrain.models.backbones.weights import require_timm_weights, timm_download_error
 
 # Keys of a full timm checkpoint that a features_only model lacks (heads and classifiers).
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.", "incre_modules.", "downsamp_modules.",
                        "final_layer.")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 class TimmBackbone(Backbone):
@@ -76,15 +71,15 @@ class TimmBackbone(Backbone):
             self.net = _features_model(name, download, kwargs)
         except TypeError as exc:
             raise ConfigError(f"backbone: timm model {name!r} does not accept the options {kwargs}: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(str(exc))}") from None
         except (IndexError, KeyError, AssertionError) as exc:
             # timm indexes its stage list with out_indices and asserts on an output_stride it cannot dilate to.
-            raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs} ({type(exc).__name__}: "
-                              f"{_first_line(exc)}); check backbone.out_indices and backbone.output_stride") from None
+            raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs} ({first_line(exc)}); "
+                              "check backbone.out_indices and backbone.output_stride") from None
         except (OSError, RuntimeError, ValueError) as exc:
             if download:
                 raise timm_download_error(name, exc) from None
-            raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs}: {_first_line(exc)}") from None
+            raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs}: {first_line(str(exc))}") from None
         self._layout_renames = hook_layout_renames(self.net)
         if self._layout_renames:
             self.register_load_state_dict_pre_hook(self._rename_legacy_keys)

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from segtrain.errors import ConfigError, WeightsError
+from segtrain.errors import ConfigError, WeightsError, first_line
 
 if TYPE_CHECKING:
     from timm.models import PretrainedCfg
@@ -54,11 +54,6 @@ def host_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 def torch_hub_file(url: str) -> Path:
     """Where torch.hub keeps the file of `url`: <torch hub dir>/checkpoints/<file name>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no details'}"
 
 
 def _unavailable(name: str, problem: str, remedy: str, file_name: str) -> WeightsError:
@@ -109,7 +104,7 @@ def load_url_weights(url: str, name: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - network and file failures come in many types
         if cached.is_file():
             raise WeightsError(
-                f"cannot read the ImageNet weights of {name} from {cached} ({_first_line(exc)}). "
+                f"cannot read the ImageNet weights of {name} from {cached} ({first_line(exc)}). "
                 "Delete it and download it again."
             ) from None
         if "invalid hash value" in str(exc):  # torch.hub's check_hash; it keeps nothing then
@@ -117,7 +112,7 @@ def load_url_weights(url: str, name: str) -> dict[str, torch.Tensor]:
                 f"the download of {url} does not match the SHA-256 prefix in its name, so nothing was written to "
                 f"{cached}. Download it again (run again, or fetch it yourself and put it there)."
             ) from None
-        raise _unavailable(name, f"could not be downloaded ({_first_line(exc)})", _url_remedy(url, cached),
+        raise _unavailable(name, f"could not be downloaded ({first_line(exc)})", _url_remedy(url, cached),
                            cached.name) from None
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
@@ -184,5 +179,5 @@ def require_timm_weights(name: str) -> None:
 def timm_download_error(name: str, exc: BaseException) -> WeightsError:
     """timm.create_model(pretrained=True) failed after `require_timm_weights` passed (a download cut off, say)."""
     cfg = _timm_pretrained_cfg(name)
-    return _unavailable(f"timm model {name!r}", f"could not be downloaded ({_first_line(exc)})",
+    return _unavailable(f"timm model {name!r}", f"could not be downloaded ({first_line(exc)})",
                         _timm_remedy(name, cfg), _timm_file_name(name, cfg))

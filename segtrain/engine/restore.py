@@ -1,37 +1,28 @@
-"""`segtrain eval ckpt=PATH`: rebuild the model from the checkpoint's own config and score a split."""
+"""A checkpoint back to a network: its stored config with the command line applied, and the model
+with its trained weights (eval, predict, export and info start here).
+
+The stored config is untrusted: its `_target_`s are checked before anything is imported, and the
+network (model and backbone) stays the checkpoint's; the command line may change everything else.
+"""
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
 from segtrain.config import CommonConfig
-from segtrain.data.loading import build_dataset, eval_loader
-from segtrain.data.normalization import normalization
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.ema import inference_weights
-from segtrain.engine.evaluate import evaluate
-from segtrain.engine.inference import InferenceSettings
-from segtrain.engine.lock import refuse_used_eval_dir
-from segtrain.engine.report import class_table, format_table, write_metrics
 from segtrain.engine.resume import NOT_ARCHITECTURE, stored_config
-from segtrain.engine.runtime import resolve_amp, resolve_device
+from segtrain.engine.runtime import resolve_device
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.instantiate import check_stored_targets
 from segtrain.keys import check_effective
 from segtrain.models import backbone_for_inference, build_model
-from segtrain.visualize import colorize, confusion_matrix_image, make_palette
-
-log = logging.getLogger("segtrain.eval")
 
 GROUPS = ("model", "backbone", "dataset", "loss", "optimizer", "schedule")
 # The eval keys a protocol (conf/protocol/) sets: `protocol=NAME` replaces these in the checkpoint's config.
@@ -167,70 +158,3 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
                            f"{detail[min(1, len(detail) - 1)]}") from None
     model.to(device).eval()
     return LoadedModel(cfg, model, state, device, class_names)
-
-
-def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
-    refuse_used_eval_dir(run_dir)
-    loaded = load_for_inference(composed, overrides)
-    cfg, class_names, state = loaded.cfg, loaded.class_names, loaded.state
-    ckpt = Path(composed.ckpt)
-    amp = resolve_amp(cfg.trainer.amp, loaded.device)
-    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, normalize=normalization(cfg),
-                            on_error=cfg.data.on_error, max_pixels=cfg.data.max_image_pixels)
-    loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")
-    palette = make_palette(cfg.dataset.palette, len(class_names))
-    save = None
-    if cfg.eval.save_predictions:
-        (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
-
-        def save(sample: dict, prediction: np.ndarray) -> None:
-            stem = Path(dataset.samples[sample["index"]][0]).stem
-            cv2.imwrite(str(run_dir / "predictions" / f"{stem}.png"),
-                        cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
-
-    log.info("evaluating %s (iteration %s) on %s/%s: %d images at full resolution, mode %s, scales %s, "
-             "flip %s%s", ckpt, state.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset),
-             settings.mode, list(settings.scales), settings.flip,
-             f", output stride {cfg.eval.output_stride}" if cfg.eval.output_stride else "")
-    result = evaluate(loaded.model, loader, len(class_names), loaded.device, amp, cfg.dataset.ignore_index,
-                      settings, progress=cfg.logging.progress, on_prediction=save)
-    metrics = result.metrics
-    extra = {
-        "checkpoint": str(ckpt),
-        "iteration": state.get("iteration"),
-        "dataset": cfg.dataset.name,
-        "split": cfg.eval.split,
-        "num_images": len(dataset),
-        "protocol": {"mode": settings.mode, "crop_size": settings.crop_size, "stride": settings.stride,
-                     "scales": list(settings.scales), "flip": settings.flip,
-                     "output_stride": cfg.eval.output_stride},
-        "seconds_per_image": result.seconds_per_image,
-        "skipped_samples": result.skipped,
-    }
-    write_metrics(run_dir, metrics, class_names, extra)
-    matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
-    cv2.imwrite(str(run_dir / "confusion_matrix.png"), cv2.cvtColor(matrix_image, cv2.COLOR_RGB2BGR))
-    table = format_table(metrics, class_names)  # TensorBoard's text tab holds the full table at any length
-    if cfg.logging.tensorboard:
-        with SummaryWriter(str(run_dir)) as writer:
-            step = int(state.get("iteration") or 0)
-            # The tags of training's validation (val/mIoU, val_iou/<class>) with eval/ in place of val/.
-            for key, tag in (("miou", "eval/mIoU"), ("pixel_acc", "eval/pixel_acc"), ("mean_acc", "eval/mean_acc")):
-                writer.add_scalar(tag, metrics[key], step)
-            for name, iou in zip(class_names, metrics["iou"]):
-                if not math.isnan(iou):
-                    writer.add_scalar(f"eval_iou/{name}", iou, step)
-            writer.add_text("eval/per_class_iou", "    " + table.replace("\n", "\n    "), step)
-            writer.add_image("eval/confusion_matrix", matrix_image, step, dataformats="HWC")
-    print(class_table(metrics, class_names, csv_path=run_dir / "per_class_iou.csv"))
-    logged = state.get("best_miou")
-    note = f" (checkpoint's recorded val mIoU {logged:.4f})" if isinstance(logged, float) and logged >= 0 else ""
-    for problem in result.skipped:
-        log.warning("data.on_error=skip: left out of the metric: %s", problem)
-    if result.skipped:
-        note += f"; {len(result.skipped)} unusable images left out (data.on_error=skip, listed in metrics.json)"
-    print(f"mIoU {metrics['miou']:.4f} on {cfg.dataset.name}/{cfg.eval.split}{note}; "
-          f"{result.seconds_per_image * 1000:.1f} ms per image")
-    print(f"wrote {run_dir / 'metrics.json'}, per_class_iou.csv and confusion_matrix.png")
-    return metrics

@@ -1,16 +1,4 @@
-"""Segmentation losses: the `loss` config group (conf/loss/), one class per loss.
-
-A loss sees the model's outputs (`{"out": ..., plus the auxiliary outputs the model declares in
-training}`) and the target, and returns a scalar. The main output counts fully, every auxiliary
-output with `aux_weight` (PSPNet's FCN head on layer3: 0.4 in the paper).
-
-Global-batch normalisation: a loss is `total(pass) / normalizer`, where `total` is what one forward
-pass contributes and `normalizer(target)` is computable from the target alone, before the forward
-pass. The training step sums `normalizer` over every pass of the global batch (accumulation steps
-and processes) and divides each pass's total by that sum, so any split of the batch gives the loss,
-and the gradient, of one big batch. Called without a normalizer, a loss is the plain mean over its
-own input.
-"""
+"""Pixel-wise cross-entropy and its online-hard-example-mining variant."""
 
 from __future__ import annotations
 
@@ -18,39 +6,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from segtrain.errors import ConfigError
-
-
-class SegmentationLoss(nn.Module):
-    """Base class: `pass_total` and `normalizer` define a loss; `forward` adds the auxiliary terms."""
-
-    def __init__(self, num_classes: int, ignore_index: int = 255, aux_weight: float = 0.4) -> None:
-        super().__init__()
-        if aux_weight < 0:
-            raise ConfigError(f"loss.aux_weight must be >= 0, got {aux_weight}")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.aux_weight = float(aux_weight)
-
-    def pass_total(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def normalizer(self, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def forward(
-        self, outputs: dict[str, torch.Tensor], target: torch.Tensor, normalizer: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if normalizer is None:
-            normalizer = self.normalizer(target).clamp(min=1e-12)
-        loss = self.pass_total(outputs["out"], target)
-        if self.aux_weight > 0:
-            for key, logits in outputs.items():
-                if key != "out":
-                    loss = loss + self.aux_weight * self.pass_total(logits, target)
-        return loss / normalizer
+from segtrain.losses.base import SegmentationLoss
 
 
 def _class_weights(class_weights: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
