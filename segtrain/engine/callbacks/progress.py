@@ -17,8 +17,8 @@ from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.distributed import all_reduce_sum
 from segtrain.engine.logger import PROGRESS_RECORD, Throughput, console_above_bar, format_eta
 from segtrain.engine.run import Run
-from segtrain.engine.runtime import progress_enabled
 from segtrain.engine.step import StepResult
+from segtrain.progress import progress_enabled
 
 log = logging.getLogger("segtrain.train")
 
