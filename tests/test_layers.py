@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import segtrain
 
 PACKAGE = Path(segtrain.__file__).resolve().parent
@@ -84,8 +82,6 @@ def _engine_reading_hydra_state() -> dict[str, list[str]]:
     return {path: names for path, names in offending.items() if names}
 
 
-@pytest.mark.xfail(bool(_engine_reading_hydra_state()), strict=False,
-                   reason="engine still reads Hydra state in hparams/sweep; removed by the CLI change")
 def test_the_engine_does_not_read_hydra_global_state():
     assert _engine_reading_hydra_state() == {}
 
