@@ -61,7 +61,7 @@ def test_fine_tuning_a_5_class_checkpoint_on_3_classes_reinitialises_only_the_cl
     assert [h["iteration"] for h in result["history"]] == [1, 2, 3]
     assert result["history"][0]["lr"] == pytest.approx(cfg.optimizer.lr)
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert saved["class_names"] == ["sky", "road", "car"] and saved["iteration"] == 3
+    assert saved["class_names"] == ["sky", "road", "car"] and saved["train_state"]["iteration"] == 3
     assert f"init_from: {shapes_checkpoint}" in saved["config"]
     overrides = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"]  # the stored init_from is not eval's
     assert load_for_inference(compose_config("eval", overrides), overrides).class_names == ["sky", "road", "car"]
@@ -225,7 +225,7 @@ def test_ema_resumes_exactly(tmp_path, shapes_root):
     train(compose_config("train", tiny_overrides(shapes_root, **values) + ["resume=auto"]), resumed_dir)
     full = load_checkpoint(full_dir / "checkpoints" / "last.pt")
     resumed = load_checkpoint(resumed_dir / "checkpoints" / "last.pt")
-    assert resumed["iteration"] == 4
+    assert resumed["train_state"]["iteration"] == 4
     for key in ("model", "ema"):
         assert full[key].keys() == resumed[key].keys()
         for name in full[key]:

@@ -243,8 +243,8 @@ def test_export_onnx_is_one_file_with_metadata_and_matches_pytorch(tmp_path, dem
     assert (metadata["input_layout"], metadata["input_channels"], metadata["input_dtype"]) == ("NCHW", "RGB",
                                                                                              "float32")
     assert metadata["segtrain_version"] == segtrain_package.__version__
-    assert int(metadata["iteration"]) == state["iteration"]
-    assert float(metadata["best_val_miou"]) == pytest.approx(state["best_miou"], abs=1e-6)
+    assert int(metadata["iteration"]) == state["train_state"]["iteration"]
+    assert float(metadata["best_val_miou"]) == pytest.approx(state["train_state"]["best_miou"], abs=1e-6)
     assert int(metadata["best_iteration"]) == state["train_state"]["best_iteration"]
 
     overrides = [f"ckpt={demo_checkpoint}"]

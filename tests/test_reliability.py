@@ -42,7 +42,7 @@ def finish(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert state["iteration"] == MAX_ITERS
+    assert state["train_state"]["iteration"] == MAX_ITERS
     return state["model"]
 
 
@@ -106,7 +106,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_identically(tmp_path, shapes_
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr
     assert "stopped by SIGTERM after iteration" in stderr and "resume=auto" in stderr
-    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"]
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["iteration"]
     assert 5 <= stopped_at < MAX_ITERS
     resumed = finish([*args, "resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -185,7 +185,7 @@ def test_nan_loss_stops_naming_iteration_lr_and_last_good_checkpoint(tmp_path, s
     assert "non-finite loss at iteration 5 (lr " in message
     assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'last.pt'}" in message
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert state["iteration"] == 4  # nothing saved after the NaN
+    assert state["train_state"]["iteration"] == 4  # nothing saved after the NaN
     assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
 
 
@@ -229,7 +229,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, shapes_root, monkeypa
     with pytest.raises(CheckpointWriteError, match="No space left on device.*intact"):
         train(cfg, tmp_path)
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 3
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train_state"]["iteration"] == 3
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
 

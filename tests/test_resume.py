@@ -74,7 +74,7 @@ def test_non_finite_buffers_are_never_saved(tmp_path, shapes_root, monkeypatch):
     with pytest.raises(TrainingStopped, match=r"non-finite values \(NaN or infinity\) in backbone\.net\.bn1\."
                                               r"running_var at iteration 4: not saved"):
         _run(shapes_root, tmp_path)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train_state"]["iteration"] == 2
 
 
 def test_loading_a_checkpoint_with_a_nan_tensor_names_it(tmp_path, shapes_root):
@@ -92,11 +92,11 @@ def test_resume_auto_prefers_the_newest_complete_checkpoint_and_cleans_up(tmp_pa
     ckpt = tmp_path / "checkpoints"
     # A kill between writing iter_6 and re-linking last.pt: last.pt is stale, iter_6 complete.
     state = load_checkpoint(ckpt / "iter_0000004.pt")
-    state["iteration"] = state["train_state"]["iteration"] = 6
+    state["train_state"]["iteration"] = 6
     torch.save(state, ckpt / "iter_0000006.pt")
     (ckpt / ".iter_0000008.pt.abc123.tmp").write_bytes(b"partial")
     path, found = find_resume_checkpoint(tmp_path)
-    assert path.name == "iter_0000006.pt" and found["iteration"] == 6
+    assert path.name == "iter_0000006.pt" and found["train_state"]["iteration"] == 6
     assert not list(ckpt.glob(".*.tmp"))
 
 
@@ -119,42 +119,16 @@ def test_best_pt_is_only_replaced_by_a_better_miou(tmp_path, shapes_root):
         if path.name != "best.pt":
             path.unlink()
     best_path = tmp_path / "b" / "checkpoints" / "best.pt"
-    assert load_checkpoint(best_path)["best_miou"] == first["best_miou"]
+    assert load_checkpoint(best_path)["train_state"]["best_miou"] == first["best_miou"]
     # Stand in for a well-trained best.pt: a score no 1-iteration run of this tiny model reaches (the
     # tiny runs can tie, so the score is raised rather than earned by training longer).
     state = load_checkpoint(best_path)
-    state["best_miou"] = first["best_miou"] + 0.5
+    state["train_state"]["best_miou"] = first["best_miou"] + 0.5
     torch.save(state, best_path)
     before = best_path.read_bytes()
     worse = _run(shapes_root, tmp_path / "b", **{"trainer.max_iters": 1, "trainer.val_interval": 1})
     assert worse["best_miou"] < first["best_miou"] + 0.5
     assert best_path.read_bytes() == before
-
-
-def test_a_checkpoint_written_before_the_engine_redesign_resumes(tmp_path, shapes_root):
-    """Legacy layout: a ResNetBackbone node, model.aux_weight, optimizer/schedule by name, a scheduler
-    entry, no train_state and no data fingerprint."""
-    import yaml
-
-    _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
-    path = tmp_path / "checkpoints" / "last.pt"
-    state = load_checkpoint(path)
-    config = yaml.safe_load(state["config"])
-    config["backbone"] = {"_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": "resnet18",
-                          "output_stride": 16, "pretrained": False, "weights": None}
-    config["model"]["aux_weight"] = 0.0
-    config["optimizer"] = {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "head_lr_mult": 1.0}
-    config["schedule"] = {"name": "poly", "power": 0.9}
-    config.pop("loss")
-    state["config"] = yaml.safe_dump(config)
-    state["scheduler"] = {"last_epoch": 2}
-    for key in ("train_state", "data_fingerprint"):
-        state.pop(key)
-    torch.save(state, path)
-    for other in (tmp_path / "checkpoints").glob("iter_*.pt"):
-        other.unlink()
-    result = _run(shapes_root, tmp_path, "resume=auto")
-    assert [h["iteration"] for h in result["history"]] == [3, 4]
 
 
 def test_resume_with_another_optimizer_starts_its_state_fresh(tmp_path, shapes_root, caplog):

@@ -22,7 +22,6 @@ from segtrain.errors import ConfigError
 
 log = logging.getLogger("segtrain.train")
 
-LEGACY_RESNET_TARGET = "segtrain.models.backbones.resnet.ResNetBackbone"
 # Keys that do not change the network a checkpoint's weights belong to (mean/std: the input
 # statistics, compared as the resolved normalisation by check_same_normalization).
 NOT_ARCHITECTURE = {"pretrained", "weights", "mean", "std"}
@@ -31,30 +30,13 @@ CHANGEABLE = ("loss", "optimizer", "schedule", "trainer")
 
 
 def stored_config(state: dict, source: str) -> DictConfig:
-    """The config text of a checkpoint, parsed (not resolved, not instantiated) and upgraded."""
+    """The config text of a checkpoint, parsed (not resolved, not instantiated)."""
     try:
         stored = OmegaConf.create(state["config"])
     except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted text
         raise ConfigError(f"the config stored in {source} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(stored, DictConfig):
         raise ConfigError(f"the config stored in {source} is not a mapping")
-    return upgrade_legacy_config(stored)
-
-
-def upgrade_legacy_config(stored: DictConfig) -> DictConfig:
-    """Configs of checkpoints written before the loss group: `model.aux_weight` became `loss.aux_weight`.
-    Before ResNets came from timm, they were a `ResNetBackbone` node: the timm build has the same
-    module names and the same dilations, so the stored weights load into it unchanged."""
-    model = stored.get("model")
-    if isinstance(model, DictConfig) and "aux_weight" in model:
-        aux_weight = model.pop("aux_weight")
-        if stored.get("loss") is None:
-            stored.loss = {"_target_": "segtrain.engine.losses.CrossEntropy", "aux_weight": aux_weight,
-                           "class_weights": None}
-    backbone = stored.get("backbone")
-    if isinstance(backbone, DictConfig) and backbone.get("_target_") == LEGACY_RESNET_TARGET:
-        backbone._target_ = "segtrain.models.backbones.timm_encoder.TimmBackbone"
-        backbone.out_indices = [1, 2, 3, 4]
     return stored
 
 
