@@ -8,6 +8,7 @@ import torch
 
 from conftest import compose_config, tiny_overrides
 from segtrain.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+from segtrain.engine.resume import check_same_data
 from segtrain.engine.schedules import poly_lr
 from segtrain.engine.trainer import Trainer, train
 from segtrain.errors import ConfigError, TrainingStopped, WeightsError
@@ -56,6 +57,13 @@ def test_a_different_training_set_is_refused(tmp_path, shapes_root):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
     with pytest.raises(ConfigError, match="was trained on a different training set .* start a new run directory"):
         _run(shapes_root, tmp_path, "resume=auto", **{"dataset.source.num_train": 12})
+
+
+def test_a_checkpoint_without_a_data_fingerprint_is_not_resumed():
+    fingerprint = {"count": 2, "sha256": "0" * 64}
+    with pytest.raises(WeightsError, match=r"^last.pt cannot be resumed: it records no training set .* init_from="):
+        check_same_data(None, fingerprint, "last.pt")
+    check_same_data(dict(fingerprint), fingerprint, "last.pt")
 
 
 def test_non_finite_buffers_are_never_saved(tmp_path, shapes_root, monkeypatch):

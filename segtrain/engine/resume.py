@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, WeightsError
 
 log = logging.getLogger("segtrain.train")
 
@@ -147,7 +147,11 @@ def _relative(path: str | Path, base: Path) -> str:
 
 
 def check_same_data(saved: dict | None, current: dict, source: str) -> None:
-    if not saved or saved == current:
+    """`saved`: the checkpoint's `data_fingerprint`; every training checkpoint records one."""
+    if not isinstance(saved, dict):
+        raise WeightsError(f"{source} cannot be resumed: it records no training set ('data_fingerprint'); start a "
+                           f"new run directory, with init_from={source} to start from its weights")
+    if saved == current:
         return
     raise ConfigError(
         f"{source} was trained on a different training set ({saved.get('count')} samples, fingerprint "
