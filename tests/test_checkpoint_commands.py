@@ -24,8 +24,9 @@ def checkpoint(tmp_path_factory) -> Path:
     cfg = compose_config("train", tiny_overrides(folder / "shapes"))
     model = build_model(cfg.model, cfg.backbone, len(cfg.dataset.class_names))
     path = folder / "best.pt"
-    torch.save({"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True), "iteration": 6,
-                "best_miou": 0.25, "class_names": list(cfg.dataset.class_names)}, path)
+    torch.save({"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True),
+                "train_state": {"iteration": 6, "best_miou": 0.25}, "class_names": list(cfg.dataset.class_names)},
+               path)
     return path
 
 

@@ -91,14 +91,3 @@ def test_hrnet_cityscapes_experiment_trains_with_the_official_class_weights():
     loss = build_loss(cfg, len(cfg.dataset.class_names), cfg.dataset.ignore_index)
     assert cfg.dataset.class_names[0] == "road" and cfg.dataset.class_names[-1] == "bicycle"
     assert torch.allclose(loss.class_weights, torch.tensor(HRNET_CITYSCAPES_WEIGHTS))
-
-
-def test_a_checkpoint_config_naming_the_old_loss_module_reads_as_the_losses_package():
-    """Checkpoints written before segtrain.losses name segtrain.engine.losses; resume compares them as equal."""
-    from omegaconf import OmegaConf
-
-    from segtrain.engine.resume import upgrade_legacy_config
-
-    for name in ("CrossEntropy", "OhemCrossEntropy"):
-        stored = OmegaConf.create({"loss": {"_target_": f"segtrain.engine.losses.{name}", "aux_weight": 0.4}})
-        assert upgrade_legacy_config(stored).loss._target_ == f"segtrain.losses.{name}"

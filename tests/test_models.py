@@ -69,9 +69,8 @@ def test_backbone_names_take_timm_pretrained_tags():
 
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_resnet_from_timm_computes_what_torchvisions_dilated_resnet_did(output_stride):
-    """segtrain's ResNet-50 came from torchvision (replace_stride_with_dilation): the timm build has its
-    module names, so torchvision-format weights and old checkpoints load, and its dilations, so they
-    compute the same features."""
+    """The timm ResNet-50 has torchvision's module names, so torchvision-format weights load, and the
+    dilations of torchvision's replace_stride_with_dilation, so they compute the same features."""
     import torchvision
 
     torch.manual_seed(0)
@@ -91,19 +90,6 @@ def test_resnet_from_timm_computes_what_torchvisions_dilated_resnet_did(output_s
         for layer, feature in zip(layers, backbone(x)):
             y = layer(y)
             assert torch.equal(feature, y)
-
-
-def test_checkpoint_of_a_torchvision_resnet_config_rebuilds_through_timm():
-    """Checkpoints written when ResNets came from torchvision name `ResNetBackbone` in their config."""
-    from segtrain.engine.resume import upgrade_legacy_config
-
-    stored = OmegaConf.create({"model": MODEL, "backbone": {
-        "_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": "resnet50", "output_stride": 8,
-        "pretrained": False, "weights": None}})
-    upgraded = upgrade_legacy_config(stored)
-    model = build_model(upgraded.model, upgraded.backbone, 3)
-    assert model.backbone.strides == [4, 8, 8, 8]
-    model.load_state_dict(_model("resnet50", 8).state_dict(), strict=True)
 
 
 def test_resize_is_bilinear_interpolation_in_training_and_inference():

@@ -11,13 +11,12 @@ from PIL import Image
 from conftest import compose_config
 from segtrain.cli import config_dir
 from segtrain.data.loading import build_dataset
-from segtrain.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalization
-from segtrain.engine.restore import checkpoint_config
+from segtrain.data.normalization import normalization
 from segtrain.engine.resume import check_same_normalization
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
 
-IMAGENET = (list(IMAGENET_MEAN), list(IMAGENET_STD))
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 TIMM_TARGET = "segtrain.models.backbones.timm_encoder.TimmBackbone"
 
 
@@ -80,31 +79,25 @@ def test_the_tensor_reaching_the_xception65_backbone_lies_in_minus_one_to_one(tm
     assert seen[0].min() == -1.0 and seen[0].max() == 1.0
 
 
-def _stored_state(cfg) -> dict:
-    return {"config": OmegaConf.to_yaml(cfg)}
-
-
-def test_a_checkpoint_from_before_backbone_statistics_evaluates_with_imagenet_ones():
+def test_backbone_statistics_left_out_resolve_like_null_ones():
     cfg = compose_config("train", ["experiment=deeplabv3plus_xception65_voc"])
-    old = OmegaConf.to_container(cfg)
-    old["backbone"] = {k: v for k, v in old["backbone"].items() if k not in ("mean", "std")}
-    old["backbone"]["name"] = "xception65"
-    explicit = {**old, "dataset": {**old["dataset"], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
-    absent = {**old, "dataset": {k: v for k, v in old["dataset"].items() if k not in ("mean", "std")}}
-    overrides = ["ckpt=old.pt"]
-    composed = compose_config("eval", overrides)
-    for stored in (explicit, absent):
-        rebuilt = checkpoint_config(_stored_state(OmegaConf.create(stored)), composed, overrides)
-        assert normalization(rebuilt) == IMAGENET
-    new = checkpoint_config(_stored_state(cfg), composed, overrides)
-    assert normalization(new) == ([0.5] * 3, [0.5] * 3)
+    absent = OmegaConf.create(OmegaConf.to_container(cfg))
+    absent.backbone.pop("mean")
+    absent.backbone.pop("std")
+    assert normalization(absent) == ([0.5] * 3, [0.5] * 3)  # timm's pretrained_cfg for xception65.tf_in1k
+    drn = OmegaConf.create(OmegaConf.to_container(compose_config("train", ["backbone=drn_d_22"])))
+    drn.backbone.pop("mean")
+    drn.backbone.pop("std")
+    with pytest.raises(ConfigError, match=r"^backbone.mean/std are null or unset, which only a timm backbone"):
+        normalization(drn)
+    drn.dataset.mean, drn.dataset.std = IMAGENET
+    assert normalization(drn) == IMAGENET
 
 
 def test_resume_refuses_a_different_normalisation():
     cfg = compose_config("train", ["experiment=deeplabv3plus_xception65_voc"])
-    old = OmegaConf.create(OmegaConf.to_container(cfg))
-    old.backbone.pop("mean")
-    old.backbone.pop("std")
+    imagenet = OmegaConf.create(OmegaConf.to_container(cfg))
+    imagenet.backbone.mean, imagenet.backbone.std = IMAGENET
     with pytest.raises(ConfigError, match=r"dataset.mean=\[0.485, 0.456, 0.406\]"):
-        check_same_normalization(old, cfg, "last.pt")
+        check_same_normalization(imagenet, cfg, "last.pt")
     check_same_normalization(cfg, cfg, "last.pt")

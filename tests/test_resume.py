@@ -8,6 +8,7 @@ import torch
 
 from conftest import compose_config, tiny_overrides
 from segtrain.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+from segtrain.engine.resume import check_same_data
 from segtrain.engine.schedules import poly_lr
 from segtrain.engine.trainer import Trainer, train
 from segtrain.errors import ConfigError, TrainingStopped, WeightsError
@@ -58,6 +59,13 @@ def test_a_different_training_set_is_refused(tmp_path, shapes_root):
         _run(shapes_root, tmp_path, "resume=auto", **{"dataset.source.num_train": 12})
 
 
+def test_a_checkpoint_without_a_data_fingerprint_is_not_resumed():
+    fingerprint = {"count": 2, "sha256": "0" * 64}
+    with pytest.raises(WeightsError, match=r"^last.pt cannot be resumed: it records no training set .* init_from="):
+        check_same_data(None, fingerprint, "last.pt")
+    check_same_data(dict(fingerprint), fingerprint, "last.pt")
+
+
 def test_non_finite_buffers_are_never_saved(tmp_path, shapes_root, monkeypatch):
     from segtrain.engine.step import TrainStep
 
@@ -92,7 +100,7 @@ def test_resume_auto_prefers_the_newest_complete_checkpoint_and_cleans_up(tmp_pa
     ckpt = tmp_path / "checkpoints"
     # A kill between writing iter_6 and re-linking last.pt: last.pt is stale, iter_6 complete.
     state = load_checkpoint(ckpt / "iter_0000004.pt")
-    state["iteration"] = state["train_state"]["iteration"] = 6
+    state["train_state"]["iteration"] = 6
     torch.save(state, ckpt / "iter_0000006.pt")
     (ckpt / ".iter_0000008.pt.abc123.tmp").write_bytes(b"partial")
     path, found = find_resume_checkpoint(tmp_path)
@@ -129,32 +137,6 @@ def test_best_pt_is_only_replaced_by_a_better_miou(tmp_path, shapes_root):
     worse = _run(shapes_root, tmp_path / "b", **{"trainer.max_iters": 1, "trainer.val_interval": 1})
     assert worse.best_miou < first.best_miou + 0.5
     assert best_path.read_bytes() == before
-
-
-def test_a_checkpoint_written_before_the_engine_redesign_resumes(tmp_path, shapes_root):
-    """Legacy layout: a ResNetBackbone node, model.aux_weight, optimizer/schedule by name, a scheduler
-    entry, no train_state and no data fingerprint."""
-    import yaml
-
-    _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
-    path = tmp_path / "checkpoints" / "last.pt"
-    state = load_checkpoint(path)
-    config = yaml.safe_load(state["config"])
-    config["backbone"] = {"_target_": "segtrain.models.backbones.resnet.ResNetBackbone", "name": "resnet18",
-                          "output_stride": 16, "pretrained": False, "weights": None}
-    config["model"]["aux_weight"] = 0.0
-    config["optimizer"] = {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "head_lr_mult": 1.0}
-    config["schedule"] = {"name": "poly", "power": 0.9}
-    config.pop("loss")
-    state["config"] = yaml.safe_dump(config)
-    state["scheduler"] = {"last_epoch": 2}
-    for key in ("train_state", "data_fingerprint"):
-        state.pop(key)
-    torch.save(state, path)
-    for other in (tmp_path / "checkpoints").glob("iter_*.pt"):
-        other.unlink()
-    result = _run(shapes_root, tmp_path, "resume=auto")
-    assert [h["iteration"] for h in result.history] == [3, 4]
 
 
 def test_resume_with_another_optimizer_starts_its_state_fresh(tmp_path, shapes_root, caplog):

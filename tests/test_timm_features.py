@@ -1,4 +1,4 @@
-"""Hook-free timm features: the same maps as timm's hook-based wrapper, and its checkpoints still load."""
+"""Hook-free timm features: the same maps as timm's hook-based wrapper, and plain timm files load."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from timm.models._features import FeatureGetterNet, FeatureHookNet
 
 from conftest import compose_config
+from segtrain.errors import WeightsError
 from segtrain.models import build_backbone
 from segtrain.models.backbones.timm_encoder import TimmBackbone
 
@@ -17,15 +18,18 @@ def _hooks(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize(("output_stride", "out_indices"), [(16, None), (8, [1, 2, 4])])
-def test_xception_features_equal_the_hook_wrapper_under_the_same_weights(output_stride, out_indices):
+def test_xception_features_equal_the_hook_wrapper_under_the_same_weights(tmp_path, output_stride, out_indices):
     kwargs = {"output_stride": output_stride} | ({"out_indices": tuple(out_indices)} if out_indices else {})
     torch.manual_seed(0)
-    hooked = timm.create_model("xception65", features_only=True, **kwargs).eval()
+    weights = tmp_path / "xception65.pth"
+    torch.save(timm.create_model("xception65", output_stride=output_stride).state_dict(), weights)
+    # timm loads the same file into its hook wrapper through its own local-file pretrained source.
+    hooked = timm.create_model("xception65", features_only=True, pretrained=True,
+                               pretrained_cfg_overlay={"file": str(weights)}, **kwargs).eval()
     assert isinstance(hooked, FeatureHookNet) and _hooks(hooked) > 0
-    backbone = TimmBackbone("xception65", output_stride=output_stride, out_indices=out_indices).eval()
+    backbone = TimmBackbone("xception65", output_stride=output_stride, out_indices=out_indices,
+                            weights=str(weights)).eval()
     assert isinstance(backbone.net, FeatureGetterNet) and _hooks(backbone) == 0
-    # The hook wrapper's own (flattened) keys load strictly.
-    backbone.load_state_dict({f"net.{k}": v for k, v in hooked.state_dict().items()}, strict=True)
     assert backbone.channels == hooked.feature_info.channels()
     assert backbone.strides == hooked.feature_info.reduction()
     x = torch.randn(1, 3, 48, 64)
@@ -42,29 +46,28 @@ def test_every_timm_backbone_config_extracts_features_without_hooks(name):
     assert _hooks(backbone) == 0
 
 
-def test_checkpoints_and_weight_files_of_the_hook_layout_load_strictly(tmp_path):
-    from segtrain.models.deeplab import DeepLabV3Plus
-
+def test_timm_weight_files_load_strictly_into_the_getter_layout(tmp_path):
     torch.manual_seed(1)
-    hooked = timm.create_model("xception65", features_only=True, output_stride=16)
-    model = DeepLabV3Plus(TimmBackbone("xception65", output_stride=16), num_classes=3)
-    # A segtrain checkpoint written before the change: FeatureHookNet keys under backbone.net.
-    old = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    old |= {f"backbone.net.{k}": v for k, v in hooked.state_dict().items()}
-    assert "backbone.net.stem_0.conv.weight" in old
-    model.load_state_dict(old, strict=True)
-    assert torch.equal(model.backbone.net.model.stem[0].conv.weight, hooked.stem_0.conv.weight)
-    # backbone.weights= files: timm's own layout (with its classifier) and the old segtrain layout.
     full = timm.create_model("xception65")
-    timm_file, segtrain_file = tmp_path / "timm.pth", tmp_path / "old_segtrain.pth"
-    torch.save(full.state_dict(), timm_file)
-    torch.save({f"net.{k}": v for k, v in hooked.state_dict().items()}, segtrain_file)
+    timm_file = tmp_path / "timm.pth"
+    torch.save(full.state_dict(), timm_file)  # timm's own keys (stem.0.conv.weight), classifier included
     from_timm = TimmBackbone("xception65", output_stride=16, weights=str(timm_file))
     assert torch.equal(from_timm.net.model.blocks[7].stack.conv2.conv_pw.weight,
                        full.blocks[7].stack.conv2.conv_pw.weight)
-    from_old = TimmBackbone("xception65", output_stride=16, weights=str(segtrain_file))
-    assert torch.equal(from_old.net.model.stem[1].conv.weight, hooked.stem_1.conv.weight)
-    # Layers timm prunes after the last tap (out_indices short of the last feature) had unused weights.
-    short = timm.create_model("xception65", features_only=True, out_indices=(0, 1, 2))
-    TimmBackbone("xception65", out_indices=[0, 1, 2]).load_state_dict(
-        {f"net.{k}": v for k, v in short.state_dict().items()}, strict=True)
+    # A file saved from this backbone holds its own keys (net.model.stem.0.conv.weight).
+    own_file = tmp_path / "own.pth"
+    torch.save(from_timm.state_dict(), own_file)
+    reloaded = TimmBackbone("xception65", output_stride=16, weights=str(own_file))
+    assert torch.equal(reloaded.net.model.stem[1].conv.weight, full.stem[1].conv.weight)
+    # Layers timm prunes after the last tap (out_indices short of the last feature) have no place here.
+    short = TimmBackbone("xception65", out_indices=[0, 1, 2], weights=str(timm_file))
+    assert torch.equal(short.net.model.blocks[1].stack.conv1.conv_dw.weight,
+                       full.blocks[1].stack.conv1.conv_dw.weight)
+
+
+def test_a_file_of_timms_hook_wrapper_layout_is_refused(tmp_path):
+    hooked = timm.create_model("xception65", features_only=True, output_stride=16)
+    flattened = tmp_path / "flattened.pth"
+    torch.save({f"net.{k}": v for k, v in hooked.state_dict().items()}, flattened)  # net.stem_0.conv.weight
+    with pytest.raises(WeightsError, match=r"does not match backbone TimmBackbone: missing keys \['net.model.stem"):
+        TimmBackbone("xception65", output_stride=16, weights=str(flattened))

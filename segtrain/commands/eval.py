@@ -13,6 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.data.normalization import normalization
+from segtrain.engine.checkpoint import recorded_train_state
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import refuse_used_eval_dir
@@ -27,7 +28,8 @@ log = logging.getLogger("segtrain.eval")
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     refuse_used_eval_dir(run_dir)
     loaded = load_for_inference(composed, overrides)
-    cfg, class_names, state = loaded.cfg, loaded.class_names, loaded.state
+    cfg, class_names = loaded.cfg, loaded.class_names
+    recorded = recorded_train_state(loaded.state)
     ckpt = Path(composed.ckpt)
     amp = resolve_amp(cfg.trainer.amp, loaded.device)
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
@@ -45,7 +47,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
                         cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
 
     log.info("evaluating %s (iteration %s) on %s/%s: %d images at full resolution, mode %s, scales %s, "
-             "flip %s%s", ckpt, state.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset),
+             "flip %s%s", ckpt, recorded.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset),
              settings.mode, list(settings.scales), settings.flip,
              f", output stride {cfg.eval.output_stride}" if cfg.eval.output_stride else "")
     result = evaluate(loaded.model, loader, len(class_names), loaded.device, amp, cfg.dataset.ignore_index,
@@ -53,7 +55,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     metrics = result.metrics
     extra = {
         "checkpoint": str(ckpt),
-        "iteration": state.get("iteration"),
+        "iteration": recorded.get("iteration"),
         "dataset": cfg.dataset.name,
         "split": cfg.eval.split,
         "num_images": len(dataset),
@@ -69,7 +71,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     table = format_table(metrics, class_names)  # TensorBoard's text tab holds the full table at any length
     if cfg.logging.tensorboard:
         with SummaryWriter(str(run_dir)) as writer:
-            step = int(state.get("iteration") or 0)
+            step = int(recorded.get("iteration") or 0)
             # The tags of training's validation (val/mIoU, val_iou/<class>) with eval/ in place of val/.
             for key, tag in (("miou", "eval/mIoU"), ("pixel_acc", "eval/pixel_acc"), ("mean_acc", "eval/mean_acc")):
                 writer.add_scalar(tag, metrics[key], step)
@@ -79,7 +81,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
             writer.add_text("eval/per_class_iou", "    " + table.replace("\n", "\n    "), step)
             writer.add_image("eval/confusion_matrix", matrix_image, step, dataformats="HWC")
     print(class_table(metrics, class_names, csv_path=run_dir / "per_class_iou.csv"))
-    logged = state.get("best_miou")
+    logged = recorded.get("best_miou")
     note = f" (checkpoint's recorded val mIoU {logged:.4f})" if isinstance(logged, float) and logged >= 0 else ""
     for problem in result.skipped:
         log.warning("data.on_error=skip: left out of the metric: %s", problem)

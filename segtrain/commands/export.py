@@ -23,6 +23,7 @@ from torch import nn
 import segtrain
 from segtrain.commands.quiet import library_output_to_log
 from segtrain.data.normalization import normalization
+from segtrain.engine.checkpoint import recorded_train_state
 from segtrain.engine.restore import LoadedModel, load_for_inference
 from segtrain.errors import ConfigError, SegtrainError, first_line
 from segtrain.visualize import make_palette
@@ -63,8 +64,8 @@ def export_metadata(loaded: LoadedModel) -> dict[str, str]:
     does not record (an mIoU before any validation) are left out."""
     cfg, state = loaded.cfg, loaded.state
     names = loaded.class_names
-    train_state = state.get("train_state") if isinstance(state.get("train_state"), dict) else {}
-    best = _number(train_state.get("best_miou", state.get("best_miou")))
+    train_state = recorded_train_state(state)
+    best = _number(train_state.get("best_miou"))
     mean, std = normalization(cfg)  # as the model was trained: dataset.mean/std, else the backbone's
     values = {
         "class_names": json.dumps(names),
@@ -81,7 +82,7 @@ def export_metadata(loaded: LoadedModel) -> dict[str, str]:
         "model": _target_name(cfg.model),
         "backbone": str(cfg.backbone.get("name") or _target_name(cfg.backbone)),
         "dataset": str(cfg.dataset.name),
-        "iteration": _number(state.get("iteration")),
+        "iteration": _number(train_state.get("iteration")),
         "val_miou": _number(train_state.get("last_miou")),
         "best_val_miou": best if best is not None and best >= 0 else None,
         "best_iteration": _number(train_state.get("best_iteration")) if best is not None and best >= 0 else None,

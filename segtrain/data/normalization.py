@@ -4,10 +4,9 @@ Every command takes it from here, so training, validation, eval, predict and the
 normalise identically. Precedence, per statistic:
 1. `dataset.mean` / `dataset.std` when not null (a user's explicit choice);
 2. `backbone.mean` / `backbone.std`: the statistics the backbone's pretrained weights were trained with
-   (conf/backbone/*.yaml carry them, e.g. 0.5 for Xception-65's TF weights); null there means "what
-   timm's pretrained_cfg declares for `backbone.name`" (conf/backbone/timm.yaml);
-3. ImageNet's, for a backbone config without the keys: every backbone config written before they
-   existed expected ImageNet statistics, so older checkpoints keep normalising as they were trained.
+   (conf/backbone/*.yaml carry them, e.g. 0.5 for Xception-65's TF weights); null or absent there means
+   "what timm's pretrained_cfg declares for `backbone.name`" (conf/backbone/timm.yaml), which only a timm
+   backbone can fill in.
 """
 
 from __future__ import annotations
@@ -15,11 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from segtrain.config import NORMALIZATION_KEYS
 from segtrain.errors import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_TARGET = "segtrain.models.backbones.timm_encoder.TimmBackbone"
 
 
@@ -39,20 +35,19 @@ def timm_normalization(name: str) -> tuple[list[float], list[float]]:
 
     pretrained = timm.get_pretrained_cfg(str(name))
     if pretrained is None or getattr(pretrained, "mean", None) is None or getattr(pretrained, "std", None) is None:
-        raise ConfigError(f"backbone.mean/std are null and timm declares no mean/std for {name!r}: set "
+        raise ConfigError(f"backbone.mean/std are null or unset and timm declares no mean/std for {name!r}: set "
                           "backbone.mean=[R,G,B] backbone.std=[R,G,B] (or dataset.mean/std)")
     return list(pretrained.mean), list(pretrained.std)
 
 
 def backbone_normalization(backbone: Mapping | None) -> tuple[list[float], list[float]]:
-    """The statistics the backbone's weights expect (rules 2 and 3 of the module docstring)."""
-    if backbone is None or not any(key in backbone for key in NORMALIZATION_KEYS):
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    """The statistics the backbone's weights expect (rule 2 of the module docstring)."""
+    backbone = backbone or {}
     mean, std = backbone.get("mean"), backbone.get("std")
     if mean is None or std is None:
         if backbone.get("_target_") != TIMM_TARGET:
-            raise ConfigError("backbone.mean/std are null, which only a timm backbone can fill in (from timm's "
-                              "pretrained_cfg): set backbone.mean=[R,G,B] backbone.std=[R,G,B]")
+            raise ConfigError("backbone.mean/std are null or unset, which only a timm backbone can fill in (from "
+                              "timm's pretrained_cfg): set backbone.mean=[R,G,B] backbone.std=[R,G,B]")
         timm_mean, timm_std = timm_normalization(backbone.get("name"))
         mean = timm_mean if mean is None else mean
         std = timm_std if std is None else std

@@ -95,6 +95,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def recorded_train_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `train_state` (iteration, best_miou, ...); empty when the file records none.
+
+    Commands that only report these numbers (eval, info, export) take them from here and show what is
+    missing as unknown: the weights and config are all they need.
+    """
+    recorded = state.get("train_state")
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -113,10 +123,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        cuda_state = state["cuda"]
-        if isinstance(cuda_state, (list, tuple)):  # older checkpoints held every visible device's state
-            cuda_state = cuda_state[min(torch.cuda.current_device(), len(cuda_state) - 1)]
-        torch.cuda.set_rng_state(cuda_state)
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _as_tuple(value: Any) -> Any:

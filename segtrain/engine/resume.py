@@ -18,12 +18,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, WeightsError
 
 log = logging.getLogger("segtrain.train")
 
-LEGACY_RESNET_TARGET = "segtrain.models.backbones.resnet.ResNetBackbone"
-LEGACY_LOSS_MODULE = "segtrain.engine.losses."
 # Keys that do not change the network a checkpoint's weights belong to (mean/std: the input
 # statistics, compared as the resolved normalisation by check_same_normalization).
 NOT_ARCHITECTURE = {"pretrained", "weights", "mean", "std"}
@@ -32,34 +30,13 @@ CHANGEABLE = ("loss", "optimizer", "schedule", "trainer")
 
 
 def stored_config(state: dict, source: str) -> DictConfig:
-    """The config text of a checkpoint, parsed (not resolved, not instantiated) and upgraded."""
+    """The config text of a checkpoint, parsed (not resolved, not instantiated)."""
     try:
         stored = OmegaConf.create(state["config"])
     except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted text
         raise ConfigError(f"the config stored in {source} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(stored, DictConfig):
         raise ConfigError(f"the config stored in {source} is not a mapping")
-    return upgrade_legacy_config(stored)
-
-
-def upgrade_legacy_config(stored: DictConfig) -> DictConfig:
-    """Configs of checkpoints written before the loss group: `model.aux_weight` became `loss.aux_weight`;
-    the losses lived in segtrain.engine.losses before the segtrain.losses package.
-    Before ResNets came from timm, they were a `ResNetBackbone` node: the timm build has the same
-    module names and the same dilations, so the stored weights load into it unchanged."""
-    model = stored.get("model")
-    if isinstance(model, DictConfig) and "aux_weight" in model:
-        aux_weight = model.pop("aux_weight")
-        if stored.get("loss") is None:
-            stored.loss = {"_target_": "segtrain.losses.CrossEntropy", "aux_weight": aux_weight,
-                           "class_weights": None}
-    loss = stored.get("loss")
-    if isinstance(loss, DictConfig) and str(loss.get("_target_", "")).startswith(LEGACY_LOSS_MODULE):
-        loss._target_ = "segtrain.losses." + loss._target_[len(LEGACY_LOSS_MODULE):]
-    backbone = stored.get("backbone")
-    if isinstance(backbone, DictConfig) and backbone.get("_target_") == LEGACY_RESNET_TARGET:
-        backbone._target_ = "segtrain.models.backbones.timm_encoder.TimmBackbone"
-        backbone.out_indices = [1, 2, 3, 4]
     return stored
 
 
@@ -170,7 +147,11 @@ def _relative(path: str | Path, base: Path) -> str:
 
 
 def check_same_data(saved: dict | None, current: dict, source: str) -> None:
-    if not saved or saved == current:
+    """`saved`: the checkpoint's `data_fingerprint`; every training checkpoint records one."""
+    if not isinstance(saved, dict):
+        raise WeightsError(f"{source} cannot be resumed: it records no training set ('data_fingerprint'); start a "
+                           f"new run directory, with init_from={source} to start from its weights")
+    if saved == current:
         return
     raise ConfigError(
         f"{source} was trained on a different training set ({saved.get('count')} samples, fingerprint "

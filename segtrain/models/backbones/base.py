@@ -5,6 +5,7 @@ Pretrained downloads and caches live in segtrain.models.backbones.weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,21 +48,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_weights(
-    backbone: nn.Module, path: str | Path, inner: str = "", ignore_prefixes: tuple[str, ...] = ("fc.",)
+    backbone: nn.Module,
+    path: str | Path,
+    inner: str = "",
+    ignore_prefixes: tuple[str, ...] = ("fc.",),
+    pruned: Callable[[str], bool] | None = None,
 ) -> None:
     """Load a weight file into `backbone` strictly, classifier keys aside.
 
     Accepts the library's own format (torchvision / timm / official DRN keys, which live under the
     `inner` submodule here), files saved from a segtrain backbone (keys already prefixed), and the
     backbone part of an official DRNSeg / DLA-Up / HRNetV2 segmentation model (segtrain.models.official).
+    `pruned(key)`: whether a key of the library's layout belongs to a layer this backbone was built without.
     """
     state = official_backbone_state(backbone, read_state_dict(path), str(path))
     if inner and not any(k.startswith(inner) for k in state):
-        state = {inner + k: v for k, v in state.items()}
+        state = {inner + k: v for k, v in state.items() if pruned is None or not pruned(k)}
     state = {k: v for k, v in state.items() if not k[len(inner):].startswith(ignore_prefixes)}
-    upgrade = getattr(backbone, "upgrade_state_dict", None)
-    if callable(upgrade):  # keys of an earlier layout of the same weights (see TimmBackbone)
-        state = upgrade(state)
     own = backbone.state_dict()
     # Files saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked; load_state_dict fills it.
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

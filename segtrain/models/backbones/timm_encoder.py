@@ -4,9 +4,8 @@ Feature maps come out of a pure forward, without forward hooks, so `torch.compil
 without graph breaks. timm's default `features_only` wrappers are hook-free for ResNets, DLA and HRNet
 (FeatureListNet and HRNet's own feature model); for models whose default is the hook-based
 FeatureHookNet (aligned Xception and a few others) segtrain asks for timm's `forward_intermediates`
-getter instead. That wrapper keeps timm's own parameter names under `net.model.`, where FeatureHookNet
-flattened them (`net.stem_0.`, `net.blocks_3.`); `TimmBackbone` renames keys of that older layout (and of
-plain timm files) when a state dict is loaded, so earlier checkpoints and weight files still load strictly.
+getter instead. That wrapper keeps timm's own parameter names under `net.model.`, so a plain timm file
+given as `backbone.weights` loads there, less the layers timm prunes after the last tapped feature.
 """
 
 from __future__ import annotations
@@ -80,11 +79,8 @@ class TimmBackbone(Backbone):
             if download:
                 raise timm_download_error(name, exc) from None
             raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs}: {first_line(str(exc))}") from None
-        self._layout_renames = hook_layout_renames(self.net)
-        if self._layout_renames:
-            self.register_load_state_dict_pre_hook(self._rename_legacy_keys)
         if weights:
-            load_backbone_weights(self, weights, inner="net.", ignore_prefixes=CLASSIFIER_PREFIXES)
+            self._load_weights_file(weights)
         self.channels = list(self.net.feature_info.channels())
         self.strides = list(self.net.feature_info.reduction())
         self.size_divisor = int(size_divisor) if size_divisor else max(32, max(self.strides))
@@ -92,23 +88,17 @@ class TimmBackbone(Backbone):
             # Dilated encoders need no padding beyond their (smaller) output stride.
             self.size_divisor = int(size_divisor) if size_divisor else 1
 
-    def upgrade_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-        """`state` with keys of the FeatureHookNet layout and of plain timm files (under `prefix + "net."`)
-        renamed to this backbone's getter layout; other keys unchanged."""
-        if not self._layout_renames:
-            return state
-        renamed = {rename_legacy_key(k, prefix + "net.", self._layout_renames): v for k, v in state.items()}
-        # With out_indices short of the last feature timm prunes the layers after the last tap (FeatureHookNet
-        # kept them, unused): their old weights have no place here and computed nothing.
-        inner = prefix + "net."
-        return {k: v for k, v in renamed.items()
-                if k in state or not k.startswith(inner) or not pruned_by_timm(self.net, k[len(inner):])}
+    def _load_weights_file(self, path: str) -> None:
+        """A timm file (or one saved from this backbone): the getter wrapper holds timm's model under
+        `net.model.` and pruned the layers after the last tapped feature, whose weights computed nothing."""
+        from timm.models._features import FeatureGetterNet
 
-    def _rename_legacy_keys(self, module: nn.Module, state: dict, prefix: str, *_: object) -> None:
-        renamed = self.upgrade_state_dict(state, prefix)
-        if list(renamed) != list(state):
-            state.clear()
-            state.update(renamed)
+        if isinstance(self.net, FeatureGetterNet):
+            model = self.net.model
+            load_backbone_weights(self, path, inner="net.model.", ignore_prefixes=CLASSIFIER_PREFIXES,
+                                  pruned=lambda key: pruned_by_timm(model, key))
+        else:
+            load_backbone_weights(self, path, inner="net.", ignore_prefixes=CLASSIFIER_PREFIXES)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.net(x))
@@ -132,21 +122,6 @@ def _features_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
     return default
 
 
-def hook_layout_renames(net: nn.Module) -> dict[str, str]:
-    """For a getter-wrapped timm model: FeatureHookNet's flattened first key component -> its timm name
-    (`stem_0` -> `stem.0`, `blocks` -> `blocks`); empty for other wrappers (their keys never changed)."""
-    from timm.models._features import FeatureGetterNet
-
-    if not isinstance(net, FeatureGetterNet):
-        return {}
-    renames: dict[str, str] = {}
-    for name, child in net.model.named_children():
-        renames[name] = name
-        if isinstance(child, nn.Sequential):
-            renames.update({f"{name}_{sub}": f"{name}.{sub}" for sub, _ in child.named_children()})
-    return renames
-
-
 def pruned_by_timm(net: nn.Module, key: str) -> bool:
     """Whether `key` (relative to `net`) belongs to a layer that timm's prune_intermediate_layers replaced
     by an Identity or removed (set to None)."""
@@ -158,14 +133,3 @@ def pruned_by_timm(net: nn.Module, key: str) -> bool:
         if not isinstance(module, nn.Module):
             return False
     return False
-
-
-def rename_legacy_key(key: str, prefix: str, renames: dict[str, str]) -> str:
-    """`prefix + "stem_0.conv.weight"` (FeatureHookNet) or `prefix + "stem.0.conv.weight"` (timm) ->
-    `prefix + "model.stem.0.conv.weight"`; keys outside `prefix` or already in the getter layout unchanged."""
-    if not key.startswith(prefix) or key.startswith(prefix + "model."):
-        return key
-    first, _, rest = key[len(prefix):].partition(".")
-    if first not in renames:
-        return key
-    return f"{prefix}model.{renames[first]}.{rest}"
