@@ -34,29 +34,22 @@ def _normalised(value: Any) -> str:
     return str(value).lower()
 
 
+def option(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    """`value` of the option `key` as one of `choices` (a YAML false is "false", or "off" where that is a choice)."""
+    mode = _normalised(value)
+    if mode == "false" and "off" in choices:
+        mode = "off"
+    if mode not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return mode
+
+
 def amp_mode(value: Any) -> str:
-    """trainer.amp as one of AMP_MODES (a YAML `off`, read as false, is off)."""
-    amp = _normalised(value)
-    amp = "off" if amp == "false" else amp
-    if amp not in AMP_MODES:
-        raise ConfigError(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {value!r}")
-    return amp
+    return option("trainer.amp", value, AMP_MODES)
 
 
 def sync_bn_mode(value: Any) -> str:
-    """trainer.sync_bn as one of SYNC_BN_MODES."""
-    mode = _normalised(value)
-    if mode not in SYNC_BN_MODES:
-        raise ConfigError(f"trainer.sync_bn must be one of {', '.join(SYNC_BN_MODES)}, got {value!r}")
-    return mode
-
-
-def channels_last_mode(value: Any) -> str:
-    """trainer.channels_last as one of CHANNELS_LAST_MODES."""
-    mode = _normalised(value)
-    if mode not in CHANNELS_LAST_MODES:
-        raise ConfigError(f"trainer.channels_last must be one of {', '.join(CHANNELS_LAST_MODES)}, got {value!r}")
-    return mode
+    return option("trainer.sync_bn", value, SYNC_BN_MODES)
 
 
 def _section(cfg: DictConfig, key: str) -> DictConfig | None:
@@ -74,7 +67,7 @@ def _is_number(value: Any) -> bool:
 def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     trainer.amp = amp_mode(trainer.amp)
     trainer.sync_bn = sync_bn_mode(trainer.sync_bn)
-    trainer.channels_last = channels_last_mode(trainer.channels_last)
+    trainer.channels_last = option("trainer.channels_last", trainer.channels_last, CHANNELS_LAST_MODES)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(trainer.device)):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {trainer.device!r}")
     for key in AT_LEAST_ONE:
@@ -91,6 +84,22 @@ def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     decay = trainer.get("ema_decay")
     if decay is not None and decay != 0 and not (_is_number(decay) and 0 < decay < 1):
         raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0 or null: off; e.g. 0.999), got {decay!r}")
+
+
+def _positive_pair(key: str, value: Any) -> None:
+    values = [value] * 2 if isinstance(value, int) else list(value) if OmegaConf.is_list(value) else None
+    if values is None or len(values) != 2 or not all(isinstance(v, int) and v >= 1 for v in values):
+        raise ConfigError(f"{key} must be [H, W] of positive integers, got {value}")
+
+
+def _check_eval(evaluation: DictConfig) -> None:
+    """The protocol (segtrain.engine.inference reads these as valid)."""
+    for key in ("crop_size", "stride"):
+        if evaluation[key] is not None:
+            _positive_pair(f"eval.{key}", evaluation[key])
+    scales = list(evaluation.scales)
+    if not scales or not all(_is_number(v) and v > 0 for v in scales):
+        raise ConfigError(f"eval.scales must be positive numbers, got {scales}")
 
 
 def _check_logging(logging: DictConfig) -> None:
@@ -150,6 +159,9 @@ def check_config(cfg: DictConfig) -> None:
     trainer = _section(cfg, "trainer")
     if trainer is not None:
         _check_trainer(cfg, trainer)
+    evaluation = _section(cfg, "eval")
+    if evaluation is not None:
+        _check_eval(evaluation)
     logging = _section(cfg, "logging")
     if logging is not None:
         _check_logging(logging)

@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segtrain.errors import ConfigError
-
 
 @dataclass(frozen=True)
 class InferenceSettings:
@@ -31,29 +29,22 @@ class InferenceSettings:
 
     @classmethod
     def from_config(cls, eval_cfg, train_crop: Sequence[int] | None = None) -> InferenceSettings:
-        if eval_cfg.mode not in ("whole", "slide"):
-            raise ConfigError(f"eval.mode must be 'whole' or 'slide', got {eval_cfg.mode!r}")
+        """From the `eval` section (checked by segtrain.config_checks); the window defaults to the training
+        crop and the step to 2/3 of the window."""
         crop = eval_cfg.crop_size if eval_cfg.crop_size is not None else train_crop
-        crop = _pair("eval.crop_size", crop) if crop is not None else None
-        if eval_cfg.mode == "slide" and crop is None:
-            raise ConfigError("eval.mode=slide needs eval.crop_size=[H,W]")
-        stride = _pair("eval.stride", eval_cfg.stride) if eval_cfg.stride is not None else None
+        crop = _pair(crop) if crop is not None else None
+        stride = _pair(eval_cfg.stride) if eval_cfg.stride is not None else None
         if crop is not None and stride is None:
             stride = (max(1, math.ceil(crop[0] * 2 / 3)), max(1, math.ceil(crop[1] * 2 / 3)))
-        scales = tuple(float(s) for s in eval_cfg.scales)
-        if not scales or min(scales) <= 0:
-            raise ConfigError(f"eval.scales must be positive numbers, got {list(eval_cfg.scales)}")
-        return cls(eval_cfg.mode, crop, stride, scales, bool(eval_cfg.flip))
+        return cls(str(eval_cfg.mode), crop, stride, tuple(float(s) for s in eval_cfg.scales), bool(eval_cfg.flip))
 
     @property
     def plain(self) -> bool:
         return self.scales == (1.0,) and not self.flip
 
 
-def _pair(key: str, value: Sequence[int] | int) -> tuple[int, int]:
+def _pair(value: Sequence[int] | int) -> tuple[int, int]:
     values = [int(value)] * 2 if isinstance(value, int) else [int(v) for v in value]
-    if len(values) != 2 or min(values) < 1:
-        raise ConfigError(f"{key} must be [H, W] of positive integers, got {value}")
     return values[0], values[1]
 
 
