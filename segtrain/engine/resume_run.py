@@ -67,7 +67,7 @@ def _load_update_state(run: Run, saved: dict, stored: DictConfig) -> None:
     """Optimizer state (momentum, moments) and the fp16 loss scale, where they still apply."""
     before = OmegaConf.select(stored, "optimizer._target_", default=None)
     now = run.cfg.optimizer._target_
-    if before is not None and before != now:
+    if before != now:
         log.warning("resume: the optimizer changed (%s -> %s): its per-parameter state starts fresh", before, now)
     else:
         load_optimizer_state(run.step.optimizer, saved["optimizer"])
