@@ -19,8 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from segtrain.composition import checkpoint_cfg_text, config_dir, hydra_run_info, precheck
-from segtrain.config import register_configs
+from segtrain.composition import checkpoint_cfg_text, config_dir, hydra_run_info, precheck, register
 from segtrain.errors import Preempted, SegtrainError, user_message
 
 __all__ = ["COMMANDS", "config_dir", "main", "version"]  # config_dir: where scripts and tests find conf/
@@ -189,7 +188,7 @@ def _checked(command: str, rest: list[str]) -> None:
 def _hydra_app(command: str, rest: list[str]) -> None:
     import hydra
 
-    register_configs()
+    register()
     if "-h" in rest or "--help" in rest:
         _command_help(command, rest)
         return

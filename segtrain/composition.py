@@ -36,12 +36,22 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parent / "conf"
 
 
+def register() -> None:
+    """What the primary configs name: the typed schemas (ConfigStore) and the sweep's resolver."""
+    from segtrain.config import register_configs
+    from segtrain.sweep import register_resolvers
+
+    register_configs()
+    register_resolvers()
+
+
 def compose_config(config_name: str, overrides: Sequence[str] = (), *, with_hydra: bool = False) -> DictConfig:
     """`config_name` (conf/<config_name>.yaml) composed with `overrides`; `with_hydra`: keep the `hydra`
     node. Hydra's global state is cleared before and after, so calls never see each other's."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    register()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=config_name):

@@ -250,6 +250,3 @@ def register_configs() -> None:
     store.store(name="bench_schema", node=BenchAppConfig)
     store.store(name="predict_schema", node=PredictAppConfig)
     store.store(name="export_schema", node=ExportAppConfig)
-    from segtrain.sweep import register_resolvers  # hydra.sweep.subdir's resolver
-
-    register_resolvers()

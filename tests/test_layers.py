@@ -10,7 +10,7 @@ from pathlib import Path
 import segtrain
 
 PACKAGE = Path(segtrain.__file__).resolve().parent
-UPPER_LAYERS = ("segtrain.engine", "segtrain.commands", "segtrain.cli")
+UPPER_LAYERS = ("segtrain.engine", "segtrain.commands", "segtrain.cli", "segtrain.composition", "segtrain.sweep")
 LOWER_LAYERS = ("data", "models", "config.py")
 # Hydra's global state: the running job's config (HydraConfig) and the initialised Hydra (GlobalHydra).
 HYDRA_STATE = ("hydra.core.hydra_config", "hydra.core.global_hydra")
