@@ -12,6 +12,7 @@ from segtrain.commands.eval import run_eval
 from segtrain.engine.callbacks import Callback
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
+from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.init_from import load_init_weights
 from segtrain.engine.restore import load_for_inference
 from segtrain.engine.trainer import Trainer, train
@@ -50,7 +51,7 @@ def test_fine_tuning_a_5_class_checkpoint_on_3_classes_reinitialises_only_the_cl
     source = load_checkpoint(shapes_checkpoint)["model"]
     with caplog.at_level("INFO"):
         trainer, weights, result = fit_recording_start(cfg, tmp_path / "run")
-    report = trainer.init_report
+    report = trainer.run.init_report
     assert report.reinitialised == CLASSIFIER and report.file_classes == 5
     assert sorted(report.loaded) == sorted(set(source) - set(CLASSIFIER)) and not report.kept and not report.unused
     for name in report.loaded:
@@ -208,8 +209,9 @@ def test_ema_matches_the_formula_and_validation_and_eval_use_it(tmp_path, shapes
     assert saved["ema"].keys() == saved["model"].keys()
     assert all(torch.equal(saved["ema"][k], v) for k, v in trainer.run.ema.state_dict().items())
     # Validation scored the average; eval of the checkpoint loads it and reproduces that mIoU.
-    ema_miou = evaluate(trainer.run.ema.module, trainer.val_loader, 5, trainer.device, "off", 255, trainer.settings
-                        ).metrics["miou"]
+    run = trainer.run
+    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
+    ema_miou = evaluate(run.ema.module, run.val_loader, 5, run.runtime.device, "off", 255, settings).metrics["miou"]
     assert trainer.run.state.last_miou == ema_miou
     overrides = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"]
     loaded = load_for_inference(compose_config("eval", overrides), overrides)

@@ -30,7 +30,7 @@ def bar_run(tmp_path_factory, shapes_root):
     level = root.level
     root.setLevel(logging.INFO)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("segtrain.engine.trainer.progress_enabled", lambda requested: bool(requested))
+        patch.setattr("segtrain.engine.callbacks.progress.progress_enabled", lambda requested: bool(requested))
         patch.setattr(logger_module, "_is_console", lambda handler: handler is console)
         try:
             result = train(cfg, run_dir)
