@@ -92,7 +92,7 @@ def _pspnet(shapes_root, **extra) -> list[str]:
 def test_pspnet_aux_weight_comes_from_the_loss(tmp_path, shapes_root):
     with_aux = train(compose_config("train", _pspnet(shapes_root)), tmp_path / "a")
     without = train(compose_config("train", _pspnet(shapes_root, **{"loss.aux_weight": 0.0})), tmp_path / "b")
-    assert with_aux["model"].auxiliary_outputs() == ("aux",)
+    assert with_aux.model.auxiliary_outputs() == ("aux",)
     assert with_aux.history[0]["loss"] > without.history[0]["loss"]  # the aux term adds 0.4 x its CE
 
 
