@@ -219,8 +219,8 @@ def test_dice_loss_is_the_same_however_the_global_batch_is_split(tmp_path, shape
     big = train(compose_config("train", _overrides(shapes_root, my_conf, *fixed, loss="dice")), tmp_path / "big")
     split = train(compose_config("train", _overrides(shapes_root, my_conf, *fixed, "trainer.grad_accum_steps=2",
                                                      loss="dice")), tmp_path / "split")
-    assert isinstance(big["model"], TinyFCN)
+    assert isinstance(big.model, TinyFCN)
     assert [h["loss"] for h in big.history] == pytest.approx([h["loss"] for h in split.history], abs=1e-6)
     assert all(0.0 < h["loss"] < 1.0 for h in big.history)
-    for a, b in zip(big["model"].state_dict().values(), split["model"].state_dict().values()):
+    for a, b in zip(big.model.state_dict().values(), split.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)

@@ -43,9 +43,9 @@ def test_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, shapes_root)
     big = train(compose_config("train", tiny_overrides(shapes_root, **common)), tmp_path / "big")
     split = train(compose_config("train", tiny_overrides(shapes_root, **common, **{"trainer.grad_accum_steps": 2})),
                   tmp_path / "split")
-    for a, b in zip(big["model"].state_dict().values(), split["model"].state_dict().values()):
+    for a, b in zip(big.model.state_dict().values(), split.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
-    assert [h["loss"] for h in big["history"]] == pytest.approx([h["loss"] for h in split["history"]], abs=1e-6)
+    assert [h["loss"] for h in big.history] == pytest.approx([h["loss"] for h in split.history], abs=1e-6)
 
 
 @pytest.mark.slow
