@@ -159,18 +159,13 @@ def check_config(cfg: DictConfig) -> None:
     trainer = _section(cfg, "trainer")
     if trainer is not None:
         _check_trainer(cfg, trainer)
-    evaluation = _section(cfg, "eval")
-    if evaluation is not None:
-        _check_eval(evaluation)
-    logging = _section(cfg, "logging")
-    if logging is not None:
-        _check_logging(logging)
     optimizer = _section(cfg, "optimizer")
     base_lr = _check_optimizer(optimizer) if optimizer is not None else None
     schedule = _section(cfg, "schedule")
     if schedule is not None:
         _check_schedule(schedule, base_lr)
-    bench = _section(cfg, "bench")
-    if bench is not None:
-        _check_bench(bench)
+    for key, check in (("eval", _check_eval), ("logging", _check_logging), ("bench", _check_bench)):
+        section = _section(cfg, key)
+        if section is not None:
+            check(section)
     _check_start(cfg)

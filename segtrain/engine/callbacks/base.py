@@ -69,37 +69,33 @@ class CallbackList(Callback):
     def __init__(self, callbacks: Iterable[Callback]) -> None:
         self.callbacks = list(callbacks)
 
-    def on_fit_start(self, run: Run) -> None:
+    def _each(self, event: str, *args: object) -> None:
         for callback in self.callbacks:
-            callback.on_fit_start(run)
+            getattr(callback, event)(*args)
+
+    def on_fit_start(self, run: Run) -> None:
+        self._each("on_fit_start", run)
 
     def on_step_end(self, run: Run, result: StepResult) -> None:
-        for callback in self.callbacks:
-            callback.on_step_end(run, result)
+        self._each("on_step_end", run, result)
 
     def on_log(self, run: Run, result: StepResult) -> None:
-        for callback in self.callbacks:
-            callback.on_log(run, result)
+        self._each("on_log", run, result)
 
     def on_validation(self, run: Run) -> None:
-        for callback in self.callbacks:
-            callback.on_validation(run)
+        self._each("on_validation", run)
 
     def on_checkpoint(self, run: Run) -> None:
-        for callback in self.callbacks:
-            callback.on_checkpoint(run)
+        self._each("on_checkpoint", run)
 
     def on_iteration_end(self, run: Run) -> None:
-        for callback in self.callbacks:
-            callback.on_iteration_end(run)
+        self._each("on_iteration_end", run)
 
     def on_preempt(self, run: Run) -> None:
-        for callback in self.callbacks:
-            callback.on_preempt(run)
+        self._each("on_preempt", run)
 
     def on_fit_end(self, run: Run) -> None:
-        for callback in self.callbacks:
-            callback.on_fit_end(run)
+        self._each("on_fit_end", run)
 
     def on_close(self, run: Run) -> None:
         failure: BaseException | None = None
