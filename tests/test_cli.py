@@ -111,7 +111,7 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, override, names):
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
     result = run_cli("train", "experiment=quickstart", "+backbone.model_kwargs.drop_rate=0.1", "--cfg", "job",
-                      cwd=tmp_path)
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "name: resnet18" in result.stdout and "drop_rate: 0.1" in result.stdout
     assert not (tmp_path / "outputs").exists()
@@ -137,7 +137,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     first = log.splitlines()[:2]  # where the run goes, and how to watch it, come first
     assert f"run directory {run.resolve()}" in first[0] and f"tensorboard --logdir {run.resolve()}" in first[1]
     result = run_cli("eval", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={tmp_path / 'ev'}",
-                      cwd=tmp_path)
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "mIoU" in result.stdout
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["miou"] is not None
@@ -231,9 +231,9 @@ def test_info_prints_parameters_and_gflops(tmp_path):
 @pytest.mark.slow
 def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     result = run_cli("bench", "experiment=quickstart", "bench.batch_size=2", "bench.crop_size=[64,64]",
-                      "bench.steps=2", "bench.warmup=1", "bench.data_samples=16", "trainer.device=cpu",
-                      f"hydra.run.dir={tmp_path / 'b'}",
-                      cwd=tmp_path)
+                     "bench.steps=2", "bench.warmup=1", "bench.data_samples=16", "trainer.device=cpu",
+                     f"hydra.run.dir={tmp_path / 'b'}",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     for key in ("train_images_per_s", "inference_images_per_s", "peak_memory_mb", "data_samples_per_s_per_worker",
