@@ -46,8 +46,7 @@ def test_a_network_override_against_a_checkpoint_is_one_line(tmp_path, checkpoin
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     group = override.split("=")[0]
-    assert (f"{override}: {checkpoint} was trained with model DeepLabV3Plus + backbone resnet18; the network comes "
-            f"from the checkpoint, so drop {group}=") in result.stderr
+    assert f"{override}: {checkpoint}" in result.stderr and f"drop {group}=" in result.stderr, result.stderr
     assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run directory
 
 

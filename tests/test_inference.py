@@ -327,14 +327,15 @@ def test_predict_never_writes_over_the_users_files(tmp_path, demo_checkpoint):
     for output in (folder, folder / "masks"):  # the input folder itself, or a folder inside it
         result = run_cli("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={output}", cwd=tmp_path)
         assert result.returncode == 2
-        assert f"output={output} is the input folder or inside it" in result.stderr.strip().splitlines()[-1]
+        assert f"output={output}" in result.stderr.strip().splitlines()[-1], result.stderr
     assert hashes() == before
     # An output folder holding a file predict would write: refused, the file untouched.
     out = tmp_path / "out"
     out.mkdir()
     (out / "a_color.png").write_bytes(b"the user's own file")
     result = run_cli("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={out}", cwd=tmp_path)
-    assert result.returncode == 2 and "predict never replaces files" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and f"output={out}" in last and "a_color.png" in last, result.stderr
     assert (out / "a_color.png").read_bytes() == b"the user's own file"
     # A fresh folder: every output written through a temporary file and a rename, none left over.
     result = run_cli("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={tmp_path / 'new'}",
@@ -352,13 +353,13 @@ def test_eval_into_a_directory_holding_an_evaluation_is_refused(tmp_path, demo_c
     (tmp_path / "ev" / "metrics.json").write_text('{"miou": 0.5}')
     result = run_cli("eval", f"ckpt={demo_checkpoint}", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
     assert result.returncode == 2
-    assert "already holds another run's outputs (metrics.json)" in result.stderr.strip().splitlines()[-1]
+    assert "metrics.json" in result.stderr.strip().splitlines()[-1], result.stderr
     assert (tmp_path / "ev" / "metrics.json").read_text() == '{"miou": 0.5}'
     assert not (tmp_path / "ev" / ".hydra").exists()  # refused before Hydra writes its files
     result = run_cli("eval", f"ckpt={demo_checkpoint}", "eval.num_workers=-1", f"hydra.run.dir={tmp_path / 'e2'}",
                      cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith("eval.num_workers must be >= 0, got -1")
+    assert "eval.num_workers" in result.stderr.strip().splitlines()[-1], result.stderr
 
 
 @pytest.mark.cli
@@ -370,7 +371,7 @@ def test_predict_refuses_inputs_whose_outputs_collide(tmp_path, demo_checkpoint)
     result = run_cli("predict", f"ckpt={demo_checkpoint}", f"input={folder}", f"output={tmp_path / 'out'}",
                      cwd=tmp_path)
     assert result.returncode == 2
-    assert "inputs img.jpg and img_color.jpg would both write img_color.png" in result.stderr
+    assert all(name in result.stderr for name in ("img.jpg", "img_color.jpg", "img_color.png")), result.stderr
 
 
 @pytest.mark.cli
@@ -378,4 +379,4 @@ def test_predict_refuses_inputs_whose_outputs_collide(tmp_path, demo_checkpoint)
 def test_training_only_keys_given_to_eval_are_refused(tmp_path, demo_checkpoint, override):
     result = run_cli("eval", f"ckpt={demo_checkpoint}", override, f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
     assert result.returncode == 2
-    assert "has no effect here" in result.stderr.strip().splitlines()[-1]
+    assert override.lstrip("+").split("=")[0] in result.stderr.strip().splitlines()[-1], result.stderr

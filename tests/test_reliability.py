@@ -162,8 +162,7 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, shapes_root)
         result = run_cli(*args, cwd=tmp_path, timeout=300)
         assert result.returncode == 2
         last = result.stderr.strip().splitlines()[-1]
-        assert f"refusing to load {evil}" in last and "could run code" in last
-        assert "it names the Python global getattr" in last and "\x1b" not in last
+        assert str(evil) in last and "getattr" in last and "\x1b" not in last, last  # the file, the global
         assert not marker.exists()
     with pytest.raises(WeightsError, match="refusing to load"):
         load_checkpoint(evil)
@@ -308,13 +307,13 @@ def test_a_checkpoint_config_naming_code_outside_segtrain_runs_nothing(tmp_path,
         result = run_cli(*args, cwd=tmp_path, timeout=300)
         assert result.returncode == 2, (name, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
-        assert f"refusing backbone._target_='builtins.open' from the config stored in {evil}" in last, last
+        assert "backbone._target_='builtins.open'" in last and str(evil) in last, last
         assert not marker.exists(), name
     # resume builds from the command's own config and compares the stored one as data: refused, runs nothing
     resumed = run_cli("train", *tiny_overrides(shapes_root, **{"trainer.max_iters": 2, "trainer.val_interval": 2}),
                       f"resume={evil}", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path, timeout=300)
     assert resumed.returncode == 2, resumed.stderr
-    assert "holds a different backbone (backbone._target_: 'builtins.open' in the checkpoint" in resumed.stderr
+    assert "backbone._target_" in resumed.stderr and "builtins.open" in resumed.stderr, resumed.stderr
     assert not marker.exists()
 
 
@@ -371,7 +370,7 @@ def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_r
         assert time.perf_counter() - started < 30
         assert second.returncode == 2
         last = second.stderr.strip().splitlines()[-1]
-        assert f"run directory {run_dir} is in use by segtrain train (pid {first.pid}, host " in last
+        assert str(run_dir) in last and f"pid {first.pid}" in last, last
         assert (run_dir / ".hydra" / "config.yaml").read_text() == config_before  # nothing of the second run
     finally:
         first.kill()
@@ -393,12 +392,11 @@ def test_validation_and_eval_honour_on_error_skip(tmp_path):
     result = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "(1 unusable samples left out: data.on_error=skip)" in log
-    assert f"skipping a validation sample: mask {root / 'masks' / '11.png'} is an RGB colour image" in log
+    assert "data.on_error=skip" in log and str(root / "masks" / "11.png") in log
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     evaluated = run_cli("eval", f"ckpt={last}", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "1 unusable images left out (data.on_error=skip" in evaluated.stdout
+    assert "data.on_error=skip" in evaluated.stdout
     import json
 
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -431,7 +429,7 @@ def test_oversized_images_are_refused_before_decoding(tmp_path):
     root = folder_dataset(tmp_path / "data", 3)
     result = _folder_cli(root, tmp_path, "check", "data.max_image_pixels=1000")
     assert result.returncode == 1
-    assert "is 40x40 (0 MP), above data.max_image_pixels=1000: refused before decoding" in result.stdout
+    assert "40x40" in result.stdout and "data.max_image_pixels=1000" in result.stdout
 
 
 @pytest.mark.cli
@@ -448,7 +446,7 @@ def test_split_names_may_hold_spaces_and_symlink_loops_are_reported(tmp_path):
     (root / "images" / "loop.png").symlink_to(root / "images" / "loop.png")
     result = _folder_cli(root, tmp_path, "check", "data.split=val")
     assert result.returncode == 2
-    assert f"{root / 'images' / 'loop.png'} cannot be read" in result.stderr.strip().splitlines()[-1]
+    assert str(root / "images" / "loop.png") in result.stderr.strip().splitlines()[-1]
 
 
 def test_the_pixel_limit_holds_for_a_png_pil_cannot_open(tmp_path):
