@@ -70,6 +70,21 @@ def start_cli(*args: str, cwd: Path, env: Mapping[str, str] | None = None) -> su
                             stderr=subprocess.PIPE, text=True)
 
 
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """segtrain.cli.main(ARGS) in this process: (exit status, stdout, stderr). For `--help` and for commands
+    refused before any run starts; anything that runs a Hydra app belongs in a `cli` test (run_cli)."""
+    from segtrain.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        status = 0
+    except SystemExit as exited:
+        status = exited.code if isinstance(exited.code, int) else int(exited.code is not None)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
     """A seconds-long run: quickstart model on 16 tiny shapes images, no workers, no progress bar."""
     values = {

@@ -11,18 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHECKOUT, run_cli, tiny_overrides
+from conftest import CHECKOUT, run_cli, run_main, tiny_overrides
 from segtrain.cli import config_dir
-
-
-def main_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """segtrain.cli.main(ARGS) here: (exit status, stdout, stderr), for commands that fail before running."""
-    from segtrain.cli import main
-
-    with pytest.raises(SystemExit) as exited:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exited.value.code, captured.out, captured.err
 
 
 @pytest.mark.cli
@@ -43,26 +33,26 @@ def test_version(tmp_path):
     assert result.stdout == f"segtrain {version()}\n" and version()[0].isdigit()
 
 
-@pytest.mark.cli
-def test_each_command_help_shows_its_own_examples_and_groups(tmp_path):
+def test_each_command_help_shows_its_own_examples_and_groups(tmp_path, monkeypatch, capsys):
     def groups(text: str) -> set[str]:
         section = text.split("== Config groups ==")[1].split("== Config ==")[0] if "== Config groups" in text else ""
         return {line.split(":")[0] for line in section.splitlines() if ": " in line}
 
     helps = {}
+    monkeypatch.chdir(tmp_path)
     for command in ("eval", "predict", "export", "info", "bench"):
-        result = run_cli(command, "--help", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith(f"segtrain {command}: ")
-        examples = result.stdout.split("Examples:")[1]
+        status, out, err = run_main(capsys, command, "--help")
+        assert status == 0, err
+        assert out.startswith(f"segtrain {command}: ")
+        examples = out.split("Examples:")[1]
         assert f"segtrain {command} " in examples and "segtrain train" not in examples
-        helps[command] = result.stdout
+        helps[command] = out
     assert groups(helps["eval"]) == groups(helps["predict"]) == {"dataset", "protocol"}
     assert groups(helps["export"]) == {"dataset"} and "protocol" not in groups(helps["info"])
     assert {"model", "backbone", "dataset"} <= groups(helps["info"]) and "optimizer" not in groups(helps["info"])
     assert "optimizer:" not in helps["eval"] and "ckpt: ???" in helps["eval"]
-    data_check = run_cli("data", "check", "--help", cwd=tmp_path)
-    assert data_check.returncode == 0 and "segtrain data check dataset=" in data_check.stdout
+    status, out, _ = run_main(capsys, "data", "check", "--help")
+    assert status == 0 and "segtrain data check dataset=" in out
     assert not (tmp_path / "outputs").exists()
 
 
@@ -82,11 +72,11 @@ def test_an_added_key_nothing_reads_fails_in_one_line(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.cli
-def test_train_help_is_hydras_with_the_config_groups(tmp_path):
-    result = run_cli("train", "--help", cwd=tmp_path)
-    assert result.returncode == 0
-    group_section = result.stdout.split("== Config ==")[0]
+def test_train_help_is_hydras_with_the_config_groups(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, out, _ = run_main(capsys, "train", "--help")
+    assert status == 0
+    group_section = out.split("== Config ==")[0]
     listed = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in group_section.splitlines()
               if ": " in line}
     # Every config file of every group folder is an option, one added later included.
@@ -120,7 +110,7 @@ def test_unknown_command_is_one_line_naming_it(tmp_path):
 ])
 def test_config_errors_are_one_line_naming_the_key(tmp_path, monkeypatch, capsys, override, names):
     monkeypatch.chdir(tmp_path)
-    status, out, err = main_in_process(capsys, "train", override)
+    status, out, err = run_main(capsys, "train", override)
     assert status == 2 and not out
     assert err.strip().count("\n") == 0, err
     assert all(name in err for name in names), err
