@@ -1,7 +1,7 @@
-"""Shared helpers: composing configs the way the CLI does, one config-group file as a node, running the
-checkout's command line in a subprocess, a tiny shapes dataset, the CPU pin for tests, and the markers:
-`cuda` (run where CUDA is available, skipped elsewhere) and `cli` (starts `python -m segtrain`; left out of
-`make test-fast`)."""
+"""Shared helpers: composing configs the way the CLI does, one config-group file as a node (`node`), the
+checkout's command line in a subprocess (`run_cli`, `start_cli`) or in this process (`run_main`), a tiny
+shapes dataset, the CPU pin for tests, and the markers: `cuda` (run where CUDA is available, skipped
+elsewhere) and `cli` (starts `python -m segtrain`, required by run_cli; left out of `make test-fast`)."""
 
 from __future__ import annotations
 
