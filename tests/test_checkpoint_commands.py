@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import compose_config, run_cli, run_main, tiny_overrides
 from segtrain.models import build_model
 
 
@@ -26,27 +26,27 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.cli
-def test_eval_cfg_job_prints_the_checkpoints_config_with_the_overrides(tmp_path, checkpoint):
-    result = run_cli("eval", f"ckpt={checkpoint}", "eval.flip=true", "--cfg", "job", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    shown = yaml.safe_load(result.stdout)
+def test_eval_cfg_job_prints_the_checkpoints_config_with_the_overrides(tmp_path, monkeypatch, capsys, checkpoint):
+    monkeypatch.chdir(tmp_path)  # --cfg job ends before Hydra runs anything: segtrain.cli.main in-process
+    status, out, err = run_main(capsys, "eval", f"ckpt={checkpoint}", "eval.flip=true", "--cfg", "job")
+    assert status == 0, err
+    shown = yaml.safe_load(out)
     assert shown["backbone"]["name"] == "resnet18"  # the checkpoint's; the eval default is resnet101
     assert shown["model"]["aspp_channels"] == 64 and shown["dataset"]["source"]["num_train"] == 16
     assert shown["eval"]["flip"] is True and shown["ckpt"] == str(checkpoint)
-    one_section = run_cli("export", f"ckpt={checkpoint}", "--cfg", "job", "-p", "backbone", cwd=tmp_path)
-    assert one_section.returncode == 0 and "name: resnet18" in one_section.stdout
+    status, out, _ = run_main(capsys, "export", f"ckpt={checkpoint}", "--cfg", "job", "-p", "backbone")
+    assert status == 0 and "name: resnet18" in out
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.cli
 @pytest.mark.parametrize("override", ["model=pspnet", "backbone=resnet50"])
-def test_a_network_override_against_a_checkpoint_is_one_line(tmp_path, checkpoint, override):
-    result = run_cli("eval", f"ckpt={checkpoint}", override, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0, result.stderr
+def test_a_network_override_against_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, checkpoint, override):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(capsys, "eval", f"ckpt={checkpoint}", override)
+    assert status == 2
+    assert err.strip().count("\n") == 0, err
     group = override.split("=")[0]
-    assert f"{override}: {checkpoint}" in result.stderr and f"drop {group}=" in result.stderr, result.stderr
+    assert f"{override}: {checkpoint}" in err and f"drop {group}=" in err, err
     assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run directory
 
 
