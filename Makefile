@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: demo test lint clean-demo-data
+.PHONY: demo test test-fast lint clean-demo-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+# Unit and in-process tests only: no `python -m segtrain` subprocess, no long end-to-end run.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not cli and not slow"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check segtrain tests

@@ -1,17 +1,28 @@
-"""Shared helpers: composing configs the way the CLI does, a tiny shapes dataset, the CPU pin for
-tests and the `cuda` marker (run where CUDA is available, skipped elsewhere)."""
+"""Shared helpers: composing configs the way the CLI does, one config-group file as a node (`node`), the
+checkout's command line in a subprocess (`run_cli`, `start_cli`) or in this process (`run_main`), a tiny
+shapes dataset, the CPU pin for tests, and the markers: `cuda` (run where CUDA is available, skipped
+elsewhere) and `cli` (starts `python -m segtrain`, required by run_cli; left out of `make test-fast`)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from segtrain.composition import config_dir
 from segtrain.config import register_configs
 
 register_configs()
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 600
+_running: dict[str, pytest.Item] = {}  # the test being set up or run: run_cli checks its `cli` mark
 
 
 def compose_config(command: str, overrides: list[str]) -> DictConfig:
@@ -21,6 +32,58 @@ def compose_config(command: str, overrides: list[str]) -> DictConfig:
     cfg = composition.compose_config(command, overrides)
     check_config(cfg)  # as the CLI does: a bad value fails here, canonical option strings
     return cfg
+
+
+def node(group: str, option: str, **extra: object) -> DictConfig:
+    """conf/<group>/<option>.yaml as a config node, with `extra` keys merged over it."""
+    return OmegaConf.merge(OmegaConf.load(config_dir() / group / f"{option}.yaml"), extra)
+
+
+def checkout_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """os.environ plus `env`, with the checkout first on PYTHONPATH: a child runs this tree's segtrain,
+    not whichever one is installed. A PYTHONPATH in `env` comes after the checkout."""
+    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    rest = [p for p in merged.get("PYTHONPATH", "").split(os.pathsep) if p]
+    merged["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *rest])
+    return merged
+
+
+def _command_line(args: tuple[str, ...]) -> list[str]:
+    item = _running.get("item")
+    if item is not None and "cli" not in item.keywords:
+        raise RuntimeError(f"{item.nodeid} starts the command line: mark it @pytest.mark.cli")
+    return [sys.executable, "-m", "segtrain", *args]
+
+
+def run_cli(*args: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = CLI_TIMEOUT_S,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m segtrain ARGS` from this checkout, in `cwd`; text stdout and stderr captured."""
+    result = subprocess.run(_command_line(args), cwd=cwd, env=checkout_env(env), capture_output=True, text=True,
+                            timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"segtrain {' '.join(args[:1])} exited {result.returncode}: {result.stderr}"
+    return result
+
+
+def start_cli(*args: str, cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """run_cli that returns at once: the running process, text stdout and stderr on pipes."""
+    return subprocess.Popen(_command_line(args), cwd=cwd, env=checkout_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """segtrain.cli.main(ARGS) in this process: (exit status, stdout, stderr). For `--help` and for commands
+    refused before any run starts; anything that runs a Hydra app belongs in a `cli` test (run_cli)."""
+    from segtrain.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        status = 0
+    except SystemExit as exited:
+        status = exited.code if isinstance(exited.code, int) else int(exited.code is not None)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
@@ -60,6 +123,11 @@ def fit_recording_start(cfg: DictConfig, run_dir: Path) -> tuple[object, dict[st
     finally:
         trainer.close()
     return trainer, weights, result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running["item"] = item  # before any fixture: a module fixture that runs the CLI counts for this test
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

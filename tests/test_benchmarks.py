@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,16 +15,19 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import checkout_env, run_cli
 from segtrain.engine.inference import InferenceSettings, infer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # One thread: the 2-core machine is often shared with other test processes, and oversubscribed OpenMP
 # threads spin; one thread keeps these runs at a few seconds each.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    """A benchmark script, run on this checkout's segtrain (mark the test `cli`: it starts a process)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=checkout_env(ENV), capture_output=True, text=True,
+                          timeout=300)
 
 
 def load_script(name: str) -> ModuleType:
@@ -37,6 +39,7 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+@pytest.mark.cli
 def test_gpu_vs_smp_runs_on_cpu(tmp_path: Path) -> None:
     pytest.importorskip("segmentation_models_pytorch")
     result = run([str(BENCHMARKS / "gpu_vs_smp.py"), "--device", "cpu", "--encoders", "resnet18", "--batch", "2",
@@ -57,6 +60,7 @@ def test_gpu_vs_smp_maps_encoders_to_segtrain_backbones() -> None:
         script.segtrain_backbone("tu-efficientnet_b0")
 
 
+@pytest.mark.cli
 def test_tta_cost_runs_on_cpu(tmp_path: Path) -> None:
     result = run([str(BENCHMARKS / "tta_cost.py"), "--device", "cpu", "--images", "2", "--max-side", "64",
                   "--scales", "0.5", "1.0", "--repeats", "1", "--threads", "1", "backbone=resnet18"], tmp_path)
@@ -99,10 +103,11 @@ def test_tta_cost_sizes_are_voc_like_and_seeded() -> None:
     assert len(set(sizes)) > 6  # varying sizes: the point of the measurement
 
 
+@pytest.mark.cli
 def test_bench_reports_startup_compile_and_memory_keys(tmp_path: Path) -> None:
-    result = run(["-m", "segtrain", "bench", "model=deeplabv3plus", "backbone=resnet18", "bench.batch_size=2",
-                  "bench.crop_size=[64,64]", "bench.steps=2", "bench.warmup=1", "bench.data_samples=8",
-                  "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'b'}"], tmp_path)
+    result = run_cli("bench", "model=deeplabv3plus", "backbone=resnet18", "bench.batch_size=2",
+                     "bench.crop_size=[64,64]", "bench.steps=2", "bench.warmup=1", "bench.data_samples=8",
+                     "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     for key in ("train_images_per_s", "inference_images_per_s", "peak_memory_mb", "data_samples_per_s_per_worker",

@@ -4,8 +4,6 @@ segtrain's own callbacks each on their own."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,12 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, tiny_overrides
 from segtrain.engine.callbacks import Callback, CallbackList, NonFiniteGuard, configured_callbacks
 from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError, TrainingStopped
-
-CHECKOUT = Path(__file__).resolve().parents[1]
 
 RECORDER = '''
 import json
@@ -97,6 +93,7 @@ def test_events_come_in_loop_order_at_their_intervals(tmp_path, shapes_root):
     assert log.events == expected
 
 
+@pytest.mark.cli
 def test_a_callback_from_the_command_line_records_validations_and_checkpoints(tmp_path, shapes_root):
     """A user's module outside segtrain, named with +callbacks.NAME: no edit of segtrain."""
     (tmp_path / "my_callbacks.py").write_text(RECORDER)
@@ -104,9 +101,7 @@ def test_a_callback_from_the_command_line_records_validations_and_checkpoints(tm
     args = [*tiny_overrides(shapes_root, **{"trainer.max_iters": 4, "trainer.val_interval": 2,
                                             "trainer.ckpt_interval": 4}),
             f"+callbacks.record={{_target_: my_callbacks.Recorder, path: '{records}'}}", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHECKOUT), str(tmp_path)])}
-    done = subprocess.run([sys.executable, "-m", "segtrain", "train", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = run_cli("train", *args, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})  # the checkout comes first
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [json.loads(line) for line in records.read_text().splitlines()]
     assert [(r["event"], r["iteration"]) for r in lines] == [("validation", 2), ("validation", 4), ("checkpoint", 4)]

@@ -1,9 +1,6 @@
 """eval, predict, export and info take the checkpoint's config: `--cfg job` shows it, `info ckpt=`
 reports its model, and a network override is one line naming what the checkpoint was trained with."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, run_main, tiny_overrides
 from segtrain.models import build_model
 
 
@@ -30,31 +27,27 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def segtrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def test_eval_cfg_job_prints_the_checkpoints_config_with_the_overrides(tmp_path, checkpoint):
-    result = segtrain("eval", f"ckpt={checkpoint}", "eval.flip=true", "--cfg", "job", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    shown = yaml.safe_load(result.stdout)
+def test_eval_cfg_job_prints_the_checkpoints_config_with_the_overrides(tmp_path, monkeypatch, capsys, checkpoint):
+    monkeypatch.chdir(tmp_path)  # --cfg job ends before Hydra runs anything: segtrain.cli.main in-process
+    status, out, err = run_main(capsys, "eval", f"ckpt={checkpoint}", "eval.flip=true", "--cfg", "job")
+    assert status == 0, err
+    shown = yaml.safe_load(out)
     assert shown["backbone"]["name"] == "resnet18"  # the checkpoint's; the eval default is resnet101
     assert shown["model"]["aspp_channels"] == 64 and shown["dataset"]["source"]["num_train"] == 16
     assert shown["eval"]["flip"] is True and shown["ckpt"] == str(checkpoint)
-    one_section = segtrain("export", f"ckpt={checkpoint}", "--cfg", "job", "-p", "backbone", cwd=tmp_path)
-    assert one_section.returncode == 0 and "name: resnet18" in one_section.stdout
+    status, out, _ = run_main(capsys, "export", f"ckpt={checkpoint}", "--cfg", "job", "-p", "backbone")
+    assert status == 0 and "name: resnet18" in out
     assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize("override", ["model=pspnet", "backbone=resnet50"])
-def test_a_network_override_against_a_checkpoint_is_one_line(tmp_path, checkpoint, override):
-    result = segtrain("eval", f"ckpt={checkpoint}", override, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0, result.stderr
+def test_a_network_override_against_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, checkpoint, override):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(capsys, "eval", f"ckpt={checkpoint}", override)
+    assert status == 2
+    assert err.strip().count("\n") == 0, err
     group = override.split("=")[0]
-    assert (f"{override}: {checkpoint} was trained with model DeepLabV3Plus + backbone resnet18; the network comes "
-            f"from the checkpoint, so drop {group}=") in result.stderr
+    assert f"{override}: {checkpoint}" in err and f"drop {group}=" in err, err
     assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run directory
 
 
@@ -68,18 +61,20 @@ def test_a_layer_changing_model_key_is_one_line(checkpoint):
         load_for_inference(compose_config("eval", overrides), overrides)
 
 
+@pytest.mark.cli
 def test_info_reports_the_checkpoints_model(tmp_path, checkpoint):
-    result = segtrain("info", f"ckpt={checkpoint}", "info.input_size=[64,64]", cwd=tmp_path)
+    result = run_cli("info", f"ckpt={checkpoint}", "info.input_size=[64,64]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"checkpoint  {checkpoint} (iteration 6, best val mIoU 0.2500)" in result.stdout
     assert "DeepLabV3Plus + resnet18 (5 classes, dataset shapes)" in result.stdout and "64x64" in result.stdout
 
 
+@pytest.mark.cli
 def test_predict_writes_into_its_run_directory_by_default(tmp_path, checkpoint):
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(folder / "a.jpg")
-    result = segtrain("predict", f"ckpt={checkpoint}", f"input={folder}", "trainer.device=cpu", cwd=tmp_path)
+    result = run_cli("predict", f"ckpt={checkpoint}", f"input={folder}", "trainer.device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (run,) = (tmp_path / "outputs").glob("*/*-predict")
     assert sorted(p.name for p in run.glob("*.png")) == ["a.png", "a_color.png", "a_overlay.png"]

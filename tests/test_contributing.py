@@ -1,9 +1,6 @@
 """CONTRIBUTING.md's walk-through, followed step by step: a model, two losses and a dataset source
 defined here, one YAML file each in a config folder of their own, then train and `segtrain info`."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, tiny_overrides
 from segtrain.commands.data import check_split
 from segtrain.data.dataset import LookupDecoder
 from segtrain.data.loading import build_dataset
@@ -110,6 +107,7 @@ def _overrides(shapes_root: Path, conf: Path, *extra: str, loss: str = "label_sm
             *tiny[1:], *extra]
 
 
+@pytest.mark.cli
 def test_a_model_and_a_loss_added_as_documented_train(tmp_path, shapes_root, my_conf):
     cfg = compose_config("train", _overrides(shapes_root, my_conf))
     assert cfg.model._target_ == "test_contributing.TinyFCN"
@@ -120,22 +118,20 @@ def test_a_model_and_a_loss_added_as_documented_train(tmp_path, shapes_root, my_
     assert sum(losses[-3:]) < sum(losses[:3])
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
     # eval trusts the command line, not the checkpoint's config, to name code outside segtrain
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     for extra, code in (([], 2), (["model._target_=test_contributing.TinyFCN"], 0)):
-        result = subprocess.run([sys.executable, "-m", "segtrain", "eval", f"ckpt={ckpt}", *extra,
-                                 f"hydra.run.dir={tmp_path / f'ev{code}'}"], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = run_cli("eval", f"ckpt={ckpt}", *extra, f"hydra.run.dir={tmp_path / f'ev{code}'}", cwd=tmp_path,
+                         env=env)
         assert result.returncode == code, result.stderr
     with pytest.raises(ConfigError, match="unknown key model.chanels for TinyFCN"):
         train(compose_config("train", _overrides(shapes_root, my_conf, "+model.chanels=4")), tmp_path / "bad")
 
 
+@pytest.mark.cli
 def test_segtrain_info_finds_the_added_model(tmp_path, my_conf):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "segtrain", "info", "model=tiny_fcn", "backbone=resnet18",
-                             f"hydra.searchpath=[file://{my_conf}]", "info.input_size=[64,64]"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = run_cli("info", "model=tiny_fcn", "backbone=resnet18", f"hydra.searchpath=[file://{my_conf}]",
+                     "info.input_size=[64,64]", cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parent)})
     assert result.returncode == 0, result.stderr
     assert "TinyFCN + resnet18" in result.stdout
 

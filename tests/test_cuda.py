@@ -3,15 +3,12 @@ export from a CUDA-trained checkpoint and SyncBatchNorm in training mode. Skippe
 (conftest); CPU-only behaviour of the same settings is tested elsewhere."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, tiny_overrides
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.runtime import resolve_amp, resolve_channels_last
 from segtrain.engine.trainer import Trainer, train
@@ -65,6 +62,7 @@ def test_channels_last_and_compile_train_on_cuda(tmp_path, shapes_root):
     assert result.final_miou >= 0
 
 
+@pytest.mark.cli
 def test_cpu_and_cuda_evaluation_agree(tmp_path, shapes_root):
     run = tmp_path / "run"
     train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 6})), run)
@@ -72,22 +70,20 @@ def test_cpu_and_cuda_evaluation_agree(tmp_path, shapes_root):
     scores = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"ev_{device}"
-        result = subprocess.run([sys.executable, "-m", "segtrain", "eval", f"ckpt={ckpt}", f"trainer.device={device}",
-                                 "trainer.amp=off", f"hydra.run.dir={out}"], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=600)
+        result = run_cli("eval", f"ckpt={ckpt}", f"trainer.device={device}", "trainer.amp=off",
+                         f"hydra.run.dir={out}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         scores[device] = json.loads((out / "metrics.json").read_text())["miou"]
     # fp32 on both; convolution algorithms differ, so a few pixels near ties may flip.
     assert abs(scores["cpu"] - scores["cuda"]) < 2e-3
 
 
+@pytest.mark.cli
 def test_export_from_a_cuda_trained_checkpoint(tmp_path, shapes_root):
     run = tmp_path / "run"
     train(compose_config("train", _cuda(shapes_root, **{"trainer.max_iters": 2, "trainer.val_interval": 2})), run)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "segtrain", "export", f"ckpt={run / 'checkpoints' / 'last.pt'}",
-                             "format=torchscript", "export.input_size=[64,64]", f"hydra.run.dir={tmp_path / 'ex'}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = run_cli("export", f"ckpt={run / 'checkpoints' / 'last.pt'}", "format=torchscript",
+                     "export.input_size=[64,64]", f"hydra.run.dir={tmp_path / 'ex'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ex" / "model.pt").is_file()
 

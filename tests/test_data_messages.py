@@ -1,15 +1,13 @@
 """Custom-data mistakes people make, each answered by a message naming the file and the key to change."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose_config
+from conftest import compose_config, run_cli
 from segtrain.data.dataset import read_mask
 from segtrain.data.folder import folder_samples
 from segtrain.data.loading import build_dataset
@@ -37,10 +35,8 @@ def dataset_of(root: Path, *overrides: str, on_error: str = "raise"):
 
 
 def data_check(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segtrain", "data", "check", "dataset=folder", f"dataset.root={root}",
-                           "dataset.class_names=[bg,fg]", "data.split=all", "logging.progress=false", *overrides],
-                          cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return run_cli("data", "check", "dataset=folder", f"dataset.root={root}", "dataset.class_names=[bg,fg]",
+                   "data.split=all", "logging.progress=false", *overrides, cwd=root)
 
 
 def test_jpeg_masks_are_refused_as_lossy_not_reported_missing(tmp_path):
@@ -96,6 +92,7 @@ def test_out_of_range_labels_point_at_class_names_and_value_map(tmp_path):
     assert dataset_of(root, "dataset.source.value_map={7:255}")[0]["mask"].max() == 255
 
 
+@pytest.mark.cli
 def test_binary_masks_warn_in_data_check_and_value_map_from_the_cli_fixes_them(tmp_path):
     root = folder(tmp_path / "b", lambda stem, m: Image.fromarray(m * 255, "L").save(f"{stem}.png"))
     plain = data_check(root)

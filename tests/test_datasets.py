@@ -1,10 +1,7 @@
 """VOC + SBD, Cityscapes and folder datasets: preparation, splits, decoding, checking, bad samples."""
 
 import http.server
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +22,7 @@ from datasets_builders import (
 )
 from PIL import Image
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, tiny_overrides
 from segtrain.data.cityscapes import LABEL_TO_TRAIN, cityscapes_samples
 from segtrain.data.dataset import read_mask
 from segtrain.data.download import download
@@ -39,16 +36,12 @@ from segtrain.engine.trainer import train
 from segtrain.errors import DataError
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 @pytest.fixture(scope="module")
 def voc_archives(tmp_path_factory):
     return build_voc_archives(tmp_path_factory.mktemp("voc"))
 
 
+@pytest.mark.cli
 def test_prepare_voc_from_local_archives_builds_train_aug(tmp_path, voc_archives):
     result = run_cli("data", "prepare", "voc", "--root", str(tmp_path / "data"), "--archives", str(voc_archives),
                      "--skip-checksum", cwd=tmp_path)
@@ -69,6 +62,7 @@ def test_prepare_voc_from_local_archives_builds_train_aug(tmp_path, voc_archives
                               read_mask(voc / "SegmentationClass" / f"{image_id}.png"))
 
 
+@pytest.mark.cli
 def test_prepare_voc_verifies_checksums(tmp_path, voc_archives):
     result = run_cli("data", "prepare", "voc", "--root", str(tmp_path), "--archives", str(voc_archives), cwd=tmp_path)
     assert result.returncode == 2
@@ -76,6 +70,7 @@ def test_prepare_voc_verifies_checksums(tmp_path, voc_archives):
     assert "expected 6cd6e144f989b92b3379bac3b3de84fd" in result.stderr
 
 
+@pytest.mark.cli
 def test_prepare_voc_missing_archive_names_file_and_address(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("data", "prepare", "voc", "--root", str(tmp_path), "--archives", str(tmp_path / "empty"),
@@ -143,6 +138,7 @@ def test_prepare_voc_offline_names_file_and_address(tmp_path):
         prepare_voc(tmp_path, mirror="http://127.0.0.1:9", check=False)
 
 
+@pytest.mark.cli
 def test_train_on_missing_voc_says_how_to_get_it(tmp_path):
     start = time.perf_counter()
     result = run_cli("train", "dataset=voc", f"dataset.root={tmp_path / 'nothing'}", cwd=tmp_path)
@@ -168,6 +164,7 @@ def test_prepare_cityscapes_unpacks_and_writes_train_ids(tmp_path):
     assert np.array_equal(dataset[0]["mask"].numpy(), LABEL_TO_TRAIN[labels])
 
 
+@pytest.mark.cli
 def test_prepare_cityscapes_missing_zip_says_where_to_get_it(tmp_path):
     result = run_cli("data", "prepare", "cityscapes", "--root", str(tmp_path / "c"), cwd=tmp_path)
     assert result.returncode == 2
@@ -227,6 +224,7 @@ def _plant_bad_files(root: Path) -> dict[str, str]:
     return {"img0.jpg": "truncated", "img1.png": "is 14x10 but its mask", "img2.png": "[37]", "img3.png": "missing"}
 
 
+@pytest.mark.cli
 def test_data_check_names_every_planted_bad_file(tmp_path):
     planted = _plant_bad_files(tmp_path / "mine")
     result = run_cli("data", "check", "dataset=folder", f"dataset.root={tmp_path / 'mine'}",

@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from segtrain.cli import config_dir
+from conftest import node
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.models import build_backbone, build_model
 from segtrain.models.backbones.deepstem_resnet import DeepStemResNet
@@ -57,10 +56,6 @@ def write_official_file(path, depth: str, batches_tracked: bool = True) -> dict[
     return state
 
 
-def _node(option: str, **extra):
-    return OmegaConf.merge(OmegaConf.load(config_dir() / "backbone" / f"{option}.yaml"), extra)
-
-
 def test_resnet101_has_the_official_keys_and_shapes():
     with torch.device("meta"):
         backbone = DeepStemResNet("resnet101_deepstem")
@@ -78,7 +73,7 @@ def test_resnet101_has_the_official_keys_and_shapes():
 def test_official_file_loads_strictly_through_backbone_weights(tmp_path, batches_tracked):
     path = tmp_path / "resnet50_v2.pth"
     state = write_official_file(path, "resnet50", batches_tracked)
-    backbone = build_backbone(_node("resnet50_deepstem", weights=str(path)))
+    backbone = build_backbone(node("backbone", "resnet50_deepstem", weights=str(path)))
     loaded = backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("fc."))
 
@@ -89,7 +84,7 @@ def test_a_file_of_another_layout_is_refused_naming_the_keys(tmp_path):
     state["conv1.weight"] = torch.randn(64, 3, 7, 7)  # torchvision's 7x7 stem
     torch.save(state, path)
     with pytest.raises(WeightsError, match=r"missing keys .*conv2.weight|shape mismatch \['conv1.weight'\]"):
-        build_backbone(_node("resnet50_deepstem", weights=str(path)))
+        build_backbone(node("backbone", "resnet50_deepstem", weights=str(path)))
 
 
 @pytest.fixture
@@ -103,13 +98,13 @@ def torch_home(tmp_path, monkeypatch):
 
 def test_pretrained_reads_the_official_file_from_the_torch_hub_cache(torch_home):
     state = write_official_file(torch_home / "resnet50_v2.pth", "resnet50")
-    backbone = build_backbone(_node("resnet50_deepstem", pretrained=True))
+    backbone = build_backbone(node("backbone", "resnet50_deepstem", pretrained=True))
     assert torch.equal(backbone.state_dict()["layer4.2.conv3.weight"], state["layer4.2.conv3.weight"])
 
 
 def test_pretrained_without_the_file_is_one_line_naming_where_it_goes(torch_home):
     with pytest.raises(WeightsError) as info:
-        build_backbone(_node("resnet101_deepstem", pretrained=True))
+        build_backbone(node("backbone", "resnet101_deepstem", pretrained=True))
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("backbone.pretrained=true: the ImageNet weights of resnet101_deepstem (resnet101_v2.pth)")

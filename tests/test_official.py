@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import compose_config, fit_recording_start, tiny_overrides
-from segtrain.cli import config_dir
+from conftest import compose_config, fit_recording_start, node, tiny_overrides
 from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError, WeightsError
 from segtrain.models import build_model
@@ -34,13 +32,9 @@ DRN_C = ["conv1", "bn1", "relu"] + [f"layer{n}" for n in range(1, 9)]
 DRN_D = [f"layer{n}" for n in range(0, 9)]
 
 
-def _node(group: str, option: str, **extra):
-    return OmegaConf.merge(OmegaConf.load(config_dir() / group / f"{option}.yaml"), extra)
-
-
 def _model(model: str, backbone: str, classes: int = 19, seed: int = 0, **model_extra) -> nn.Module:
     torch.manual_seed(seed)
-    built = build_model(_node("model", model, **model_extra), _node("backbone", backbone), classes)
+    built = build_model(node("model", model, **model_extra), node("backbone", backbone), classes)
     # Random running statistics, so that a BatchNorm mapped to the wrong place changes the output.
     with torch.no_grad():
         for module in built.modules():
@@ -144,7 +138,7 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("model_name,backbone_name,extra,reference", LAYOUT_CASES, ids=[c[3] for c in LAYOUT_CASES])
 def test_written_files_have_the_official_key_layout(model_name, backbone_name, extra, reference):
     with torch.device("meta"):
-        model = build_model(_node("model", model_name, **extra), _node("backbone", backbone_name), 19)
+        model = build_model(node("model", model_name, **extra), node("backbone", backbone_name), 19)
     assert _digest(to_official(model_name, model)) == REFERENCE[reference]
 
 
@@ -223,7 +217,7 @@ def test_backbone_weights_take_the_backbone_part_of_an_official_model(tmp_path, 
     torch.save({"state_dict": to_official(model_name, source)}, path)
     torch.manual_seed(6)
     # 7 classes: the file's 19-class head is left out.
-    loaded = build_model(_node("model", model_name), _node("backbone", backbone_name, weights=str(path)), 7)
+    loaded = build_model(node("model", model_name), node("backbone", backbone_name, weights=str(path)), 7)
     expected, got = source.backbone.state_dict(), loaded.backbone.state_dict()
     assert list(got) == list(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected if not k.endswith("num_batches_tracked"))
@@ -275,14 +269,14 @@ def test_hrnet_fuse_layers_upsample_bilinearly():
 
 
 def test_hrnet_fuse_upsample_nearest_is_timms_and_bad_values_are_refused():
-    backbone = build_model(_node("model", "hrnetv2"), _node("backbone", "hrnet_w18", fuse_upsample="nearest"),
+    backbone = build_model(node("model", "hrnetv2"), node("backbone", "hrnet_w18", fuse_upsample="nearest"),
                            3).backbone
     modes = {m.mode for m in backbone.net.modules() if isinstance(m, nn.Upsample)}
     assert modes == {"nearest"}
     with pytest.raises(ConfigError, match="backbone.fuse_upsample='cubic'"):
-        build_model(_node("model", "hrnetv2"), _node("backbone", "hrnet_w18", fuse_upsample="cubic"), 3)
+        build_model(node("model", "hrnetv2"), node("backbone", "hrnet_w18", fuse_upsample="cubic"), 3)
     with pytest.raises(ConfigError, match="backbone.size_divisor=16"):
-        build_model(_node("model", "hrnetv2"), _node("backbone", "hrnet_w18", size_divisor=16), 3)
+        build_model(node("model", "hrnetv2"), node("backbone", "hrnet_w18", size_divisor=16), 3)
 
 
 def test_hrnet_cityscapes_experiment_sets_bn_momentum_001_on_every_batchnorm():
@@ -296,13 +290,13 @@ def test_hrnet_cityscapes_experiment_sets_bn_momentum_001_on_every_batchnorm():
 
 
 def test_bn_momentum_default_and_refusals():
-    model = build_model(_node("model", "drnseg"), _node("backbone", "drn_d_22"), 3)
+    model = build_model(node("model", "drnseg"), node("backbone", "drn_d_22"), 3)
     assert {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
-    model = build_model(_node("model", "drnseg", bn_momentum=0.3), _node("backbone", "drn_d_22"), 3)
+    model = build_model(node("model", "drnseg", bn_momentum=0.3), node("backbone", "drn_d_22"), 3)
     assert {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {0.3}
     for bad in (0, 1.5, "fast", True):
         with pytest.raises(ConfigError, match="model.bn_momentum="):
-            build_model(_node("model", "drnseg", bn_momentum=bad), _node("backbone", "drn_d_22"), 3)
+            build_model(node("model", "drnseg", bn_momentum=bad), node("backbone", "drn_d_22"), 3)
 
 
 def test_drn_weights_come_from_the_host_of_the_official_code():

@@ -2,15 +2,12 @@
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, tiny_overrides
 from segtrain.cli import config_dir
 from segtrain.engine.restore import PROTOCOL_KEYS, load_for_inference
 from segtrain.engine.trainer import train
@@ -18,11 +15,6 @@ from segtrain.errors import ConfigError
 from segtrain.models import backbone_for_inference
 
 PROTOCOLS = sorted(p.stem for p in (Path(config_dir()) / "protocol").glob("*.yaml"))
-
-
-def segtrain(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 @pytest.mark.parametrize("name", PROTOCOLS)
@@ -79,10 +71,11 @@ def test_eval_rebuilds_the_checkpoint_at_the_protocols_output_stride(os8_run):
     assert loaded.model.backbone.strides[-1] == 16 and loaded.cfg.eval.flip is False
 
 
+@pytest.mark.cli
 def test_cli_eval_with_the_deeplab_protocol_on_the_shapes_checkpoint(os8_run, tmp_path):
     ckpt = os8_run[0] / "checkpoints" / "best.pt"
-    result = segtrain("eval", f"ckpt={ckpt}", "protocol=deeplab_os8_ms_flip", f"hydra.run.dir={tmp_path / 'ev'}",
-                      "trainer.device=cpu", "eval.num_workers=0", "logging.progress=false", cwd=tmp_path)
+    result = run_cli("eval", f"ckpt={ckpt}", "protocol=deeplab_os8_ms_flip", f"hydra.run.dir={tmp_path / 'ev'}",
+                     "trainer.device=cpu", "eval.num_workers=0", "logging.progress=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     protocol = {key: metrics["protocol"][key] for key in ("mode", "scales", "flip", "output_stride")}

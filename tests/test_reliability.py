@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, start_cli, tiny_overrides
 from segtrain.engine import checkpoint as checkpoint_module
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.trainer import train
@@ -25,19 +24,19 @@ MAX_ITERS = 12
 
 
 def run_overrides(shapes_root: Path, run_dir: Path, **extra) -> list[str]:
+    # resnet18 up to its third stage (3.4M parameters, not 12.2M): a checkpoint every iteration is about a quarter
+    # of the size, and a checkpoint write still lasts long enough to be caught mid-write.
     values = {"trainer.max_iters": MAX_ITERS, "trainer.ckpt_interval": 1, "trainer.val_interval": 6,
-              "trainer.keep_last": 2, **extra}
+              "trainer.keep_last": 2, "backbone.out_indices": "[1,3]", **extra}
     return [*tiny_overrides(shapes_root, **values), f"hydra.run.dir={run_dir}"]
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "segtrain", "train", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return start_cli("train", *args, cwd=cwd)
 
 
 def finish(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segtrain", "train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return run_cli("train", *args, cwd=cwd)
 
 
 def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -71,30 +70,43 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
 KILL_POINTS = [("random iteration", 0), ("while writing a checkpoint", 0), ("random iteration", 2)]
 
 
+def kill_point_seed() -> int:
+    """SEGTRAIN_TEST_SEED replays a failed run's kill points; unset, a fresh seed each run (printed)."""
+    given = os.environ.get("SEGTRAIN_TEST_SEED")
+    return int(given) if given else random.SystemRandom().randrange(2**32)
+
+
+@pytest.mark.cli
 @pytest.mark.slow
 @pytest.mark.parametrize("when,workers", KILL_POINTS, ids=["iteration", "during-save", "iteration-2-workers"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, shapes_root, reference, when, workers):
+    seed = kill_point_seed()
+    kill_point = random.Random(f"{seed}/{when}/{workers}").randint(2, MAX_ITERS - 2)
+    replay = f"kill point {kill_point} ({when}); replay with SEGTRAIN_TEST_SEED={seed}"
+    print(replay)
     run_dir = tmp_path / "run"
     args = run_overrides(shapes_root, run_dir, **{"trainer.num_workers": workers})
     proc = start(args, tmp_path)
     ckpt_dir = run_dir / "checkpoints"
     if when == "while writing a checkpoint":
-        kill_after = random.Random(os.getpid()).randint(2, MAX_ITERS - 2)
-        wait_for(lambda: (ckpt_dir / f"iter_{kill_after:07d}.pt").exists(), proc)
+        wait_for(lambda: (ckpt_dir / f"iter_{kill_point:07d}.pt").exists(), proc)
         wait_for(lambda: any(ckpt_dir.glob(".*.tmp")), proc)  # the next checkpoint is being written right now
     else:
-        kill_at = random.Random(os.getpid() + workers).randint(2, MAX_ITERS - 2)
         log = run_dir / "train.log"
-        wait_for(lambda: log.exists() and f"iter {kill_at}/" in log.read_text(), proc)
+        wait_for(lambda: log.exists() and f"iter {kill_point}/" in log.read_text(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, replay
     resumed = finish([*args, "resume=auto"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in (run_dir / "train.log").read_text()
-    assert_bit_identical(final_model(run_dir), reference)
+    assert resumed.returncode == 0, f"{replay}\n{resumed.stderr}"
+    assert "resumed from" in (run_dir / "train.log").read_text(), replay
+    try:
+        assert_bit_identical(final_model(run_dir), reference)
+    except AssertionError as error:
+        raise AssertionError(f"{replay}: {error}") from error
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_resumes_identically(tmp_path, shapes_root, reference):
     run_dir = tmp_path / "run"
@@ -136,6 +148,7 @@ class Evil:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.cli
 def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, shapes_root):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -146,12 +159,10 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, shapes_root)
     torch.load(tmp_path / "probe.pt", weights_only=False)
     assert probe.exists()
     for args in (["eval", f"ckpt={evil}"], ["train", *tiny_overrides(shapes_root), f"resume={evil}"]):
-        result = subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300)
+        result = run_cli(*args, cwd=tmp_path, timeout=300)
         assert result.returncode == 2
         last = result.stderr.strip().splitlines()[-1]
-        assert f"refusing to load {evil}" in last and "could run code" in last
-        assert "it names the Python global getattr" in last and "\x1b" not in last
+        assert str(evil) in last and "getattr" in last and "\x1b" not in last, last  # the file, the global
         assert not marker.exists()
     with pytest.raises(WeightsError, match="refusing to load"):
         load_checkpoint(evil)
@@ -259,6 +270,7 @@ def folder_dataset(root: Path, bad: int) -> Path:
     return root
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("where", ["train", "val"])
 def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
     """Workers ignore SIGTERM (preemption checkpoints first); the error must still end the process."""
@@ -268,13 +280,13 @@ def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
             "eval.num_workers=2", "trainer.max_iters=4", "trainer.val_interval=2", "logging.progress=false",
             f"hydra.run.dir={tmp_path / 'run'}", "trainer.device=cpu"]
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "segtrain", "train", *args], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+    result = run_cli("train", *args, cwd=tmp_path, timeout=120)
     assert time.perf_counter() - start < 60
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"segtrain train: error: mask {root / 'masks'}")
 
 
+@pytest.mark.cli
 def test_a_checkpoint_config_naming_code_outside_segtrain_runs_nothing(tmp_path, shapes_root):
     """Weights load cleanly with weights_only=True; the stored config is the payload."""
     overrides = tiny_overrides(shapes_root, **{"trainer.max_iters": 1, "trainer.val_interval": 1})
@@ -292,21 +304,20 @@ def test_a_checkpoint_config_naming_code_outside_segtrain_runs_nothing(tmp_path,
         "export": ["export", f"ckpt={evil}", f"hydra.run.dir={tmp_path / 'ex'}"],
     }
     for name, args in commands.items():
-        result = subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300)
+        result = run_cli(*args, cwd=tmp_path, timeout=300)
         assert result.returncode == 2, (name, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
-        assert f"refusing backbone._target_='builtins.open' from the config stored in {evil}" in last, last
+        assert "backbone._target_='builtins.open'" in last and str(evil) in last, last
         assert not marker.exists(), name
     # resume builds from the command's own config and compares the stored one as data: refused, runs nothing
-    resumed = subprocess.run([sys.executable, "-m", "segtrain", "train", *tiny_overrides(
-        shapes_root, **{"trainer.max_iters": 2, "trainer.val_interval": 2}), f"resume={evil}",
-        f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = run_cli("train", *tiny_overrides(shapes_root, **{"trainer.max_iters": 2, "trainer.val_interval": 2}),
+                      f"resume={evil}", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path, timeout=300)
     assert resumed.returncode == 2, resumed.stderr
-    assert "holds a different backbone (backbone._target_: 'builtins.open' in the checkpoint" in resumed.stderr
+    assert "backbone._target_" in resumed.stderr and "builtins.open" in resumed.stderr, resumed.stderr
     assert not marker.exists()
 
 
+@pytest.mark.cli
 def test_any_exception_in_a_loader_worker_is_one_line_and_exit_2(tmp_path, shapes_root):
     """Not only DataError: a MemoryError (here raised when a worker opens an image) ends the run too."""
     (tmp_path / "exploding_source.py").write_text(
@@ -320,10 +331,8 @@ def test_any_exception_in_a_loader_worker_is_one_line_and_exit_2(tmp_path, shape
         "    return [(Exploding(image) if split == 'train' else image, mask) for image, mask in pairs]\n")
     overrides = tiny_overrides(shapes_root, **{"trainer.num_workers": 2, "trainer.max_iters": 2})
     start_time = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "segtrain", "train", *overrides, "dataset.source._target_=exploding_source.samples",
-         f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    result = run_cli("train", *overrides, "dataset.source._target_=exploding_source.samples",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120, env={"PYTHONPATH": str(tmp_path)})
     assert time.perf_counter() - start_time < 60
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -347,6 +356,7 @@ def test_a_full_disk_reported_by_torch_as_a_writer_error_says_no_space_left(tmp_
         save_checkpoint({"x": 1}, tmp_path / "a.pt")
 
 
+@pytest.mark.cli
 def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_root):
     run_dir = tmp_path / "run"
     args = run_overrides(shapes_root, run_dir, **{"trainer.max_iters": 100000, "trainer.val_interval": 100000})
@@ -360,7 +370,7 @@ def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_r
         assert time.perf_counter() - started < 30
         assert second.returncode == 2
         last = second.stderr.strip().splitlines()[-1]
-        assert f"run directory {run_dir} is in use by segtrain train (pid {first.pid}, host " in last
+        assert str(run_dir) in last and f"pid {first.pid}" in last, last
         assert (run_dir / ".hydra" / "config.yaml").read_text() == config_before  # nothing of the second run
     finally:
         first.kill()
@@ -372,24 +382,21 @@ def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_r
     assert not (run_dir / ".segtrain.lock").exists()  # released on exit
 
 
+@pytest.mark.cli
 def test_validation_and_eval_honour_on_error_skip(tmp_path):
     root = folder_dataset(tmp_path / "data", 11)  # a bad validation mask
     args = ["dataset=folder", f"dataset.root={root}", "dataset.source.split_dir=splits", "backbone=resnet18",
             "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0", "eval.num_workers=0",
             "trainer.max_iters=2", "trainer.val_interval=2", "logging.progress=false", "data.on_error=skip",
             "trainer.device=cpu"]
-    result = subprocess.run([sys.executable, "-m", "segtrain", "train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "(1 unusable samples left out: data.on_error=skip)" in log
-    assert f"skipping a validation sample: mask {root / 'masks' / '11.png'} is an RGB colour image" in log
+    assert "data.on_error=skip" in log and str(root / "masks" / "11.png") in log
     last = tmp_path / "run" / "checkpoints" / "last.pt"
-    evaluated = subprocess.run([sys.executable, "-m", "segtrain", "eval", f"ckpt={last}",
-                                f"hydra.run.dir={tmp_path / 'ev'}"], cwd=tmp_path, capture_output=True, text=True,
-                               timeout=300)
+    evaluated = run_cli("eval", f"ckpt={last}", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "1 unusable images left out (data.on_error=skip" in evaluated.stdout
+    assert "data.on_error=skip" in evaluated.stdout
     import json
 
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -404,10 +411,10 @@ def _folder_cli(root: Path, tmp_path: Path, command: str, *extra: str) -> subpro
     if command == "train":
         args.append(f"hydra.run.dir={tmp_path / 'run'}")
     cmd = ["train"] if command == "train" else ["data", "check"]
-    return subprocess.run([sys.executable, "-m", "segtrain", *cmd, *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    return run_cli(*cmd, *args, cwd=tmp_path, timeout=300)
 
 
+@pytest.mark.cli
 def test_an_empty_split_is_an_error_for_data_check_and_training_alike(tmp_path):
     root = folder_dataset(tmp_path / "data", 3)
     (root / "splits" / "val.txt").write_text("\n\n")
@@ -417,13 +424,15 @@ def test_an_empty_split_is_an_error_for_data_check_and_training_alike(tmp_path):
         assert "split 'val' of dataset 'folder'" in result.stderr and "is empty" in result.stderr, result.stderr
 
 
+@pytest.mark.cli
 def test_oversized_images_are_refused_before_decoding(tmp_path):
     root = folder_dataset(tmp_path / "data", 3)
     result = _folder_cli(root, tmp_path, "check", "data.max_image_pixels=1000")
     assert result.returncode == 1
-    assert "is 40x40 (0 MP), above data.max_image_pixels=1000: refused before decoding" in result.stdout
+    assert "40x40" in result.stdout and "data.max_image_pixels=1000" in result.stdout
 
 
+@pytest.mark.cli
 def test_split_names_may_hold_spaces_and_symlink_loops_are_reported(tmp_path):
     import shutil as sh
 
@@ -437,7 +446,7 @@ def test_split_names_may_hold_spaces_and_symlink_loops_are_reported(tmp_path):
     (root / "images" / "loop.png").symlink_to(root / "images" / "loop.png")
     result = _folder_cli(root, tmp_path, "check", "data.split=val")
     assert result.returncode == 2
-    assert f"{root / 'images' / 'loop.png'} cannot be read" in result.stderr.strip().splitlines()[-1]
+    assert str(root / "images" / "loop.png") in result.stderr.strip().splitlines()[-1]
 
 
 def test_the_pixel_limit_holds_for_a_png_pil_cannot_open(tmp_path):

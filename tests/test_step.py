@@ -1,14 +1,12 @@
 """The one training step: shared by the trainer and `segtrain bench`, the loss group end to end."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 from dist_helpers import train_two_ranks
 from torch import nn
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, run_cli, tiny_overrides
 from segtrain.commands.bench import bench_train_step
 from segtrain.engine.step import FirstCallFallback
 from segtrain.engine.trainer import Trainer, train
@@ -57,13 +55,12 @@ def test_compile_fallback_guards_only_the_first_call(caplog):
         compiled_ok(torch.zeros(1, 2))
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["loss=ohem", "loss.min_kept=64"], ["loss.class_weights=[0.5,2,2,2,2]"]])
 def test_train_with_ohem_or_class_weights_from_the_command_line(tmp_path, extra):
     overrides = tiny_overrides(tmp_path / "data" / "shapes", **{"trainer.max_iters": 2, "trainer.val_interval": 2})
-    result = subprocess.run([sys.executable, "-m", "segtrain", "train", *overrides, *extra,
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
+    result = run_cli("train", *overrides, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     log = (tmp_path / "run" / "train.log").read_text()
@@ -71,15 +68,13 @@ def test_train_with_ohem_or_class_weights_from_the_command_line(tmp_path, extra)
     assert "iter 2/2: loss " in log
 
 
+@pytest.mark.cli
 def test_aux_weight_for_a_model_without_auxiliary_heads_is_refused(tmp_path):
     overrides = tiny_overrides(tmp_path / "data" / "shapes", **{"trainer.max_iters": 1})
-    result = subprocess.run([sys.executable, "-m", "segtrain", "train", *overrides, "loss.aux_weight=0.3",
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
+    result = run_cli("train", *overrides, "loss.aux_weight=0.3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "segtrain train: error: loss.aux_weight is set, but DeepLabV3Plus has no auxiliary head (only PSPNet has "
-        "one, with model.aux=true); remove the key")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("segtrain train: error: loss.aux_weight") and "model.aux" in last, result.stderr
 
 
 def _pspnet(shapes_root, **extra) -> list[str]:

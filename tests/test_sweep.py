@@ -2,14 +2,12 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import tiny_overrides
+from conftest import run_cli, tiny_overrides
 from segtrain.engine.sweep import write_result
 from segtrain.sweep import SWEPT_KEYS_ENV, collect, subdir_name, swept_keys_of, write_summary
 
@@ -58,15 +56,14 @@ def test_the_summary_has_one_row_per_finished_job_in_job_order(tmp_path, monkeyp
     assert collect(tmp_path / "missing") == []
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_optuna_maximises_the_best_miou_the_task_returns(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install 'segtrain[optuna]'")
     overrides = tiny_overrides(tmp_path / "data" / "shapes", **{"trainer.max_iters": 2, "trainer.val_interval": 2})
-    result = subprocess.run(
-        [sys.executable, "-m", "segtrain", "train", "-m", *overrides, "hydra/sweeper=optuna",
-         "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1",
-         "hydra.sweeper.sampler.seed=0", "optimizer.lr=tag(log,interval(0.001,0.05))"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    result = run_cli("train", "-m", *overrides, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
+                     "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.seed=0",
+                     "optimizer.lr=tag(log,interval(0.001,0.05))", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     with open(sweep / "summary.csv", newline="") as handle:

@@ -5,9 +5,8 @@ import time
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from segtrain.cli import config_dir
+from conftest import node
 from segtrain.errors import WeightsError, first_line
 from segtrain.models import build_backbone
 from segtrain.models.backbones import drn as drn_module
@@ -35,10 +34,6 @@ def _save_hashed(directory, stem: str, state: dict) -> str:
     name = f"{stem}-{hashlib.sha256(scratch.read_bytes()).hexdigest()[:8]}.pth"
     scratch.rename(directory / name)
     return name
-
-
-def _node(group: str, option: str, **extra):
-    return OmegaConf.merge(OmegaConf.load(config_dir() / group / f"{option}.yaml"), extra)
 
 
 def test_cached_file_with_the_hash_of_its_name_loads_without_its_classifier(torch_home):
@@ -99,7 +94,7 @@ def test_offline_pretrained_fails_fast_saying_where_the_file_goes(torch_home, mo
     where = where.format(checkpoints=torch_home, hf_cache=constants.HF_HUB_CACHE)
     start = time.perf_counter()
     with pytest.raises(WeightsError) as info:
-        build_backbone(_node("backbone", backbone_name, pretrained=True))
+        build_backbone(node("backbone", backbone_name, pretrained=True))
     assert time.perf_counter() - start < 30
     message = str(info.value)
     assert message.startswith("backbone.pretrained=true: the ImageNet weights of ") and "\n" not in message
@@ -111,7 +106,7 @@ def test_offline_message_names_the_torchvision_file_behind_a_tv_tag(torch_home, 
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     with pytest.raises(WeightsError, match=r"backbone.weights=/path/to/resnet50-0676ba61\.pth"):
-        build_backbone(_node("backbone", "resnet50", pretrained=True))
+        build_backbone(node("backbone", "resnet50", pretrained=True))
 
 
 class _Touch:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config
-from segtrain.cli import config_dir
+from conftest import compose_config, node
 from segtrain.commands.info import model_complexity
 from segtrain.engine.restore import checkpoint_config
 from segtrain.engine.resume import check_same_network
@@ -27,14 +26,10 @@ PAIRS = (
 )
 
 
-def _node(group: str, option: str, **extra):
-    return OmegaConf.merge(OmegaConf.load(config_dir() / group / f"{option}.yaml"), extra)
-
-
 @pytest.mark.parametrize("model_name,backbone_name", PAIRS, ids=[f"{m}-{b}" for m, b in PAIRS])
 def test_forward_backward_channels_last_and_bf16(model_name, backbone_name):
     torch.manual_seed(0)
-    model = build_model(_node("model", model_name), _node("backbone", backbone_name), 5)
+    model = build_model(node("model", model_name), node("backbone", backbone_name), 5)
     model.train()
     out = model(torch.randn(2, 3, 65, 65))
     assert out["out"].shape == (2, 5, 65, 65)
@@ -56,7 +51,7 @@ def test_forward_backward_channels_last_and_bf16(model_name, backbone_name):
 
 
 def test_drn_uses_frozen_bilinear_upsampling():
-    model = build_model(_node("model", "drnseg"), _node("backbone", "drn_d_22"), 3)
+    model = build_model(node("model", "drnseg"), node("backbone", "drn_d_22"), 3)
     assert not model.upsample.weight.requires_grad
     assert model.upsample.stride == (8, 8) and model.upsample.groups == 3
     # A constant map stays constant away from the borders: the kernel interpolates.
@@ -67,7 +62,7 @@ def test_drn_uses_frozen_bilinear_upsampling():
 
 
 def test_pspnet_pyramid_follows_the_paper():
-    model = build_model(_node("model", "pspnet"), _node("backbone", "resnet50", output_stride=8), 3)
+    model = build_model(node("model", "pspnet"), node("backbone", "resnet50", output_stride=8), 3)
     assert model.backbone.strides == [4, 8, 8, 8]
     assert [stage[0].output_size for stage in model.ppm.stages] == [1, 2, 3, 6]
     assert [stage[1][0].out_channels for stage in model.ppm.stages] == [512] * 4  # 2048 / 4
@@ -94,9 +89,9 @@ def _depthwise_in_head(model) -> int:
     ("deeplabv3", "resnet50", False), ("deeplabv3plus", "drn_d_22", False),
 ])
 def test_separable_auto_is_the_papers_choice_for_the_backbone_family(model_name, backbone_name, separable):
-    assert _node("model", model_name).separable == "auto"
+    assert node("model", model_name).separable == "auto"
     with torch.device("meta"):
-        model = build_model(_node("model", model_name), _node("backbone", backbone_name), 21)
+        model = build_model(node("model", model_name), node("backbone", backbone_name), 21)
     assert model.separable is separable
     assert _depthwise_in_head(model) == (3 + 2 * (model_name == "deeplabv3plus") if separable else 0)
 
@@ -104,21 +99,21 @@ def test_separable_auto_is_the_papers_choice_for_the_backbone_family(model_name,
 @pytest.mark.parametrize("backbone_name,separable", [("resnet50", True), ("xception65", False)])
 def test_an_explicit_separable_value_wins_over_the_family(backbone_name, separable):
     with torch.device("meta"):
-        model = build_model(_node("model", "deeplabv3plus", separable=separable), _node("backbone", backbone_name), 21)
+        model = build_model(node("model", "deeplabv3plus", separable=separable), node("backbone", backbone_name), 21)
     assert model.separable is separable and _depthwise_in_head(model) == (5 if separable else 0)
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_a_bad_separable_value_is_one_line_naming_the_key(value):
     with pytest.raises(ConfigError) as info, torch.device("meta"):
-        build_model(_node("model", "deeplabv3plus", separable=value), _node("backbone", "resnet50"), 21)
+        build_model(node("model", "deeplabv3plus", separable=value), node("backbone", "resnet50"), 21)
     assert str(info.value).startswith("model.separable must be true, false or auto") and "\n" not in str(info.value)
 
 
 def test_a_resume_compares_separable_auto_by_what_it_resolves_to():
     def config(backbone_name, separable):
-        return OmegaConf.create({"model": OmegaConf.to_container(_node("model", "deeplabv3plus", separable=separable)),
-                                 "backbone": OmegaConf.to_container(_node("backbone", backbone_name))})
+        return OmegaConf.create({"model": OmegaConf.to_container(node("model", "deeplabv3plus", separable=separable)),
+                                 "backbone": OmegaConf.to_container(node("backbone", backbone_name))})
 
     check_same_network(config("xception65", True), config("xception65", "auto"), "run.pt")  # the same network
     check_same_network(config("resnet101", False), config("resnet101", "auto"), "run.pt")
@@ -211,10 +206,10 @@ def test_official_format_drn_checkpoint_loads_strictly(tmp_path):
 @pytest.mark.parametrize("backbone_name", ["resnet50", "resnet18", "xception65", "hrnet_w18", "drn_d_22"])
 def test_weights_file_from_a_fresh_backbone_gives_identical_outputs(tmp_path, backbone_name):
     torch.manual_seed(2)
-    source = build_backbone(_node("backbone", backbone_name)).eval()
+    source = build_backbone(node("backbone", backbone_name)).eval()
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
-    loaded = build_backbone(_node("backbone", backbone_name, weights=str(path))).eval()
+    loaded = build_backbone(node("backbone", backbone_name, weights=str(path))).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         for a, b in zip(source(x), loaded(x)):
@@ -227,18 +222,18 @@ def test_torchvision_format_file_loads_into_the_resnet_backbone(tmp_path):
     reference = torchvision.models.resnet50()
     path = tmp_path / "resnet50-0676ba61.pth"
     torch.save(reference.state_dict(), path)
-    backbone = build_backbone(_node("backbone", "resnet50", weights=str(path)))
+    backbone = build_backbone(node("backbone", "resnet50", weights=str(path)))
     assert torch.equal(backbone.net.conv1.weight, reference.conv1.weight)
 
 
 def test_mismatched_weights_file_is_named(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="wrong.pth"):
-        build_backbone(_node("backbone", "drn_d_22", weights=str(tmp_path / "wrong.pth")))
+        build_backbone(node("backbone", "drn_d_22", weights=str(tmp_path / "wrong.pth")))
 
 
 def test_info_counts_parameters_and_multiply_adds():
-    model_cfg, backbone_cfg = _node("model", "deeplabv3plus"), _node("backbone", "resnet50")
+    model_cfg, backbone_cfg = node("model", "deeplabv3plus"), node("backbone", "resnet50")
     small = model_complexity(model_cfg, backbone_cfg, 21, (256, 256))
     large = model_complexity(model_cfg, backbone_cfg, 21, (512, 512))
     assert small["params"] == large["params"] == 40_352_181  # plain convs with ResNet (separable: auto)
@@ -250,6 +245,6 @@ def test_info_counts_parameters_and_multiply_adds():
 @pytest.mark.parametrize("model_name", ["deeplabv3plus", "deeplabv3", "pspnet"])
 @pytest.mark.parametrize("timm_name", ["efficientnet_b0", "convnext_atto"])
 def test_any_timm_encoder_works_with_the_generic_heads(model_name, timm_name):
-    model = build_model(_node("model", model_name), _node("backbone", "timm", name=timm_name), 4).eval()
+    model = build_model(node("model", model_name), node("backbone", "timm", name=timm_name), 4).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 65, 65))["out"].shape == (1, 4, 65, 65)
