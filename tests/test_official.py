@@ -311,7 +311,7 @@ def test_init_from_an_official_drnseg_file_trains_with_its_weights(tmp_path, sha
     source = _model("drnseg", "drn_d_22", seed=8)
     torch.save(to_official("drnseg", source), path)
     trainer, weights, result = fit_recording_start(_drnseg_run(shapes_root, init_from=str(path)), tmp_path / "run")
-    report = trainer.init_report
+    report = trainer.run.init_report
     assert sorted(report.reinitialised) == ["classifier.bias", "classifier.weight", "upsample.weight"]
     assert report.file_classes == 19 and not report.kept and not report.unused
     expected = source.state_dict()
