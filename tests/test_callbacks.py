@@ -77,6 +77,7 @@ class EventLog(Callback):
         self.events.append(("close", run.state.iteration))
 
 
+@pytest.mark.slow
 def test_events_come_in_loop_order_at_their_intervals(tmp_path, shapes_root):
     log = EventLog()
     cfg = compose_config("train", tiny_overrides(shapes_root, **{

@@ -38,6 +38,7 @@ def test_regions_are_the_backbone_blocks_and_the_head():
     assert modules and kinds.count("XceptionModule") == len(modules) and kinds.count("SeparableConv2d") >= 5 * 3
 
 
+@pytest.mark.slow
 def test_a_failed_first_compiled_call_restores_the_eager_model(caplog):
     model = _quickstart("backbone.out_indices=[1,2]")
     regions = RegionalCompile(model)
@@ -74,6 +75,7 @@ def counting_backend():
         torch.compiler.reset()
 
 
+@pytest.mark.slow
 def test_compiled_training_and_validation_never_recompile(tmp_path, shapes_root, counting_backend):
     """Every region compiles in the first step into one graph (no graph break); later steps and the
     validations (eager) compile nothing: after step 1 the compiler's stance is fail_on_recompile."""

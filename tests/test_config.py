@@ -114,6 +114,7 @@ def test_configs_ship_with_the_package():
     assert Path(config_dir()).name == "conf"
 
 
+@pytest.mark.slow
 def test_speed_defaults_resolve_per_device_and_explicit_values_win(tmp_path, shapes_root, caplog):
     from conftest import tiny_overrides
     from segtrain.engine.runtime import resolve_amp, resolve_channels_last

@@ -155,6 +155,7 @@ def _ade_style_tree(root: Path) -> dict[str, list[np.ndarray]]:
     return stored
 
 
+@pytest.mark.slow
 def test_a_dataset_with_a_label_decoder_shifts_labels_and_ignores_zero(tmp_path, shapes_root, my_conf):
     root = tmp_path / "ADEChallengeData2016"
     stored = _ade_style_tree(root)
@@ -201,6 +202,7 @@ def test_dice_loss_by_hand():
     assert both.item() == pytest.approx(8 / 21, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_dice_loss_is_the_same_however_the_global_batch_is_split(tmp_path, shapes_root, my_conf):
     torch.manual_seed(3)
     loss = DiceLoss(3)

@@ -238,6 +238,7 @@ def test_data_check_names_every_planted_bad_file(tmp_path):
     assert "usable samples: 2 of 6" in result.stdout
 
 
+@pytest.mark.slow
 def test_training_skips_bad_samples_when_asked(tmp_path, shapes_root):
     root = tmp_path / "mine"
     _plant_bad_files(root)

@@ -38,6 +38,7 @@ def test_global_batch_must_split_over_ranks_and_accumulation():
         micro_batch_size(16, 3, 2)
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, shapes_root):
     common = {"trainer.max_iters": 3, "trainer.val_interval": 3, "model.dropout": 0.0, "trainer.freeze_bn": "true"}
     big = train(compose_config("train", tiny_overrides(shapes_root, **common)), tmp_path / "big")
@@ -64,6 +65,7 @@ def test_two_process_training_matches_one_process(tmp_path, shapes_root):
     assert not (tmp_path / "ddp" / "scratch-1").exists() or not any((tmp_path / "ddp" / "scratch-1").rglob("*"))
 
 
+@pytest.mark.slow
 def test_channels_last_training_runs(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.channels_last": "true",
                                                                  "trainer.max_iters": 2}))

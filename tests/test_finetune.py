@@ -43,6 +43,7 @@ def tiny_model(cfg, num_classes):
     return build_model(cfg.model, cfg.backbone, num_classes)
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_5_class_checkpoint_on_3_classes_reinitialises_only_the_classifier(
         tmp_path, shapes_root, shapes_checkpoint, caplog):
     root = write_folder_dataset(tmp_path / "mine", count=8, num_classes=3)
@@ -70,6 +71,7 @@ def test_fine_tuning_a_5_class_checkpoint_on_3_classes_reinitialises_only_the_cl
     assert load_for_inference(compose_config("eval", overrides), overrides).class_names == ["sky", "road", "car"]
 
 
+@pytest.mark.slow
 def test_plain_state_dicts_load_wrapped_or_with_module_prefixes(tmp_path, shapes_root, shapes_checkpoint):
     cfg = compose_config("train", tiny_overrides(shapes_root))
     source = load_checkpoint(shapes_checkpoint)["model"]
@@ -88,6 +90,7 @@ def test_plain_state_dicts_load_wrapped_or_with_module_prefixes(tmp_path, shapes
 
 @pytest.mark.parametrize("model,backbone", [("pspnet", "resnet18"), ("drnseg", "drn_d_22"), ("dla_up", "dla34"),
                                             ("hrnetv2", "hrnet_w18")])
+@pytest.mark.slow
 def test_every_family_reinitialises_exactly_its_class_count_tensors(tmp_path, model, backbone):
     cfg = compose_config("train", [f"model={model}", f"backbone={backbone}"])
     five, three = tiny_model(cfg, 5), tiny_model(cfg, 3)
@@ -100,6 +103,7 @@ def test_every_family_reinitialises_exactly_its_class_count_tensors(tmp_path, mo
         assert {"head.2.weight", "aux_head.2.weight"} <= set(differing)  # head and auxiliary classifiers
 
 
+@pytest.mark.slow
 def test_unusable_files_are_one_line_errors(tmp_path, shapes_root, shapes_checkpoint):
     cfg = compose_config("train", tiny_overrides(shapes_root))
     source = load_checkpoint(shapes_checkpoint)["model"]
@@ -138,6 +142,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path, shapes_root):
     assert (tmp_path / "victim").is_dir()
 
 
+@pytest.mark.slow
 def test_resume_auto_with_checkpoints_wins_over_init_from_and_an_explicit_resume_is_refused(
         tmp_path, shapes_root, shapes_checkpoint, caplog):
     values = {"trainer.max_iters": 2, "trainer.val_interval": 2, "trainer.ckpt_interval": 1}
@@ -177,6 +182,7 @@ def test_ema_decay_outside_0_1_is_refused(tmp_path, shapes_root):
             train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.ema_decay": value})), tmp_path)
 
 
+@pytest.mark.slow
 def test_ema_matches_the_formula_and_validation_and_eval_use_it(tmp_path, shapes_root):
     decay = 0.7
     cfg = compose_config("train", tiny_overrides(shapes_root, **{
@@ -220,6 +226,7 @@ def test_ema_matches_the_formula_and_validation_and_eval_use_it(tmp_path, shapes
     assert run_eval(compose_config("eval", overrides), overrides, tmp_path / "eval")["miou"] == ema_miou
 
 
+@pytest.mark.slow
 def test_ema_resumes_exactly(tmp_path, shapes_root):
     values = {"trainer.ema_decay": 0.8, "trainer.max_iters": 4, "trainer.val_interval": 4,
               "trainer.ckpt_interval": 2}

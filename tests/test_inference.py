@@ -145,6 +145,7 @@ def test_metrics_identical_for_batch_sizes_1_and_4(tmp_path):
     assert results[0].metrics["miou"] == results[1].metrics["miou"]
 
 
+@pytest.mark.slow
 def test_metrics_identical_for_1_and_2_processes(tmp_path):
     import torch.multiprocessing as mp
     from dist_helpers import evaluate_shard
@@ -182,6 +183,7 @@ def test_eval_writes_metrics_table_matrix_image_and_predictions(tmp_path, demo_c
     assert "ms per image" in result.stdout
 
 
+@pytest.mark.slow
 def test_eval_output_stride_8_for_a_model_trained_at_16(tmp_path, demo_checkpoint):
     overrides = [f"ckpt={demo_checkpoint}", "eval.output_stride=8"]
     from segtrain.engine.restore import load_for_inference
@@ -257,6 +259,7 @@ def test_export_onnx_is_one_file_with_metadata_and_matches_pytorch(tmp_path, dem
         assert np.abs(actual - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_export_onnx_above_the_single_file_limit_names_both_files(tmp_path):
     pytest.importorskip("onnxscript", reason="onnx extras not installed (pip install 'segtrain[onnx]')")
     import onnx

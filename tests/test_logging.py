@@ -48,6 +48,7 @@ def _events(run_dir):
     return EventAccumulator(str(run_dir)).Reload()
 
 
+@pytest.mark.slow
 def test_the_event_file_holds_the_hparams_entry_with_best_miou_and_the_config(bar_run):
     from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 

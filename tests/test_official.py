@@ -230,6 +230,7 @@ def _drnseg_run(shapes_root, **values):
         "trainer.ckpt_interval": 2, **values}) + [f"~model.{key}" for key in QUICKSTART_HEAD])
 
 
+@pytest.mark.slow
 def test_train_starts_from_the_backbone_of_an_official_drnseg_file(tmp_path, shapes_root):
     path = tmp_path / "drn_d_22_cityscapes.pth"
     source = _model("drnseg", "drn_d_22", seed=7)
@@ -304,6 +305,7 @@ def test_drn_weights_come_from_the_host_of_the_official_code():
         assert re.fullmatch(rf"http://dl\.yf\.io/drn/{name}-[0-9a-f]{{8}}\.pth", url), url
 
 
+@pytest.mark.slow
 def test_init_from_an_official_drnseg_file_trains_with_its_weights(tmp_path, shapes_root):
     """A released 19-class Cityscapes DRNSeg starts a shapes run: every tensor loaded or, for the class
     count, re-initialised."""

@@ -70,6 +70,7 @@ def test_bad_optimizer_nodes_are_one_line_config_errors(change, message):
         build_optimizer(OmegaConf.create({**SGD, **change}), _model())
 
 
+@pytest.mark.slow
 def test_bad_schedule_and_loss_values_are_one_line_config_errors():
     from conftest import compose_config
     from segtrain.engine.step import build_loss, build_lr_schedule

@@ -53,6 +53,7 @@ def os8_run(tmp_path_factory, shapes_root):
     return run, result, records
 
 
+@pytest.mark.slow
 def test_training_validates_at_the_protocols_output_stride(os8_run):
     run, result, records = os8_run
     assert "validation at output stride 8 (training at 16)" in records

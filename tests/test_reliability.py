@@ -125,6 +125,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_identically(tmp_path, shapes_
     assert_bit_identical(final_model(run_dir), reference)
 
 
+@pytest.mark.slow
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes_root, caplog):
     overrides = tiny_overrides(shapes_root, **{"trainer.max_iters": 6, "trainer.ckpt_interval": 3})
     train(compose_config("train", overrides), tmp_path)
@@ -186,6 +187,7 @@ def nan_at(monkeypatch):
     return install
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_iteration_lr_and_last_good_checkpoint(tmp_path, shapes_root, nan_at):
     nan_at({5})
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 8, "trainer.ckpt_interval": 2,
@@ -200,6 +202,7 @@ def test_nan_loss_stops_naming_iteration_lr_and_last_good_checkpoint(tmp_path, s
     assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
 
 
+@pytest.mark.slow
 def test_nan_loss_skip_policy_skips_counts_and_limits(tmp_path, shapes_root, nan_at):
     nan_at({3, 5})
     overrides = tiny_overrides(shapes_root, **{"trainer.max_iters": 6, "trainer.nan_policy": "skip"})
@@ -226,6 +229,7 @@ def test_out_of_memory_message_suggests_accumulation(tmp_path, shapes_root, monk
         assert part in message
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, shapes_root, monkeypatch):
     real_save, calls = torch.save, {"n": 0}
 
@@ -449,6 +453,7 @@ def test_split_names_may_hold_spaces_and_symlink_loops_are_reported(tmp_path):
     assert str(root / "images" / "loop.png") in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_the_pixel_limit_holds_for_a_png_pil_cannot_open(tmp_path):
     """A bad ancillary-chunk CRC makes PIL refuse the file while OpenCV decodes it: the size comes from IHDR."""
     import struct

@@ -19,6 +19,7 @@ def _run(shapes_root, run_dir, *extra, **values):
     return train(compose_config("train", [*tiny_overrides(shapes_root, **values), *extra]), run_dir)
 
 
+@pytest.mark.slow
 def test_a_changed_learning_rate_applies_from_the_resumed_iteration_and_is_logged(tmp_path, shapes_root, caplog):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2, "optimizer.lr": 0.02})
     with caplog.at_level("INFO"):
@@ -30,6 +31,7 @@ def test_a_changed_learning_rate_applies_from_the_resumed_iteration_and_is_logge
     assert "resume: trainer.max_iters: 2 -> 4 (from iteration 3)" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_changed_batch_size_continues_the_same_sample_stream(tmp_path, shapes_root):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})  # 2 x 4 samples
     trainer = Trainer(compose_config("train", [*tiny_overrides(shapes_root, **{
@@ -44,6 +46,7 @@ def test_a_changed_batch_size_continues_the_same_sample_stream(tmp_path, shapes_
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train_state"]["samples_seen"] == 24
 
 
+@pytest.mark.slow
 def test_a_different_backbone_or_model_is_refused_naming_what_the_checkpoint_holds(tmp_path, shapes_root):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
     with pytest.raises(ConfigError, match=r"holds a different backbone \(backbone.name: 'resnet18' in the "
@@ -53,6 +56,7 @@ def test_a_different_backbone_or_model_is_refused_naming_what_the_checkpoint_hol
         _run(shapes_root, tmp_path, "resume=auto", "model.aspp_channels=32")
 
 
+@pytest.mark.slow
 def test_a_different_training_set_is_refused(tmp_path, shapes_root):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
     with pytest.raises(ConfigError, match="was trained on a different training set .* start a new run directory"):
@@ -66,6 +70,7 @@ def test_a_checkpoint_without_a_data_fingerprint_is_not_resumed():
     check_same_data(dict(fingerprint), fingerprint, "last.pt")
 
 
+@pytest.mark.slow
 def test_non_finite_buffers_are_never_saved(tmp_path, shapes_root, monkeypatch):
     from segtrain.engine.step import TrainStep
 
@@ -85,6 +90,7 @@ def test_non_finite_buffers_are_never_saved(tmp_path, shapes_root, monkeypatch):
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train_state"]["iteration"] == 2
 
 
+@pytest.mark.slow
 def test_loading_a_checkpoint_with_a_nan_tensor_names_it(tmp_path, shapes_root):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
     path = tmp_path / "checkpoints" / "last.pt"
@@ -95,6 +101,7 @@ def test_loading_a_checkpoint_with_a_nan_tensor_names_it(tmp_path, shapes_root):
         load_checkpoint(tmp_path / "nan.pt")
 
 
+@pytest.mark.slow
 def test_resume_auto_prefers_the_newest_complete_checkpoint_and_cleans_up(tmp_path, shapes_root):
     _run(shapes_root, tmp_path)  # iter 2 and 4; last.pt -> iter 4
     ckpt = tmp_path / "checkpoints"
@@ -108,6 +115,7 @@ def test_resume_auto_prefers_the_newest_complete_checkpoint_and_cleans_up(tmp_pa
     assert not list(ckpt.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_resume_auto_stops_when_checkpoints_exist_but_none_loads(tmp_path, shapes_root):
     _run(shapes_root, tmp_path)
     for path in (tmp_path / "checkpoints").glob("*.pt"):
@@ -120,6 +128,7 @@ def test_resume_auto_stops_when_checkpoints_exist_but_none_loads(tmp_path, shape
     assert (tmp_path / "checkpoints" / "best.pt").read_bytes() == best
 
 
+@pytest.mark.slow
 def test_best_pt_is_only_replaced_by_a_better_miou(tmp_path, shapes_root):
     first = _run(shapes_root, tmp_path / "a", **{"trainer.max_iters": 2, "trainer.val_interval": 2})
     shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
@@ -139,6 +148,7 @@ def test_best_pt_is_only_replaced_by_a_better_miou(tmp_path, shapes_root):
     assert best_path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_optimizer_starts_its_state_fresh(tmp_path, shapes_root, caplog):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
     with caplog.at_level("WARNING"):

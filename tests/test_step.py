@@ -12,6 +12,7 @@ from segtrain.engine.step import FirstCallFallback
 from segtrain.engine.trainer import Trainer, train
 
 
+@pytest.mark.slow
 def test_bench_and_trainer_run_the_same_step(tmp_path, shapes_root):
     overrides = tiny_overrides(shapes_root, **{"model.dropout": 0.0, "optimizer.lr": 0.05})
     trainer = Trainer(compose_config("train", overrides), tmp_path)
@@ -84,6 +85,7 @@ def _pspnet(shapes_root, **extra) -> list[str]:
     return ["model=pspnet", "backbone=resnet18", *tiny_overrides(shapes_root, **values)[1:]]
 
 
+@pytest.mark.slow
 def test_pspnet_aux_weight_comes_from_the_loss(tmp_path, shapes_root):
     with_aux = train(compose_config("train", _pspnet(shapes_root)), tmp_path / "a")
     without = train(compose_config("train", _pspnet(shapes_root, **{"loss.aux_weight": 0.0})), tmp_path / "b")

@@ -17,6 +17,7 @@ def _hooks(module: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("output_stride", "out_indices"), [(16, None), (8, [1, 2, 4])])
 def test_xception_features_equal_the_hook_wrapper_under_the_same_weights(tmp_path, output_stride, out_indices):
     kwargs = {"output_stride": output_stride} | ({"out_indices": tuple(out_indices)} if out_indices else {})
@@ -46,6 +47,7 @@ def test_every_timm_backbone_config_extracts_features_without_hooks(name):
     assert _hooks(backbone) == 0
 
 
+@pytest.mark.slow
 def test_timm_weight_files_load_strictly_into_the_getter_layout(tmp_path):
     torch.manual_seed(1)
     full = timm.create_model("xception65")

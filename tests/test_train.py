@@ -12,6 +12,7 @@ from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_loss(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{
         "trainer.max_iters": 30, "trainer.val_interval": 30, "trainer.ckpt_interval": 30,
@@ -23,6 +24,7 @@ def test_short_training_lowers_the_loss(tmp_path, shapes_root):
     assert result.final_miou > 0.1
 
 
+@pytest.mark.slow
 def test_outputs_checkpoints_and_events(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.keep_last": 1}))
     train(cfg, tmp_path)
@@ -45,6 +47,7 @@ def test_outputs_checkpoints_and_events(tmp_path, shapes_root):
     assert "val_images/0" in events.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_iteration_with_the_same_lr(tmp_path, shapes_root):
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     cfg = compose_config("train", tiny_overrides(shapes_root))
@@ -71,6 +74,7 @@ def test_resume_continues_at_the_saved_iteration_with_the_same_lr(tmp_path, shap
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_resume_auto_in_an_empty_directory_starts_fresh(tmp_path, shapes_root, caplog):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 2}) + ["resume=auto"])
     with caplog.at_level("INFO"):
@@ -79,6 +83,7 @@ def test_resume_auto_in_an_empty_directory_starts_fresh(tmp_path, shapes_root, c
     assert "starting from scratch" in caplog.text
 
 
+@pytest.mark.slow
 def test_resume_with_other_classes_is_refused(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 3}))
     train(cfg, tmp_path / "a")
@@ -89,6 +94,7 @@ def test_resume_with_other_classes_is_refused(tmp_path, shapes_root):
         train(compose_config("train", other), tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_logged_miou(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root))
     result = train(cfg, tmp_path / "run")
@@ -104,6 +110,7 @@ def test_eval_reproduces_the_logged_miou(tmp_path, shapes_root):
     assert (tmp_path / "eval" / "per_class_iou.csv").read_text().startswith("class,iou,acc")
 
 
+@pytest.mark.slow
 def test_eval_overrides_apply_on_top_of_the_checkpoint_config(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 2}))
     train(cfg, tmp_path / "run")
@@ -122,12 +129,14 @@ def test_bad_trainer_values_are_config_errors(tmp_path, shapes_root):
         compose_config("train", tiny_overrides(shapes_root, **{"trainer.amp": "fp8"}))
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_on_cpu(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{"trainer.amp": "bf16", "trainer.max_iters": 2}))
     result = train(cfg, tmp_path)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_schedule_follows_the_new_one(tmp_path, shapes_root):
     train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 4})), tmp_path)
     longer = tiny_overrides(shapes_root, **{"trainer.max_iters": 8}) + ["resume=auto"]

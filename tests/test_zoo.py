@@ -26,6 +26,7 @@ PAIRS = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name,backbone_name", PAIRS, ids=[f"{m}-{b}" for m, b in PAIRS])
 def test_forward_backward_channels_last_and_bf16(model_name, backbone_name):
     torch.manual_seed(0)
@@ -203,6 +204,7 @@ def test_official_format_drn_checkpoint_loads_strictly(tmp_path):
         assert torch.equal(source(x)[-1], loaded(x)[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone_name", ["resnet50", "resnet18", "xception65", "hrnet_w18", "drn_d_22"])
 def test_weights_file_from_a_fresh_backbone_gives_identical_outputs(tmp_path, backbone_name):
     torch.manual_seed(2)
