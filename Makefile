@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+# Test processes side by side (pytest-xdist); each takes its share of the cores (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint clean-demo-data
 
@@ -26,11 +28,11 @@ demo: $(VENV)/.installed
 	@echo "TensorBoard:   $(BIN)/tensorboard --logdir outputs"
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Unit and in-process tests only: no `python -m segtrain` subprocess, no long end-to-end run.
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not cli and not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not cli and not slow"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check segtrain tests

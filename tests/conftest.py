@@ -20,6 +20,9 @@ from segtrain.config import register_configs
 
 register_configs()
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `make test` runs workers side by side: share the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 600
 _running: dict[str, pytest.Item] = {}  # the test being set up or run: run_cli checks its `cli` mark
