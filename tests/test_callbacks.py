@@ -13,6 +13,7 @@ import torch
 
 from conftest import compose_config, run_cli, tiny_overrides
 from segtrain.engine.callbacks import Callback, CallbackList, NonFiniteGuard, configured_callbacks
+from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.trainer import train
 from segtrain.errors import ConfigError, TrainingStopped
 
@@ -173,3 +174,47 @@ def test_the_non_finite_guard_counts_skipped_steps_up_to_the_limit():
     run.state.iteration = 2
     with pytest.raises(TrainingStopped, match=r"2 steps had a non-finite loss \(trainer.max_skipped_steps=1\)"):
         guard.on_step_end(run, SimpleNamespace(skipped=True, finite=torch.tensor(False)))
+
+
+class CountValidations(Callback):
+    """A callback with a past: how many validations it has seen, carried over a resume."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.at_start = None
+
+    def on_fit_start(self, run):
+        self.at_start = self.seen
+
+    def on_validation(self, run):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = int(state["seen"])
+
+
+@pytest.mark.slow
+def test_a_callbacks_state_is_saved_in_checkpoints_and_restored_on_resume(tmp_path, shapes_root):
+    first = CountValidations()
+    values = {"trainer.max_iters": 4, "trainer.val_interval": 1, "trainer.ckpt_interval": 4}
+    train(compose_config("train", tiny_overrides(shapes_root, **values)), tmp_path, callbacks=[first])
+    assert first.seen == 4
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["callbacks"] == {"CountValidations": {"seen": 4}}
+    resumed = CountValidations()
+    values["trainer.max_iters"] = 5
+    train(compose_config("train", [*tiny_overrides(shapes_root, **values), "resume=auto"]), tmp_path,
+          callbacks=[resumed])
+    assert resumed.at_start == 4 and resumed.seen == 5  # restored before on_fit_start, then one more validation
+
+
+def test_callback_states_are_keyed_by_class_and_stateless_callbacks_save_nothing():
+    a, b = CountValidations(), CountValidations()
+    a.seen, b.seen = 2, 3
+    callbacks = CallbackList([NonFiniteGuard(), a, b])
+    assert callbacks.state_dict() == {"CountValidations": {"seen": 2}, "CountValidations#2": {"seen": 3}}
+    fresh = [CountValidations(), CountValidations()]
+    CallbackList([NonFiniteGuard(), *fresh]).load_state_dict(callbacks.state_dict())
+    assert [c.seen for c in fresh] == [2, 3]

@@ -94,6 +94,8 @@ def resume_run(run: Run) -> None:
     _load_update_state(run, saved, stored)
     restore_rng_state(saved["rng"])
     run.state = TrainState.from_checkpoint(saved["train_state"])
+    if run.callbacks is not None and isinstance(saved.get("callbacks"), dict):
+        run.callbacks.load_state_dict(saved["callbacks"])
     log_changes(stored, run.cfg, run.state.iteration)
     log.info("resumed from %s at iteration %d (lr %.6g)", path, run.state.iteration,
              run.step.lr(run.state.iteration + 1))

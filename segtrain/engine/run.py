@@ -98,6 +98,7 @@ class Run:
     validation: Validation | None = None  # the latest validation
     last_checkpoint: Path | None = None  # the latest periodic checkpoint (rank 0)
     stop_signal: int | None = None  # set when every rank agreed to stop (preemption)
+    callbacks: Any = None  # the loop's CallbackList (set by the Trainer): their states go into checkpoints
 
     @property
     def ckpt_dir(self) -> Path:
@@ -220,6 +221,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "optimizer": run.step.optimizer.state_dict(),
         "scaler": run.step.scaler.state_dict(),
         "train_state": run.state.to_checkpoint(),
+        "callbacks": run.callbacks.state_dict() if run.callbacks is not None else {},
         "rng": rng_state(),
         "class_names": run.class_names,
         "data_fingerprint": run.fingerprint,

@@ -86,6 +86,7 @@ class Trainer:
                 log.info("watch it: tensorboard --logdir %s", self.run_dir)
         self.callbacks = CallbackList([*default_callbacks(), *configured_callbacks(self.cfg), *self.extra_callbacks])
         self.run = build_run(self.cfg, self.run_dir, ctx, self.info)
+        self.run.callbacks = self.callbacks
         return self.run
 
     def resume(self) -> None:

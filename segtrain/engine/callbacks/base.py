@@ -19,6 +19,11 @@ config's `callbacks`):
 `TrainState`; a callback keeps its own state in its own attributes. Every process calls every
 event: a callback that writes files checks `run.ctx.is_main`, and one that makes a collective
 call (all-reduce) must make it on every process.
+
+A callback whose decisions depend on the past (early stopping's patience) returns that state from
+`state_dict()` (plain numbers, strings, lists and dicts); it is saved in every checkpoint and given
+back through `load_state_dict()` on resume, before `on_fit_start`, so a resumed run decides exactly
+as the uninterrupted one. A checkpoint is untrusted data: `load_state_dict` checks what it reads.
 """
 
 from __future__ import annotations
@@ -61,6 +66,13 @@ class Callback:
     def on_close(self, run: Run) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this callback's decisions; empty: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The state of `state_dict()` from a checkpoint (called before on_fit_start on resume)."""
+
 
 class CallbackList(Callback):
     """Calls each event on every callback, in order. `on_close` reaches every callback even when one
@@ -96,6 +108,24 @@ class CallbackList(Callback):
 
     def on_fit_end(self, run: Run) -> None:
         self._each("on_fit_end", run)
+
+    def _keys(self) -> list[str]:
+        """A stable name per callback for the checkpoint: its class, numbered when it occurs twice."""
+        keys, seen = [], {}
+        for callback in self.callbacks:
+            name = type(callback).__qualname__
+            seen[name] = seen.get(name, 0) + 1
+            keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+        return keys
+
+    def state_dict(self) -> dict:
+        states = {key: callback.state_dict() for key, callback in zip(self._keys(), self.callbacks)}
+        return {key: state for key, state in states.items() if state}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, callback in zip(self._keys(), self.callbacks):
+            if isinstance(state.get(key), dict):
+                callback.load_state_dict(state[key])
 
     def on_close(self, run: Run) -> None:
         failure: BaseException | None = None
