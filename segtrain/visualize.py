@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,9 +57,62 @@ def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return palette[mask.astype(np.uint8)]
 
 
-def panel(image: np.ndarray, target: np.ndarray, prediction: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Input | ground truth | prediction, side by side, HxWx3 uint8."""
-    return np.concatenate([image, colorize(target, palette), colorize(prediction, palette)], axis=1)
+PANEL_MIN_SIZE = 256  # TensorBoard shows an image at its own size: smaller tiles are enlarged to this
+PANEL_GAP = 4  # white pixels between the tiles
+IGNORE_LABEL = 255
+
+
+def _enlarged(image: np.ndarray, target: np.ndarray, prediction: np.ndarray,
+              min_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tiles whose shorter side is below `min_size` enlarged by a whole factor: the image smoothly, the
+    masks with nearest neighbour, so every label pixel stays a block of one class colour."""
+    import cv2
+
+    height, width = target.shape[:2]
+    factor = math.ceil(min_size / max(1, min(height, width)))
+    if factor <= 1:
+        return image, target, prediction
+    size = (width * factor, height * factor)
+    return (cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
+            cv2.resize(target.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST),
+            cv2.resize(prediction.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST))
+
+
+def legend(labels: Sequence[int], class_names: Sequence[str], palette: np.ndarray, width: int) -> np.ndarray:
+    """A white strip `width` wide: one colour swatch and class name per label, wrapped over lines."""
+    import cv2
+
+    font, scale, line, swatch, pad = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 22, 14, 8
+    entries = []
+    for label in labels:
+        name = "ignore" if label == IGNORE_LABEL else class_names[label] if label < len(class_names) else str(label)
+        entries.append((label, name, swatch + 6 + cv2.getTextSize(name, font, scale, 1)[0][0] + 2 * pad))
+    rows, x = [[]], pad
+    for entry in entries:
+        if x + entry[2] > width and rows[-1]:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, entry))
+        x += entry[2]
+    strip = np.full((len(rows) * line + pad, width, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        top = pad + r * line
+        for x, (label, name, _) in row:
+            strip[top:top + swatch, x:x + swatch] = palette[label]
+            cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), (96, 96, 96), 1)
+            cv2.putText(strip, name, (x + swatch + 6, top + swatch - 2), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def panel(image: np.ndarray, target: np.ndarray, prediction: np.ndarray, palette: np.ndarray,
+          class_names: Sequence[str], min_size: int = PANEL_MIN_SIZE) -> np.ndarray:
+    """Input | ground truth | prediction, side by side (each at least `min_size` px on its shorter side),
+    over a legend of the classes present in either mask; HxWx3 uint8."""
+    labels = sorted(set(np.unique(target).tolist()) | set(np.unique(prediction).tolist()))
+    image, target, prediction = _enlarged(image, target, prediction, min_size)
+    gap = np.full((image.shape[0], PANEL_GAP, 3), 255, np.uint8)  # tiles with black edges stay apart
+    tiles = np.concatenate([image, gap, colorize(target, palette), gap, colorize(prediction, palette)], axis=1)
+    return np.concatenate([tiles, legend(labels, class_names, palette, tiles.shape[1])], axis=0)
 
 
 def denormalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -24,6 +24,53 @@ from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
 log = logging.getLogger("segtrain.eval")
 
+TRAINING_RECORD = "metrics.jsonl"  # written by every training run: marks a directory as one
+
+
+def training_run_of(ckpt: Path) -> Path | None:
+    """The training run directory a checkpoint belongs to (`<run>/checkpoints/<name>.pt`, or the run
+    directory itself), or None for a checkpoint kept anywhere else."""
+    run = ckpt if ckpt.is_dir() else ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    if run is None or not (run / "checkpoints").is_dir() or not (run / TRAINING_RECORD).is_file():
+        return None
+    return run
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def protocol_name(cfg: DictConfig, settings: InferenceSettings) -> str:
+    """What was evaluated, as a directory name: dataset, split and protocol (`shapes-val-whole`,
+    `voc-val-whole-os8-ms0.5-1.75-flip`, `voc-val-slide473x473-flip`)."""
+    parts = [str(cfg.dataset.name), str(cfg.eval.split)]
+    window = f"{settings.crop_size[0]}x{settings.crop_size[1]}" if settings.crop_size else ""
+    parts.append(f"slide{window}" if settings.mode == "slide" else str(settings.mode))
+    if cfg.eval.output_stride:
+        parts.append(f"os{cfg.eval.output_stride}")
+    if settings.scales != (1.0,):
+        scales = sorted(settings.scales)
+        parts.append(f"ms{_number(scales[0])}-{_number(scales[-1])}" if len(scales) > 1 else f"s{_number(scales[0])}")
+    if settings.flip:
+        parts.append("flip")
+    return "-".join(parts).replace("/", "_").replace(" ", "_")
+
+
+def events_dir(ckpt: Path, run_dir: Path, name: str) -> Path:
+    """Where eval's TensorBoard events go: `<training run>/eval/<name>` when the checkpoint is a training
+    run's, so TensorBoard shows the evaluation next to its training; else the evaluation's own directory.
+    Event files have names of their own (time, host, pid): nothing already there is written over."""
+    run = training_run_of(ckpt)
+    if run is None:
+        return run_dir
+    target = run / "eval" / name
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only run, or a file of the user's where the folder would go
+        log.warning("TensorBoard events stay in %s: %s cannot be created (%s)", run_dir, target, exc)
+        return run_dir
+    return target
+
 
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     refuse_used_eval_dir(run_dir)
@@ -70,7 +117,10 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     cv2.imwrite(str(run_dir / "confusion_matrix.png"), cv2.cvtColor(matrix_image, cv2.COLOR_RGB2BGR))
     table = format_table(metrics, class_names)  # TensorBoard's text tab holds the full table at any length
     if cfg.logging.tensorboard:
-        with SummaryWriter(str(run_dir)) as writer:
+        events = events_dir(ckpt, run_dir, protocol_name(cfg, settings))
+        if events != run_dir:
+            log.info("TensorBoard events beside the training run: %s", events)
+        with SummaryWriter(str(events)) as writer:
             step = int(recorded.get("iteration") or 0)
             # The tags of training's validation (val/mIoU, val_iou/<class>) with eval/ in place of val/.
             for key, tag in (("miou", "eval/mIoU"), ("pixel_acc", "eval/pixel_acc"), ("mean_acc", "eval/mean_acc")):

@@ -1,5 +1,6 @@
 """The hyper-parameters a run is compared by (TensorBoard's HParams tab, result.json): the key
-settings of every run plus whatever the command line overrode, each under its config key."""
+settings of every run plus whatever the command line overrode, each under its config key, except
+the keys that do not change the result (NOT_RESULT_KEYS)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ KEY_SETTINGS = ("optimizer.lr", "optimizer.weight_decay", "trainer.batch_size", 
                 "trainer.max_iters")
 # HParams metrics: the scalars (TensorBoard tags) whose last value the tab shows for each run.
 METRIC_TAGS = ("val/best_mIoU", "val/mIoU")
+# Overrides that change how a run is logged, loaded or saved, not what it learns: left out of the HParams
+# columns (a key and every key under it), so runs compare by what sets them apart.
+NOT_RESULT_KEYS = ("logging", "hydra", "trainer.num_workers", "eval.num_workers", "trainer.ckpt_interval",
+                   "trainer.keep_last", "eval.save_predictions", "data.split", "resume")
 
 
 @dataclass
@@ -46,8 +51,14 @@ def _group_name(cfg: DictConfig, group: str) -> str:
     return str(name).rsplit(".", 1)[-1]
 
 
+def changes_result(key: str) -> bool:
+    """False for NOT_RESULT_KEYS and the keys under them (`logging.interval`, `hydra.run.dir`)."""
+    return not any(key == name or key.startswith(f"{name}.") for name in NOT_RESULT_KEYS)
+
+
 def run_hparams(cfg: DictConfig, overrides: list[str], choices: dict[str, str]) -> dict[str, float | str]:
-    """Key settings first, then every override (`key=value` under its key, `group=option` under the group)."""
+    """Key settings first, then every override (`key=value` under its key, `group=option` under the group)
+    that changes the result."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     values: dict[str, float | str] = {group: choices.get(group) or _group_name(cfg, group) for group in GROUPS}
@@ -62,6 +73,8 @@ def run_hparams(cfg: DictConfig, overrides: list[str], choices: dict[str, str]) 
         if override.is_delete():
             continue
         key = override.key_or_group.lstrip("+~")
+        if not changes_result(key):
+            continue
         if key in choices:
             values[key] = choices[key]
         else:

@@ -50,6 +50,15 @@ def keep_until(path: Path, iteration: int) -> None:
         os.replace(tmp, path)
 
 
+def tensorboard_logdir(run_dir: Path) -> Path:
+    """The directory to point TensorBoard at: the run's parent, so the run shows under its own name (its
+    time, or a sweep job's number) beside its neighbours; given the run itself, TensorBoard names it `.`."""
+    run_dir = Path(run_dir)
+    if run_dir.name in ("", ".", ".."):  # `.` or `..`: no name of its own until made absolute
+        run_dir = run_dir.resolve()
+    return run_dir.parent
+
+
 class RunLogger:
     """`open(start_iteration)` before the first write; `scalars()` during the step; `end_step()` after it."""
 

@@ -31,6 +31,7 @@ from segtrain.engine.callbacks import Callback, CallbackList, configured_callbac
 from segtrain.engine.distributed import barrier, broadcast_object, init_distributed
 from segtrain.engine.hparams import RunInfo
 from segtrain.engine.lock import RunLock
+from segtrain.engine.logger import tensorboard_logdir
 from segtrain.engine.resume_run import resume_run
 from segtrain.engine.run import Run, build_run, describe, set_train_mode
 from segtrain.engine.step import Batch, StepResult
@@ -83,7 +84,7 @@ class Trainer:
             self.lock.acquire()
             log.info("run directory %s (checkpoints, train.log, config)", self.run_dir)
             if self.cfg.logging.tensorboard:
-                log.info("watch it: tensorboard --logdir %s", self.run_dir)
+                log.info("watch it: tensorboard --logdir %s", tensorboard_logdir(self.run_dir))
         self.callbacks = CallbackList([*default_callbacks(), *configured_callbacks(self.cfg), *self.extra_callbacks])
         self.run = build_run(self.cfg, self.run_dir, ctx, self.info)
         self.run.callbacks = self.callbacks

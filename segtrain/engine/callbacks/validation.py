@@ -104,5 +104,5 @@ class ValidateAndKeepBest(Callback):
         palette = make_palette(run.cfg.dataset.palette, len(run.class_names))
         for k, (image, mask, pred) in enumerate(validation.examples):
             rgb = denormalize(image, *run.normalize)
-            run.records.writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, palette), iteration,
+            run.records.writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, palette, run.class_names), iteration,
                                          dataformats="HWC")
