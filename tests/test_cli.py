@@ -146,12 +146,14 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     log = (run / "train.log").read_text()
     assert "effective (global) batch 4 = 4 per pass x accumulation 1 x world size 1" in log
     first = log.splitlines()[:2]  # where the run goes, and how to watch it, come first
-    assert f"run directory {run.resolve()}" in first[0] and f"tensorboard --logdir {run.resolve()}" in first[1]
+    assert f"run directory {run.resolve()}" in first[0]
+    assert first[1].endswith(f"tensorboard --logdir {run.resolve().parent}")  # above the run: it shows by its name
     result = run_cli("eval", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={tmp_path / 'ev'}",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "mIoU" in result.stdout
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["miou"] is not None
+    assert list((run / "eval" / "shapes-val-whole").glob("events.out.tfevents.*"))  # beside its training run
 
 
 @pytest.mark.cli

@@ -3,13 +3,16 @@
 import json
 import logging
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 
 from conftest import compose_config, tiny_overrides
 from segtrain.commands.eval import run_eval
 from segtrain.engine import logger as logger_module
-from segtrain.engine.logger import Throughput, keep_until
+from segtrain.engine.hparams import run_hparams
+from segtrain.engine.logger import Throughput, keep_until, tensorboard_logdir
 from segtrain.engine.trainer import train
 
 MAX_ITERS, INTERVAL = 5, 2  # logged at 2, 4 and 5 (the last, shorter window); validated at 3 and 5
@@ -102,14 +105,79 @@ def test_train_log_gets_the_loss_lines_and_iou_tables_with_the_bar_on(bar_run):
     assert "iter 2/" not in console  # the bar shows loss and LR on the console
 
 
-def test_evaluation_logs_the_training_tag_scheme(bar_run, tmp_path):
-    run_dir, _ = bar_run
-    composed = compose_config("eval", [f"ckpt={run_dir / 'checkpoints' / 'last.pt'}", "trainer.device=cpu",
-                                       "eval.num_workers=0", "logging.progress=false"])
-    run_eval(composed, [], tmp_path)
-    scalars = set(_events(tmp_path).Tags()["scalars"])
+def _event_files(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("events.out.tfevents"))
+
+
+def _copied_run(run_dir, target):
+    """A training run's checkpoint and record in a directory of the test's own (the fixture's run stays as it is)."""
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "checkpoints" / "last.pt", target / "checkpoints" / "last.pt")
+    shutil.copy(run_dir / "metrics.jsonl", target / "metrics.jsonl")
+    return target
+
+
+def _eval(ckpt, eval_dir, *overrides):
+    composed = compose_config("eval", [f"ckpt={ckpt}", "trainer.device=cpu", "eval.num_workers=0",
+                                       "logging.progress=false", *overrides])
+    eval_dir.mkdir()  # as Hydra does
+    run_eval(composed, list(overrides), eval_dir)
+
+
+@pytest.mark.slow
+def test_evaluation_events_go_beside_their_training_run_with_the_training_tag_scheme(bar_run, tmp_path):
+    run = _copied_run(bar_run[0], tmp_path / "run")
+    _eval(run / "checkpoints" / "last.pt", tmp_path / "ev")
+    events_dir = run / "eval" / "shapes-val-whole"
+    assert _event_files(events_dir) and not _event_files(tmp_path / "ev")  # one place: no twin run in TensorBoard
+    assert (tmp_path / "ev" / "metrics.json").is_file() and (tmp_path / "ev" / "per_class_iou.csv").is_file()
+    scalars = set(_events(events_dir).Tags()["scalars"])
     assert {"eval/mIoU", "eval/pixel_acc", "eval/mean_acc", "eval_iou/background"} <= scalars
     assert not any("miou" in tag for tag in scalars)  # one casing: mIoU
+    assert _events(events_dir).Scalars("eval/mIoU")[0].step == MAX_ITERS  # the checkpoint's iteration
+    # Another protocol gets a directory of its own; the first one's events stay.
+    _eval(run / "checkpoints" / "last.pt", tmp_path / "ev2", "eval.flip=true", "eval.scales=[0.75,1.0]")
+    assert _event_files(run / "eval" / "shapes-val-whole-ms0.75-1-flip") and len(_event_files(events_dir)) == 1
+
+
+@pytest.mark.slow
+def test_evaluation_events_stay_in_its_own_directory_outside_a_training_run(bar_run, tmp_path):
+    loose = tmp_path / "weights"
+    loose.mkdir()
+    shutil.copy(bar_run[0] / "checkpoints" / "last.pt", loose / "last.pt")
+    _eval(loose / "last.pt", tmp_path / "ev")
+    assert _event_files(tmp_path / "ev") and not (loose / "eval").exists()
+    # A file of the user's where the folder would go is left as it is; the events stay with the evaluation.
+    run = _copied_run(bar_run[0], tmp_path / "run")
+    (run / "eval").write_text("my notes")
+    _eval(run / "checkpoints" / "last.pt", tmp_path / "ev2")
+    assert (run / "eval").read_text() == "my notes" and _event_files(tmp_path / "ev2")
+
+
+@pytest.mark.slow
+def test_validation_image_panels_are_at_least_256_pixels_high(bar_run):
+    images = _events(bar_run[0]).Images("val_images/0")
+    assert [image.step for image in images] == [3, MAX_ITERS]
+    assert images[-1].height >= 256 and images[-1].width >= 3 * 256
+
+
+def test_tensorboard_is_pointed_above_the_run_so_the_run_has_a_name(tmp_path, monkeypatch):
+    assert tensorboard_logdir(tmp_path / "2024-05-01" / "12-00-00") == tmp_path / "2024-05-01"
+    assert tensorboard_logdir(tmp_path / "multirun" / "12-00-00" / "3") == tmp_path / "multirun" / "12-00-00"
+    monkeypatch.chdir(tmp_path)
+    assert tensorboard_logdir(Path(".")) == tmp_path.parent
+
+
+def test_hparams_leave_out_keys_that_do_not_change_the_result():
+    overrides = ["optimizer.lr=0.05", "logging.interval=5", "logging.image_interval=100", "trainer.num_workers=0",
+                 "eval.num_workers=0", "hydra.run.dir=/tmp/x", "trainer.ckpt_interval=50", "trainer.seed=3",
+                 "eval.flip=true"]
+    cfg = compose_config("train", ["experiment=quickstart", *[o for o in overrides if not o.startswith("hydra.")]])
+    hparams = run_hparams(cfg, overrides, {})
+    assert hparams["optimizer.lr"] == pytest.approx(0.05)
+    assert hparams["trainer.seed"] == 3 and hparams["eval.flip"] == "true"
+    assert not [key for key in hparams if key.startswith(("logging.", "hydra."))]
+    assert not {"trainer.num_workers", "eval.num_workers", "trainer.ckpt_interval"} & set(hparams)
 
 
 def test_it_per_s_counts_the_iterations_of_a_short_last_window(monkeypatch):
