@@ -35,6 +35,7 @@ COMMANDS = {
 }
 
 USAGE = "usage: segtrain <command> [Hydra overrides]   (segtrain <command> --help for its options)"
+DISTRIBUTION = "segtrain-dilated"  # pyproject's [project] name: the installed version is found under it
 
 
 def _fail(command: str, message: str) -> None:
@@ -205,12 +206,13 @@ def _hydra_app(command: str, rest: list[str]) -> None:
 
 
 def version() -> str:
-    """The installed distribution's version (the package's own when run from a source tree)."""
+    """The installed distribution's version (the package's own when run from a source tree). Asked by the
+    distribution's name, never `segtrain`: that name belongs to an unrelated project on the package index."""
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed_version
 
     try:
-        return installed_version("segtrain")
+        return installed_version(DISTRIBUTION)
     except PackageNotFoundError:
         from segtrain import __version__
 

@@ -4,6 +4,7 @@ config-error matrix through segtrain.cli.main in this process (errors stop befor
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +32,14 @@ def test_version(tmp_path):
     result = run_cli("--version", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"segtrain {version()}\n" and version()[0].isdigit()
+
+
+def test_the_distribution_name_is_ours_and_version_reads_it():
+    """The package index's `segtrain` is an unrelated project: pip must never be sent to it by our name."""
+    from segtrain.cli import DISTRIBUTION
+
+    declared = re.search(r'^name = "([^"]+)"', (CHECKOUT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert declared == DISTRIBUTION != "segtrain"
 
 
 def test_each_command_help_shows_its_own_examples_and_groups(tmp_path, monkeypatch, capsys):
@@ -200,7 +209,8 @@ def test_built_wheel_finds_its_configs(tmp_path):
                             "-w",
                             str(tmp_path / "dist")], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
-    (wheel,) = (tmp_path / "dist").glob("segtrain-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert wheel.name.startswith("segtrain_dilated-"), wheel.name  # not the index's unrelated `segtrain`
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
     # Every config file of every group folder ships, a group added later included.
@@ -219,6 +229,14 @@ def test_built_wheel_finds_its_configs(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import segtrain.cli as c; print(c.config_dir())"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert where.stdout.strip() == str(tmp_path / "site" / "segtrain" / "conf")
+    # The version comes from the wheel's metadata under our distribution name; the command is still `segtrain`.
+    metadata = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; d = m.distribution("
+                               "'segtrain-dilated'); print(d.version, d.entry_points['segtrain'].value)"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert metadata.returncode == 0, metadata.stderr
+    from segtrain import __version__
+
+    assert metadata.stdout.split() == [__version__, "segtrain.cli:main"]
 
 
 @pytest.mark.cli
