@@ -179,7 +179,8 @@ def test_eval_writes_metrics_table_matrix_image_and_predictions(tmp_path, demo_c
     for name in ("metrics.json", "per_class_iou.csv", "confusion_matrix.png"):
         assert (tmp_path / "ev" / name).is_file()
     assert len(list((tmp_path / "ev" / "predictions").glob("*.png"))) == 4
-    assert list((tmp_path / "ev").glob("events.out.tfevents.*"))
+    beside_training = demo_checkpoint.parents[1] / "eval" / "shapes-val-whole-flip"  # the checkpoint's run
+    assert list(beside_training.glob("events.out.tfevents.*")) and not list((tmp_path / "ev").glob("events.*"))
     assert "ms per image" in result.stdout
 
 
