@@ -71,24 +71,24 @@ def test_the_group_composes_with_overrides_and_other_callbacks():
 def _stalling(shapes_root, **values: object) -> list[str]:
     """A constant learning rate (the schedule does not depend on max_iters, so a shorter run is the
     start of a longer one) and min_delta 1: every validation after the first counts as a stall."""
-    return [*tiny_overrides(shapes_root, **{"schedule.power": 0, "trainer.val_interval": 2, **values}),
+    return [*tiny_overrides(shapes_root, **{"schedule.power": 0, "trainer.val_interval": 1, **values}),
             "callbacks=early_stopping", "callbacks.early_stopping.patience=2", "callbacks.early_stopping.min_delta=1"]
 
 
 @pytest.mark.slow
 def test_a_resumed_run_stops_at_the_same_iteration_in_the_same_state(tmp_path, shapes_root):
-    whole = train(compose_config("train", _stalling(shapes_root, **{"trainer.max_iters": 12,
+    whole = train(compose_config("train", _stalling(shapes_root, **{"trainer.max_iters": 8,
                                                                     "trainer.ckpt_interval": 4})), tmp_path / "a")
-    cut = _stalling(shapes_root, **{"trainer.max_iters": 4, "trainer.ckpt_interval": 2})
+    cut = _stalling(shapes_root, **{"trainer.max_iters": 2, "trainer.ckpt_interval": 1})
     train(compose_config("train", cut), tmp_path / "b")  # ended by max_iters after 2 validations: 1 stall
     state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert state["train_state"]["iteration"] == 4 and state["callbacks"]["EarlyStopping"]["bad_validations"] == 1
-    resumed = train(compose_config("train", [*_stalling(shapes_root, **{"trainer.max_iters": 12,
+    assert state["train_state"]["iteration"] == 2 and state["callbacks"]["EarlyStopping"]["bad_validations"] == 1
+    resumed = train(compose_config("train", [*_stalling(shapes_root, **{"trainer.max_iters": 8,
                                                                         "trainer.ckpt_interval": 4}), "resume=auto"]),
                     tmp_path / "b")
     a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("a", "b"))
-    for saved in (a, b):  # stopped at the third validation, iteration 6 (not a checkpoint interval)
-        assert saved["train_state"]["iteration"] == 6
+    for saved in (a, b):  # stopped at the third validation, iteration 3 (not a checkpoint interval)
+        assert saved["train_state"]["iteration"] == 3
         assert saved["callbacks"]["EarlyStopping"]["bad_validations"] == 2
     assert a["callbacks"] == b["callbacks"]
     for name, weight in a["model"].items():
@@ -96,20 +96,20 @@ def test_a_resumed_run_stops_at_the_same_iteration_in_the_same_state(tmp_path, s
     assert whole.final_miou == resumed.final_miou
     for run in ("a", "b"):
         result = json.loads((tmp_path / run / "result.json").read_text())
-        assert (result["iteration"], result["max_iters"]) == (6, 12)
+        assert (result["iteration"], result["max_iters"]) == (3, 8)
 
 
 @pytest.mark.cli
 @pytest.mark.slow
 def test_a_run_whose_miou_stalls_stops_early_from_the_command_line(tmp_path):
     overrides = tiny_overrides(tmp_path / "data" / "shapes", **{
-        "trainer.max_iters": 20, "trainer.val_interval": 2, "trainer.ckpt_interval": 20, "optimizer.lr": 1e-9,
+        "trainer.max_iters": 20, "trainer.val_interval": 1, "trainer.ckpt_interval": 20, "optimizer.lr": 1e-9,
         "schedule.power": 0})
     result = run_cli("train", *overrides, "callbacks=early_stopping", "callbacks.early_stopping.patience=2",
                      "callbacks.early_stopping.min_delta=0.001", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "stopped at iteration 6 of 20: early stopping: 2 validations without an mIoU improvement" in log
-    assert "iter 8/20" not in log
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["train_state"]["iteration"] == 6
-    assert json.loads((tmp_path / "run" / "result.json").read_text())["iteration"] == 6
+    assert "stopped at iteration 3 of 20: early stopping: 2 validations without an mIoU improvement" in log
+    assert "iter 4/20" not in log
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["train_state"]["iteration"] == 3
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["iteration"] == 3
