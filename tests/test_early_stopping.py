@@ -113,3 +113,11 @@ def test_a_run_whose_miou_stalls_stops_early_from_the_command_line(tmp_path):
     assert "iter 4/20" not in log
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["train_state"]["iteration"] == 3
     assert json.loads((tmp_path / "run" / "result.json").read_text())["iteration"] == 3
+
+
+@pytest.mark.cli
+def test_adding_the_group_with_plus_is_answered_with_the_plain_form(tmp_path):
+    result = run_cli("train", "+callbacks=early_stopping", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("segtrain train: error: callbacks is a config group with a "
+                                                      "default choice: write callbacks=early_stopping (without +)")
