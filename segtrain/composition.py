@@ -13,6 +13,7 @@ one line; segtrain.cli prints them. `hydra_run_info` turns the running app's Hyd
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,10 @@ def one_line(exc: BaseException, known: Callable[[str], set[str]] | None = None)
             return unknown_key_message(key, keys)
         return f"invalid value for '{key}': {str(err).splitlines()[0]}"
     text = str(exc).split("Config search path:")[0]
+    added_group = re.match(r"Multiple values for (\S+)\. To override a value use 'override \S+: (\S+)'", text)
+    if added_group:  # `+group=option` for a group the defaults already choose from
+        group, option = added_group.groups()
+        return f"{group} is a config group with a default choice: write {group}={option} (without +)"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " ".join(lines).replace(" Available options in", "; available options in")
 

@@ -71,6 +71,9 @@ class TrainerConfig:
     # Exponential moving average of the weights (null or 0: off; e.g. 0.999), updated after every
     # optimizer step; validation, best.pt and eval/predict/export use the averaged weights.
     ema_decay: float | None = None
+    # Gradient clipping: scale the gradients down to this total (L2) norm when it is larger (null: off;
+    # e.g. 1.0). Under fp16 it applies to the unscaled gradients; the norm is logged as train/grad_norm.
+    clip_grad_norm: float | None = None
 
 
 @dataclass

@@ -84,6 +84,9 @@ def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     decay = trainer.get("ema_decay")
     if decay is not None and decay != 0 and not (_is_number(decay) and 0 < decay < 1):
         raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0 or null: off; e.g. 0.999), got {decay!r}")
+    clip = trainer.get("clip_grad_norm")
+    if clip is not None and not (_is_number(clip) and clip > 0):
+        raise ConfigError(f"trainer.clip_grad_norm must be a positive number (null: off; e.g. 1.0), got {clip!r}")
 
 
 def _positive_pair(key: str, value: Any) -> None:

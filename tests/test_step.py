@@ -1,5 +1,7 @@
 """The one training step: shared by the trainer and `segtrain bench`, the loss group end to end."""
 
+import json
+import math
 
 import pytest
 import torch
@@ -8,8 +10,12 @@ from torch import nn
 
 from conftest import compose_config, run_cli, tiny_overrides
 from segtrain.commands.bench import bench_train_step
-from segtrain.engine.step import FirstCallFallback
+from segtrain.engine.distributed import DistContext
+from segtrain.engine.runtime import Runtime, autocast
+from segtrain.engine.step import FirstCallFallback, TrainStep
 from segtrain.engine.trainer import Trainer, train
+from segtrain.errors import ConfigError
+from segtrain.losses import CrossEntropy
 
 
 @pytest.mark.slow
@@ -101,3 +107,90 @@ def test_ddp_with_an_unweighted_auxiliary_head(tmp_path, shapes_root):
     assert result["agreed"] == [True, True]
     for (name, a), b in zip(single.model.state_dict().items(), result["state"].values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+class TinySegmentor(nn.Module):
+    """A 1x1 convolution: the smallest network with the segmentor contract ({"out": logits})."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.conv(images)}
+
+
+def _clip_step(amp: str, clip: float | None) -> tuple[TrainStep, list, dict[str, torch.Tensor], torch.Tensor]:
+    """A TrainStep of TinySegmentor with plain SGD at lr 1 (the update is minus the applied gradient),
+    a batch, and the gradients and their total norm computed by hand (fp32 backward, no clipping)."""
+    torch.manual_seed(0)
+    model = TinySegmentor()
+    cpu = torch.device("cpu")
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=1.0), CrossEntropy(4), lambda iteration: 1.0,
+                     DistContext(0, 1, 0, cpu), Runtime(cpu, amp, channels_last=False), clip_grad_norm=clip)
+    images, masks = torch.randn(2, 3, 8, 8) * 5, torch.randint(0, 4, (2, 8, 8))
+    reference = TinySegmentor()
+    reference.load_state_dict(model.state_dict())
+    with autocast(cpu, amp):
+        outputs = reference(images)
+    loss = CrossEntropy(4)(outputs, masks, step.loss.normalizer(masks).float())
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
+    return step, [(images, masks)], grads, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+
+
+def _applied_gradients(step: TrainStep, batches: list) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    before = {name: p.detach().clone() for name, p in step.model.named_parameters()}
+    result = step(1, batches)
+    assert not result.skipped
+    return {name: before[name] - p.detach() for name, p in step.model.named_parameters()}, result.grad_norm
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_clip_grad_norm_scales_the_gradients_to_the_limit(amp):
+    step, batches, grads, total = _clip_step(amp, clip=0.1)
+    assert step.scaler.is_enabled() == (amp == "fp16")
+    if amp == "fp16":  # the loss is scaled by 2**10 before backward (2**16 overflows here: see the next test)
+        step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    applied, grad_norm = _applied_gradients(step, batches)
+    assert total > 0.1  # the hand-computed norm is above the limit: clipping must act
+    # The reported norm is that of the true (unscaled) gradients, before clipping.
+    torch.testing.assert_close(grad_norm, total, rtol=1e-3, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(applied[name], grad * 0.1 / total, rtol=1e-3, atol=1e-7)
+    applied_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in applied.values()]))
+    torch.testing.assert_close(applied_norm, torch.tensor(0.1), rtol=1e-3, atol=0)
+
+
+def test_an_fp16_overflow_is_still_skipped_by_the_scaler_with_clipping():
+    step, batches, _, _ = _clip_step("fp16", clip=0.1)
+    scale = step.scaler.get_scale()  # 2**16: this batch's scaled gradients overflow float16
+    applied, grad_norm = _applied_gradients(step, batches)
+    assert not torch.isfinite(grad_norm)
+    assert all(torch.equal(change, torch.zeros_like(change)) for change in applied.values())  # no update
+    assert step.scaler.get_scale() == scale / 2
+
+
+def test_gradients_below_the_limit_and_clipping_off_are_left_alone():
+    for clip in (1e6, None):
+        step, batches, grads, total = _clip_step("off", clip)
+        applied, grad_norm = _applied_gradients(step, batches)
+        assert grad_norm is None if clip is None else torch.allclose(grad_norm, total)
+        for name, grad in grads.items():
+            torch.testing.assert_close(applied[name], grad)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "inf", "nan"])
+def test_clip_grad_norm_must_be_a_positive_number(value):
+    with pytest.raises(ConfigError, match=r"^trainer.clip_grad_norm must be a positive number \(null: off"):
+        compose_config("train", [f"trainer.clip_grad_norm={value}"])
+
+
+@pytest.mark.slow
+def test_the_gradient_norm_is_logged_at_log_intervals(tmp_path, shapes_root):
+    overrides = tiny_overrides(shapes_root, **{"trainer.clip_grad_norm": 0.5, "trainer.max_iters": 4,
+                                               "trainer.val_interval": 4, "logging.interval": 2})
+    train(compose_config("train", overrides), tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    norms = {line["iteration"]: line["train/grad_norm"] for line in lines if "train/grad_norm" in line}
+    assert sorted(norms) == [2, 4] and all(math.isfinite(n) and n > 0 for n in norms.values())

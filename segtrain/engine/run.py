@@ -98,6 +98,9 @@ class Run:
     validation: Validation | None = None  # the latest validation
     last_checkpoint: Path | None = None  # the latest periodic checkpoint (rank 0)
     stop_signal: int | None = None  # set when every rank agreed to stop (preemption)
+    # Set by a callback (the same on every rank) to end the run after this iteration as a normal finish:
+    # the loop checkpoints the iteration, logs the reason and runs on_fit_end (early stopping).
+    stop_reason: str | None = None
     callbacks: Any = None  # the loop's CallbackList (set by the Trainer): their states go into checkpoints
 
     @property

@@ -5,7 +5,8 @@
 
 One call is one optimizer step over the global batch's share of this process: set the learning
 rate of the iteration, run each accumulation pass under autocast (DDP synchronises the gradients
-on the last pass only), scale the loss for fp16 (GradScaler), and either update the weights or, with
+on the last pass only), scale the loss for fp16 (GradScaler), clip the gradients' total norm
+(`trainer.clip_grad_norm`, on the unscaled gradients), and either update the weights or, with
 `trainer.nan_policy=skip` and a non-finite loss on any process, drop the gradients.
 """
 
@@ -39,6 +40,9 @@ class StepResult:
     loss: torch.Tensor  # this process's share of the global batch's loss (detached, on the device)
     finite: torch.Tensor  # whether that loss is finite (a device bool: reading it synchronises)
     skipped: bool  # nan_policy=skip and a non-finite loss on some process: the weights were not updated
+    # The gradients' total norm before clipping (trainer.clip_grad_norm; None when off), on the device.
+    # DDP has averaged the gradients, so it is the same on every process.
+    grad_norm: torch.Tensor | None = None
 
 
 class FirstCallFallback:
@@ -113,9 +117,11 @@ class TrainStep:
     """One optimizer step: `step(iteration, batches)` with one (images, masks) pair per accumulation pass."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: SegmentationLoss,
-                 lr_at: Callable[[int], float], ctx: DistContext, runtime: Runtime, nan_policy: str = "stop") -> None:
+                 lr_at: Callable[[int], float], ctx: DistContext, runtime: Runtime, nan_policy: str = "stop",
+                 clip_grad_norm: float | None = None) -> None:
         self.model, self.optimizer, self.loss, self.lr_at, self.ctx = model, optimizer, loss, lr_at, ctx
         self.device, self.amp, self.nan_policy = runtime.device, runtime.amp, nan_policy
+        self.clip_grad_norm = clip_grad_norm
         self.memory_format = runtime.memory_format
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.amp == "fp16")
         self.ddp: DistributedDataParallel | None = None
@@ -164,6 +170,18 @@ class TrainStep:
             total += loss.detach()
         return total
 
+    def clip(self) -> torch.Tensor | None:
+        """Scale the gradients down to a total norm of at most `clip_grad_norm`; their norm before.
+
+        Under fp16 the gradients are unscaled first (the scaler then does not unscale them again in
+        step), so the limit applies to the true gradients. The norm stays on the device: no host sync.
+        A non-finite norm leaves the gradients to the scaler (fp16 skips the step) or the nan policy.
+        """
+        if self.clip_grad_norm is None:
+            return None
+        self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm).detach()
+
     def update(self, finite: torch.Tensor) -> bool:
         """Apply the gradients; False if they were dropped (nan_policy=skip and a non-finite loss)."""
         if self.nan_policy == "skip" and not bool(all_reduce_sum(finite.float(), self.ctx) == self.ctx.world_size):
@@ -178,7 +196,8 @@ class TrainStep:
         self.set_lr(iteration)
         total = self.backward(self.to_device(batches))
         finite = torch.isfinite(total)
-        return StepResult(total, finite, skipped=not self.update(finite))
+        grad_norm = self.clip()
+        return StepResult(total, finite, skipped=not self.update(finite), grad_norm=grad_norm)
 
 
 def check_aux_weight(model: nn.Module, given: set[str]) -> None:
@@ -186,6 +205,12 @@ def check_aux_weight(model: nn.Module, given: set[str]) -> None:
     if "loss.aux_weight" in given and not auxiliary_outputs(model):
         raise ConfigError(f"loss.aux_weight is set, but {type(model).__name__} has no auxiliary head (only PSPNet "
                           "has one, with model.aux=true); remove the key")
+
+
+def clip_limit(trainer: DictConfig) -> float | None:
+    """trainer.clip_grad_norm as a float, or None when clipping is off (null)."""
+    limit = trainer.get("clip_grad_norm")
+    return None if limit is None else float(limit)
 
 
 def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, runtime: Runtime, num_classes: int,
@@ -196,4 +221,4 @@ def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, runtim
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
     return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, runtime,
-                     nan_policy=str(cfg.trainer.nan_policy))
+                     nan_policy=str(cfg.trainer.nan_policy), clip_grad_norm=clip_limit(cfg.trainer))

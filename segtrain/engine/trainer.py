@@ -142,6 +142,8 @@ class Trainer:
             cleanup.callback(events.on_close, run)
             events.on_fit_start(run)
             for iteration in range(run.state.iteration + 1, run.max_iters + 1):
+                if run.stop_reason is not None:  # asked at the end of the last iteration, or at on_fit_start
+                    break
                 last = iteration == run.max_iters
                 result = self.train_step(iteration, data)
                 events.on_step_end(run, result)
@@ -150,11 +152,13 @@ class Trainer:
                 with run.throughput.excluded():  # it/s counts training steps only
                     if _due(iteration, t.val_interval, last):
                         events.on_validation(run)
-                    if _due(iteration, t.ckpt_interval, last):
+                    if _due(iteration, t.ckpt_interval, last or run.stop_reason is not None):
                         events.on_checkpoint(run)
                 events.on_iteration_end(run)
-                if run.stop_signal is not None:
+                if run.stop_signal is not None and run.stop_reason is None:  # a run that ends anyway just ends
                     self.preempt()
+            if run.stop_reason is not None:
+                log.info("stopped at iteration %d of %d: %s", run.state.iteration, run.max_iters, run.stop_reason)
             events.on_fit_end(run)
         barrier(run.ctx)
         return self.summary()

@@ -3,7 +3,8 @@
 segtrain's own behaviour around the step is a list of callbacks, in this order: the non-finite
 guard (first, so nothing reports or saves a poisoned state), EMA, progress, validation with best.pt,
 the metric writers, periodic checkpoints and preemption. A user's callbacks come from the config's
-`callbacks` mapping (name -> `_target_` node) and run after them:
+`callbacks` mapping (name -> `_target_` node) and run after them; conf/callbacks/ holds ready ones
+(callbacks=early_stopping):
 
     segtrain train '+callbacks.timer={_target_: my_project.TimerCallback, every: 100}'
 """
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 
 from segtrain.engine.callbacks.base import Callback, CallbackList
 from segtrain.engine.callbacks.checkpointing import PeriodicCheckpoint
+from segtrain.engine.callbacks.early_stopping import EarlyStopping
 from segtrain.engine.callbacks.ema import EmaUpdate
 from segtrain.engine.callbacks.metric_writers import MetricWriters
 from segtrain.engine.callbacks.nonfinite import NonFiniteGuard
@@ -23,8 +25,9 @@ from segtrain.engine.callbacks.validation import ValidateAndKeepBest
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
 
-__all__ = ["Callback", "CallbackList", "EmaUpdate", "MetricWriters", "NonFiniteGuard", "PeriodicCheckpoint",
-           "PreemptionStop", "ProgressLogger", "ValidateAndKeepBest", "default_callbacks", "configured_callbacks"]
+__all__ = ["Callback", "CallbackList", "EarlyStopping", "EmaUpdate", "MetricWriters", "NonFiniteGuard",
+           "PeriodicCheckpoint", "PreemptionStop", "ProgressLogger", "ValidateAndKeepBest", "default_callbacks",
+           "configured_callbacks"]
 
 
 def default_callbacks() -> list[Callback]:

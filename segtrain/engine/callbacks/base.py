@@ -20,6 +20,12 @@ config's `callbacks`):
 event: a callback that writes files checks `run.ctx.is_main`, and one that makes a collective
 call (all-reduce) must make it on every process.
 
+A callback ends a run early by setting `run.stop_reason` (a sentence for the log; the same on every
+process) in on_fit_start, on_step_end, on_log or on_validation: the loop then fires on_checkpoint at
+that iteration (so last.pt is the state it stopped in), on_iteration_end, and ends as a normal finish
+(on_fit_end: result.json). Set in on_checkpoint or on_iteration_end, the run ends after on_iteration_end
+all the same, with the latest periodic checkpoint as last.pt.
+
 A callback whose decisions depend on the past (early stopping's patience) returns that state from
 `state_dict()` (plain numbers, strings, lists and dicts); it is saved in every checkpoint and given
 back through `load_state_dict()` on resume, before `on_fit_start`, so a resumed run decides exactly

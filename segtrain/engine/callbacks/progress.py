@@ -1,6 +1,7 @@
 """Progress: the bar on a terminal, and a loss / learning-rate / speed line every logging.interval.
 
-The line is the loop's one regular host synchronisation (the loss is read). It always reaches
+The line is the loop's one regular host synchronisation (the loss, and with trainer.clip_grad_norm the
+gradients' norm before clipping, train/grad_norm, are read). It always reaches
 train.log; on the console the bar shows it instead when there is one. Speed counts training steps
 only: the loop leaves validation and checkpoint writing out of `run.throughput`.
 """
@@ -49,6 +50,8 @@ class ProgressLogger(Callback):
                  format_eta((max_iters - iteration) / rate if rate > 0 else math.inf),
                  extra={PROGRESS_RECORD: True})
         values = {"train/loss": loss, "train/lr": lr, "train/iter_per_s": rate}
+        if result.grad_norm is not None:  # the same on every process: DDP averaged the gradients
+            values["train/grad_norm"] = float(result.grad_norm)
         if run.cfg.data.on_error == "skip":
             values["data/skipped_samples"] = run.state.skipped_samples
         run.records.scalars(iteration, values)
