@@ -32,6 +32,7 @@ from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError, TrainingStopped
 from segtrain.keys import given_keys
 from segtrain.models import backbone_for_inference, build_model
+from segtrain.models.backbones.base import RANDOM_INIT
 
 log = logging.getLogger("segtrain.train")
 
@@ -238,13 +239,23 @@ def set_train_mode(run: Run) -> None:
                 module.eval()
 
 
+def weights_origin(run: Run) -> str:
+    """Where the weights training starts from: a resumed checkpoint, init_from, else the backbone's own
+    origin (a file, ImageNet weights by tag, or random initialisation; the head is always initialised)."""
+    if run.state.iteration > 0:
+        return f"weights of the resumed checkpoint at iteration {run.state.iteration}"
+    if run.init_report is not None:
+        return f"weights from init_from={run.init_report.path}"
+    return str(getattr(getattr(run.model, "backbone", None), "weights_origin", RANDOM_INIT))
+
+
 def describe(run: Run) -> None:
     cfg, t = run.cfg, run.cfg.trainer
     model, step = run.model, run.step
     log.info(
-        "model %s + %s: %.2fM parameters; loss %s; %d train / %d val images; effective (global) batch %d = %d "
+        "model %s + %s (%s): %.2fM parameters; loss %s; %d train / %d val images; effective (global) batch %d = %d "
         "per pass x accumulation %d x world size %d; device %s, amp %s, channels_last %s, compile %s%s%s",
-        cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_),
+        cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_), weights_origin(run),
         sum(p.numel() for p in model.parameters()) / 1e6, type(step.loss).__name__, len(run.train_set),
         len(run.val_set), t.batch_size, run.micro_batch, t.grad_accum_steps, run.ctx.world_size, run.runtime.device,
         run.runtime.amp, run.runtime.channels_last, run.runtime.compile,
