@@ -184,8 +184,12 @@ def build_run(cfg: DictConfig, run_dir: Path, ctx: DistContext, info: RunInfo) -
     normalize = normalization(cfg)
     log.info("images normalised with mean %s, std %s", normalize[0], normalize[1])
     datasets = [build_dataset(cfg.dataset, split, train=train, normalize=normalize, on_error=cfg.data.on_error,
-                              max_pixels=cfg.data.max_image_pixels)
-                for split, train in ((cfg.dataset.train_split, True), (cfg.dataset.val_split, False))]
+                              max_pixels=cfg.data.max_image_pixels, max_samples=limit)
+                for split, train, limit in ((cfg.dataset.train_split, True, None),
+                                            (cfg.dataset.val_split, False, t.get("val_max_images")))]
+    if t.get("val_max_images") is not None:
+        log.info("validation on the first %d images of split '%s' (trainer.val_max_images=%d)", len(datasets[1]),
+                 cfg.dataset.val_split, t.val_max_images)
     model = _network(cfg, cfg.backbone, len(class_names), ctx, runtime)
     _check_crop(cfg, model)
     init_report = _init_weights(cfg, model, run_dir, class_names)
