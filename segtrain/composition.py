@@ -200,13 +200,12 @@ def explicit_run_dir(overrides: list[str]) -> Path | None:
 
 def precheck(config_name: str, args: list[str]) -> Prechecked:
     """Compose the config with the given overrides (first value of any sweep); ConfigError in one line."""
-    from hydra._internal.utils import get_args_parser
-
     from segtrain.engine.distributed import process_rank
     from segtrain.engine.lock import refuse_used_run_dir
+    from segtrain.flags import parse_command_line
 
     command = config_name.replace("_", " ")
-    parsed = get_args_parser().parse_args(args)
+    parsed = parse_command_line(config_name, args)
     if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
         return Prechecked(parsed, [], None)
     overrides = first_values(parsed)
