@@ -83,7 +83,8 @@ class Run:
     normalize: tuple[list[float], list[float]]
     train_set: Dataset
     val_set: Dataset
-    fingerprint: dict[str, Any]
+    fingerprint: dict[str, Any]  # the training set (resume checks it)
+    val_fingerprint: dict[str, Any]  # the validation images (eval compares with the recorded mIoU only on them)
     micro_batch: int
     model: nn.Module
     ema: WeightEma | None
@@ -197,7 +198,8 @@ def build_run(cfg: DictConfig, run_dir: Path, ctx: DistContext, info: RunInfo) -
     return Run(
         cfg=cfg, run_dir=run_dir, ctx=ctx, runtime=runtime, info=info, class_names=class_names,
         normalize=normalize, train_set=datasets[0], val_set=datasets[1],
-        fingerprint=data_fingerprint(datasets[0].samples, cfg.dataset.root), micro_batch=micro, model=model,
+        fingerprint=data_fingerprint(datasets[0].samples, cfg.dataset.root),
+        val_fingerprint=data_fingerprint(datasets[1].samples, cfg.dataset.root), micro_batch=micro, model=model,
         ema=WeightEma(model, decay) if decay is not None else None,
         val_model=_validation_network(cfg, len(class_names), runtime),
         step=build_train_step(cfg, model, ctx, runtime, len(class_names), given_keys(info.overrides)),
@@ -230,6 +232,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "rng": rng_state(),
         "class_names": run.class_names,
         "data_fingerprint": run.fingerprint,
+        "val_data_fingerprint": run.val_fingerprint,
         "config": OmegaConf.to_yaml(run.cfg, resolve=True),
     }
 
