@@ -49,6 +49,7 @@ HELP = {
         "evaluate a checkpoint on a dataset split (mIoU, per-class IoU, confusion matrix)",
         "segtrain eval ckpt=PATH [dataset=NAME] [key=value ...]",
         ("segtrain eval ckpt=outputs/<run>/checkpoints/best.pt",
+         "segtrain eval ckpt=outputs/<run>   (a run directory: its best.pt, else its newest checkpoint)",
          "segtrain eval ckpt=outputs/<run>/checkpoints/best.pt eval.mode=slide eval.scales=[0.75,1.0,1.25] "
          "eval.flip=true",
          "segtrain eval ckpt=outputs/<run>/checkpoints/best.pt --cfg job"),
