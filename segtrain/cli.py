@@ -13,6 +13,7 @@ sweep values after the first are seen only there.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         _data(rest)
         return
     if command not in COMMANDS:
-        print(f"segtrain: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? Commands" if close else "choose one of"
+        print(f"segtrain: error: unknown command '{command}'; {hint}: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
     _hydra_app(command, rest)

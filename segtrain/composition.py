@@ -13,6 +13,7 @@ one line; segtrain.cli prints them. `hydra_run_info` turns the running app's Hyd
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,13 +75,45 @@ def hydra_run_info() -> RunInfo:
     return RunInfo(list(hydra_cfg.overrides.task), choices, None if job is None else int(job))
 
 
+def closest_option(option: str, options: list[str]) -> str | None:
+    """The group option most like `option`: the shortest that extends it (`deeplab` -> `deeplabv3`), else
+    the closest spelling (`quickstrat` -> `quickstart`); None when none is close."""
+    extended = sorted((o for o in options if o.startswith(option)), key=lambda o: (len(o), o))
+    if extended:
+        return extended[0]
+    match = difflib.get_close_matches(option, options, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def missing_option_message(exc: BaseException) -> str | None:
+    """Hydra's `Could not find 'model/deeplab'` as `model=deeplab` with the closest option and the list;
+    None for anything but a missing option of a config group."""
+    from hydra.errors import MissingConfigException
+
+    if not isinstance(exc, MissingConfigException) or not exc.options or "/" not in (exc.missing_cfg_file or ""):
+        return None
+    group, option = exc.missing_cfg_file.rsplit("/", 1)
+    options = sorted(exc.options)
+    where = re.match(r"In '([^']+)'", str(exc))
+    # A defaults list of a group file (an experiment's `override /model: x`) is named; the primary configs are not.
+    named = where is not None and not where.group(1).startswith("hydra/")
+    inside = f" (in {where.group(1)})" if named and not (config_dir() / f"{where.group(1)}.yaml").is_file() else ""
+    close = closest_option(option, options)
+    hint = f"; did you mean {group}={close}? Options" if close else "; options"
+    return f"{group}={option}: no option '{option}' in group '{group}'{inside}{hint}: {', '.join(options)}"
+
+
 def one_line(exc: BaseException, known: Callable[[str], set[str]] | None = None) -> str:
     """A composition failure in one line; an unknown key comes with the closest known key (`known`
-    gives the keys of the config composed without the offending override)."""
+    gives the keys of the config composed without the offending override), an unknown group option
+    with the closest option."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     from segtrain.keys import unknown_key_message
 
+    missing = missing_option_message(exc)
+    if missing is not None:
+        return missing
     for err in (exc.__cause__, exc):
         key = getattr(err, "full_key", None) if isinstance(err, OmegaConfBaseException) else None
         if not key:
@@ -205,13 +238,12 @@ def explicit_run_dir(overrides: list[str]) -> Path | None:
 
 def precheck(config_name: str, args: list[str]) -> Prechecked:
     """Compose the config with the given overrides (first value of any sweep); ConfigError in one line."""
-    from hydra._internal.utils import get_args_parser
-
     from segtrain.engine.distributed import process_rank
     from segtrain.engine.lock import refuse_used_run_dir
+    from segtrain.flags import parse_command_line
 
     command = config_name.replace("_", " ")
-    parsed = get_args_parser().parse_args(args)
+    parsed = parse_command_line(config_name, args)
     if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
         return Prechecked(parsed, [], None)
     overrides = first_values(parsed)

@@ -50,6 +50,8 @@ class TrainerConfig:
     batch_size: int = 16
     grad_accum_steps: int = 1
     val_interval: int = 2000
+    # Validate on the first N images of the validation split (null: all of them): smoke runs (debug=fast).
+    val_max_images: int | None = None
     ckpt_interval: int = 1000
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by segtrain.config_checks)
     # auto: bf16 on CUDA devices that support it, fp16 (+ GradScaler) on older ones, off on CPU.

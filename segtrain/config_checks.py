@@ -81,6 +81,10 @@ def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     for key, value in at_least_zero:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    val_max_images = trainer.get("val_max_images")
+    if val_max_images is not None and val_max_images < 1:
+        raise ConfigError(f"trainer.val_max_images must be >= 1 (null: the whole validation split), got "
+                          f"{val_max_images}")
     decay = trainer.get("ema_decay")
     if decay is not None and decay != 0 and not (_is_number(decay) and 0 < decay < 1):
         raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0 or null: off; e.g. 0.999), got {decay!r}")

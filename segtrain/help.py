@@ -13,8 +13,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+# Groups only `train` composes (conf/train.yaml's defaults).
+TRAIN_ONLY_GROUPS = ("debug",)
 # Groups a checkpoint fixes (eval, predict, export): the network and everything only training reads.
-FROM_CHECKPOINT = ("model", "backbone", "loss", "optimizer", "schedule", "experiment")
+FROM_CHECKPOINT = ("model", "backbone", "loss", "optimizer", "schedule", "experiment", *TRAIN_ONLY_GROUPS)
 INFERENCE_KEYS = ("ckpt", "dataset", "eval", "data", "logging.progress", "logging.tensorboard", "trainer.device",
                   "trainer.amp")
 
@@ -39,6 +41,7 @@ HELP = {
         "train a model; checkpoints, train.log and TensorBoard logs go to the run directory",
         "segtrain train [experiment=NAME] [group=option ...] [key=value ...]",
         ("segtrain train experiment=quickstart",
+         "segtrain train experiment=quickstart debug=fast",
          "segtrain train model=deeplabv3plus backbone=xception dataset=voc",
          "segtrain train -m optimizer.lr=0.01,0.007",
          "segtrain train resume=auto hydra.run.dir=outputs/my_run")),
@@ -46,6 +49,7 @@ HELP = {
         "evaluate a checkpoint on a dataset split (mIoU, per-class IoU, confusion matrix)",
         "segtrain eval ckpt=PATH [dataset=NAME] [key=value ...]",
         ("segtrain eval ckpt=outputs/<run>/checkpoints/best.pt",
+         "segtrain eval ckpt=outputs/<run>   (a run directory: its best.pt, else its newest checkpoint)",
          "segtrain eval ckpt=outputs/<run>/checkpoints/best.pt eval.mode=slide eval.scales=[0.75,1.0,1.25] "
          "eval.flip=true",
          "segtrain eval ckpt=outputs/<run>/checkpoints/best.pt --cfg job"),
@@ -70,19 +74,20 @@ HELP = {
         ("segtrain info model=deeplabv3plus backbone=xception info.input_size=[513,513]",
          "segtrain info experiment=hrnetv2_w48_cityscapes info.input_size=[1024,2048] info.batch_size=2",
          "segtrain info ckpt=outputs/<run>/checkpoints/best.pt"),
-        ("loss", "optimizer", "schedule", "protocol"), ("ckpt", "info", "model", "backbone")),
+        ("loss", "optimizer", "schedule", "protocol", *TRAIN_ONLY_GROUPS), ("ckpt", "info", "model", "backbone")),
     "bench": CommandHelp(
         "training and inference speed, memory and FLOP use on trainer.device",
         "segtrain bench [model=NAME backbone=NAME] [bench.batch_size=N bench.crop_size=[H,W]] [key=value ...]",
         ("segtrain bench model=deeplabv3plus backbone=resnet50 bench.batch_size=2 bench.crop_size=[512,512]",
          "segtrain bench experiment=quickstart trainer.amp=off"),
-        None, ("bench", "trainer", "model", "backbone", "loss", "optimizer")),
+        TRAIN_ONLY_GROUPS, ("bench", "trainer", "model", "backbone", "loss", "optimizer")),
     "data_check": CommandHelp(
         "read every image and mask of a dataset and report the problems (sizes, labels, unreadable files)",
         "segtrain data check dataset=NAME [dataset.root=DIR] [data.split=SPLIT]",
         ("segtrain data check dataset=voc dataset.root=data/VOCdevkit/VOC2012",
          "segtrain data check dataset=folder dataset.root=my_data data.split=train"),
-        ("model", "backbone", "loss", "optimizer", "schedule"), ("dataset", "data", "logging.progress")),
+        ("model", "backbone", "loss", "optimizer", "schedule", *TRAIN_ONLY_GROUPS),
+        ("dataset", "data", "logging.progress")),
 }
 
 

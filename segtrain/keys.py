@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.errors import ConfigError
 
 # Sections only training reads; the trainer keys inference does read (eval, predict, export, info).
-TRAINING_ONLY = ("loss", "optimizer", "schedule", "callbacks")
+TRAINING_ONLY = ("loss", "optimizer", "schedule", "callbacks", "debug")
 INFERENCE_TRAINER_KEYS = ("trainer.device", "trainer.amp")
 
 

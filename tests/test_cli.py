@@ -106,9 +106,9 @@ def test_unknown_command_is_one_line_naming_it(tmp_path):
     ("trainer.max_iter=5", ["trainer.max_iter'", "trainer.max_iters'"]),  # the key, and the one meant
     ("dataset.augment.cropsize=[3,3]", ["dataset.augment.cropsize'", "dataset.augment.crop_size'"]),
     ("trainer.max_iters=many", ["trainer.max_iters"]),
-    ("backbone=resnet7", ["backbone/resnet7"]),
-    ("optimizer=sgdd", ["optimizer/sgdd"]),
-    ("loss=focal", ["loss/focal"]),
+    ("backbone=resnet7", ["backbone=resnet7: no option 'resnet7' in group 'backbone'", "resnet18, resnet34"]),
+    ("optimizer=sgdd", ["optimizer=sgdd", "did you mean optimizer=sgd?"]),
+    ("loss=focal", ["loss=focal", "; options: cross_entropy, ohem"]),
     ("trainer.nan_policy=skp", ["trainer.nan_policy"]),
     ("eval.mode=slid", ["eval.mode"]),
     ("data.on_error=skp", ["data.on_error"]),

@@ -19,6 +19,7 @@ from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import refuse_used_eval_dir
 from segtrain.engine.report import class_table, format_table, write_metrics
 from segtrain.engine.restore import load_for_inference
+from segtrain.engine.resume import data_fingerprint
 from segtrain.engine.runtime import resolve_amp
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
@@ -72,12 +73,29 @@ def events_dir(ckpt: Path, run_dir: Path, name: str) -> Path:
     return target
 
 
+def recorded_miou_note(state: dict, evaluated: dict) -> str:
+    """The checkpoint's recorded val mIoU next to this evaluation's, only when it was measured on the
+    same images (the same validation fingerprint: file names relative to the dataset root); else why not."""
+    logged = recorded_train_state(state).get("best_miou")
+    if not isinstance(logged, float) or logged < 0:
+        return ""
+    saved = state.get("val_data_fingerprint")
+    if saved == evaluated:
+        return f" (checkpoint's recorded val mIoU {logged:.4f}, on the same images)"
+    if not isinstance(saved, dict):
+        return (f" (not compared with the checkpoint's recorded val mIoU {logged:.4f}: the checkpoint does not record "
+                "which images it was validated on)")
+    return (f" (not compared with the checkpoint's recorded val mIoU {logged:.4f}: that was measured on other images, "
+            f"{saved.get('count')} validation images with fingerprint {str(saved.get('sha256'))[:12]}, here "
+            f"{evaluated['count']} with {evaluated['sha256'][:12]})")
+
+
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     refuse_used_eval_dir(run_dir)
     loaded = load_for_inference(composed, overrides)
     cfg, class_names = loaded.cfg, loaded.class_names
     recorded = recorded_train_state(loaded.state)
-    ckpt = Path(composed.ckpt)
+    ckpt = loaded.path
     amp = resolve_amp(cfg.trainer.amp, loaded.device)
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, normalize=normalization(cfg),
@@ -131,8 +149,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
             writer.add_text("eval/per_class_iou", "    " + table.replace("\n", "\n    "), step)
             writer.add_image("eval/confusion_matrix", matrix_image, step, dataformats="HWC")
     print(class_table(metrics, class_names, csv_path=run_dir / "per_class_iou.csv"))
-    logged = recorded.get("best_miou")
-    note = f" (checkpoint's recorded val mIoU {logged:.4f})" if isinstance(logged, float) and logged >= 0 else ""
+    note = recorded_miou_note(loaded.state, data_fingerprint(dataset.samples, cfg.dataset.root))
     for problem in result.skipped:
         log.warning("data.on_error=skip: left out of the metric: %s", problem)
     if result.skipped:

@@ -71,17 +71,16 @@ def training_memory(model_cfg: DictConfig, backbone_cfg: DictConfig, num_classes
 
 def _from_checkpoint(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The checkpoint's config (model, backbone, classes) with the command line applied; one line saying what."""
-    from pathlib import Path
-
-    from segtrain.engine.checkpoint import load_checkpoint, recorded_train_state
+    from segtrain.engine.checkpoint import inference_checkpoint, load_checkpoint, recorded_train_state
     from segtrain.engine.restore import checkpoint_config
 
-    state = load_checkpoint(Path(cfg.ckpt))
-    merged = checkpoint_config(state, cfg, overrides, str(cfg.ckpt))
+    path = inference_checkpoint(cfg.ckpt)
+    state = load_checkpoint(path)
+    merged = checkpoint_config(state, cfg, overrides, str(path))
     train_state = recorded_train_state(state)
     best = train_state.get("best_miou")
     score = f", best val mIoU {best:.4f}" if isinstance(best, float) and best >= 0 else ""
-    print(f"checkpoint  {cfg.ckpt} (iteration {train_state.get('iteration')}{score})")
+    print(f"checkpoint  {path} (iteration {train_state.get('iteration')}{score})")
     with open_dict(merged):
         merged.info = cfg.info
     return merged

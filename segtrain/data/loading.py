@@ -34,10 +34,11 @@ def source_samples(cfg: DatasetConfig | DictConfig, split: str) -> list:
 
 def build_dataset(
     cfg: DatasetConfig | DictConfig, split: str, train: bool, normalize: tuple[list[float], list[float]],
-    on_error: str = "raise", max_pixels: int = DEFAULT_MAX_PIXELS,
+    on_error: str = "raise", max_pixels: int = DEFAULT_MAX_PIXELS, max_samples: int | None = None,
 ) -> SegmentationDataset:
-    """`normalize`: (mean, std) from segtrain.data.normalization.normalization(full config)."""
-    samples = source_samples(cfg, split)
+    """`normalize`: (mean, std) from segtrain.data.normalization.normalization(full config);
+    `max_samples`: only the split's first N samples (None: all)."""
+    samples = source_samples(cfg, split)[:max_samples]
     if on_error == "raise":
         # Seconds now rather than a crash hours into training.
         missing = [str(s[1]) for s in samples if not Path(s[1]).is_file()]

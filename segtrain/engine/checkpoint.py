@@ -192,6 +192,28 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+def inference_checkpoint(given: str | Path) -> Path:
+    """`ckpt=` of eval, predict, export and info: a file as it is; a training run's directory (or its
+    checkpoints/ folder) stands for its best.pt, else its newest checkpoint (periodic, then last.pt,
+    the order of resume=auto), and the log says which. Periodic files are written atomically, so
+    every one listed is complete; partial writes (`.*.tmp`) are never candidates."""
+    path = Path(given)
+    if not path.is_dir():
+        return path
+    run_dir = path.parent if path.name == CHECKPOINT_DIR and not (path / CHECKPOINT_DIR).is_dir() else path
+    best = run_dir / CHECKPOINT_DIR / "best.pt"
+    if best.is_file():
+        chosen, which = best, "its best validation mIoU"
+    else:
+        candidates = resume_candidates(run_dir)
+        if not candidates:
+            raise WeightsError(f"ckpt={given}: no checkpoint in this directory (no best.pt, iter_*.pt or last.pt in "
+                               f"{run_dir / CHECKPOINT_DIR}); give a checkpoint file or a training run's directory")
+        chosen, which = candidates[0], "no best.pt: the newest checkpoint"
+    log.info("ckpt=%s is a run directory: using %s (%s)", given, chosen, which)
+    return chosen
+
+
 def resume_candidates(run_dir: Path) -> list[Path]:
     """The files `resume=auto` tries, newest first: periodic checkpoints, then last.pt (not best.pt)."""
     ckpt_dir = run_dir / CHECKPOINT_DIR

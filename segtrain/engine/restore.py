@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segtrain.config import CommonConfig
-from segtrain.engine.checkpoint import load_checkpoint
+from segtrain.engine.checkpoint import inference_checkpoint, load_checkpoint
 from segtrain.engine.ema import inference_weights
 from segtrain.engine.resume import NOT_ARCHITECTURE, stored_config
 from segtrain.engine.runtime import resolve_device
@@ -110,7 +110,7 @@ def checkpoint_config(state: dict, composed: DictConfig, overrides: list[str], s
 def checkpoint_view(composed: DictConfig, overrides: list[str]) -> DictConfig:
     """What eval, predict, export and info run with (`--cfg job`): the checkpoint's config with the
     command line applied, plus the command's own keys (ckpt, input, output, ...)."""
-    ckpt = Path(composed.ckpt)
+    ckpt = inference_checkpoint(composed.ckpt)
     merged = checkpoint_config(load_checkpoint(ckpt), composed, overrides, str(ckpt))
     view = OmegaConf.to_container(merged, resolve=False)
     own = OmegaConf.to_container(composed, resolve=False)
@@ -125,6 +125,7 @@ class LoadedModel:
     state: dict
     device: torch.device
     class_names: list[str]
+    path: Path  # the checkpoint file (ckpt= may name a run directory)
 
 
 def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedModel:
@@ -134,8 +135,8 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
     (dilation changes no weight shape), e.g. a model trained at 16 evaluated at 8; the ASPP rates follow.
     """
     if OmegaConf.is_missing(composed, "ckpt"):
-        raise ConfigError("ckpt is required: ckpt=outputs/<run>/checkpoints/best.pt")
-    ckpt = Path(composed.ckpt)
+        raise ConfigError("ckpt is required: ckpt=outputs/<run>/checkpoints/best.pt (or the run directory)")
+    ckpt = inference_checkpoint(composed.ckpt)
     state = load_checkpoint(ckpt)
     cfg = checkpoint_config(state, composed, overrides, str(ckpt))
     class_names = list(cfg.dataset.class_names)
@@ -157,4 +158,4 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
         raise WeightsError(f"the weights in {ckpt} do not fit the network{built} (trained: {trained_network(cfg)}): "
                            f"{detail[min(1, len(detail) - 1)]}") from None
     model.to(device).eval()
-    return LoadedModel(cfg, model, state, device, class_names)
+    return LoadedModel(cfg, model, state, device, class_names, ckpt)

@@ -32,6 +32,7 @@ from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError, TrainingStopped
 from segtrain.keys import given_keys
 from segtrain.models import backbone_for_inference, build_model
+from segtrain.models.backbones.base import RANDOM_INIT
 
 log = logging.getLogger("segtrain.train")
 
@@ -82,7 +83,8 @@ class Run:
     normalize: tuple[list[float], list[float]]
     train_set: Dataset
     val_set: Dataset
-    fingerprint: dict[str, Any]
+    fingerprint: dict[str, Any]  # the training set (resume checks it)
+    val_fingerprint: dict[str, Any]  # the validation images (eval compares with the recorded mIoU only on them)
     micro_batch: int
     model: nn.Module
     ema: WeightEma | None
@@ -186,8 +188,12 @@ def build_run(cfg: DictConfig, run_dir: Path, ctx: DistContext, info: RunInfo) -
     normalize = normalization(cfg)
     log.info("images normalised with mean %s, std %s", normalize[0], normalize[1])
     datasets = [build_dataset(cfg.dataset, split, train=train, normalize=normalize, on_error=cfg.data.on_error,
-                              max_pixels=cfg.data.max_image_pixels)
-                for split, train in ((cfg.dataset.train_split, True), (cfg.dataset.val_split, False))]
+                              max_pixels=cfg.data.max_image_pixels, max_samples=limit)
+                for split, train, limit in ((cfg.dataset.train_split, True, None),
+                                            (cfg.dataset.val_split, False, t.get("val_max_images")))]
+    if t.get("val_max_images") is not None:
+        log.info("validation on the first %d images of split '%s' (trainer.val_max_images=%d)", len(datasets[1]),
+                 cfg.dataset.val_split, t.val_max_images)
     model = _network(cfg, cfg.backbone, len(class_names), ctx, runtime)
     _check_crop(cfg, model)
     init_report = _init_weights(cfg, model, run_dir, class_names)
@@ -195,7 +201,8 @@ def build_run(cfg: DictConfig, run_dir: Path, ctx: DistContext, info: RunInfo) -
     return Run(
         cfg=cfg, run_dir=run_dir, ctx=ctx, runtime=runtime, info=info, class_names=class_names,
         normalize=normalize, train_set=datasets[0], val_set=datasets[1],
-        fingerprint=data_fingerprint(datasets[0].samples, cfg.dataset.root), micro_batch=micro, model=model,
+        fingerprint=data_fingerprint(datasets[0].samples, cfg.dataset.root),
+        val_fingerprint=data_fingerprint(datasets[1].samples, cfg.dataset.root), micro_batch=micro, model=model,
         ema=WeightEma(model, decay) if decay is not None else None,
         val_model=_validation_network(cfg, len(class_names), runtime),
         step=build_train_step(cfg, model, ctx, runtime, len(class_names), given_keys(info.overrides)),
@@ -228,6 +235,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "rng": rng_state(),
         "class_names": run.class_names,
         "data_fingerprint": run.fingerprint,
+        "val_data_fingerprint": run.val_fingerprint,
         "config": OmegaConf.to_yaml(run.cfg, resolve=True),
     }
 
@@ -241,13 +249,23 @@ def set_train_mode(run: Run) -> None:
                 module.eval()
 
 
+def weights_origin(run: Run) -> str:
+    """Where the weights training starts from: a resumed checkpoint, init_from, else the backbone's own
+    origin (a file, ImageNet weights by tag, or random initialisation; the head is always initialised)."""
+    if run.state.iteration > 0:
+        return f"weights of the resumed checkpoint at iteration {run.state.iteration}"
+    if run.init_report is not None:
+        return f"weights from init_from={run.init_report.path}"
+    return str(getattr(getattr(run.model, "backbone", None), "weights_origin", RANDOM_INIT))
+
+
 def describe(run: Run) -> None:
     cfg, t = run.cfg, run.cfg.trainer
     model, step = run.model, run.step
     log.info(
-        "model %s + %s: %.2fM parameters; loss %s; %d train / %d val images; effective (global) batch %d = %d "
+        "model %s + %s (%s): %.2fM parameters; loss %s; %d train / %d val images; effective (global) batch %d = %d "
         "per pass x accumulation %d x world size %d; device %s, amp %s, channels_last %s, compile %s%s%s",
-        cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_),
+        cfg.model._target_.rsplit(".", 1)[-1], cfg.backbone.get("name", cfg.backbone._target_), weights_origin(run),
         sum(p.numel() for p in model.parameters()) / 1e6, type(step.loss).__name__, len(run.train_set),
         len(run.val_set), t.batch_size, run.micro_batch, t.grad_accum_steps, run.ctx.world_size, run.runtime.device,
         run.runtime.amp, run.runtime.channels_last, run.runtime.compile,

@@ -15,6 +15,9 @@ from segtrain.errors import ConfigError, WeightsError
 from segtrain.models.official import official_backbone_state
 from segtrain.weights_file import load_weights_file
 
+# A backbone built without weights says so, with the key that would change it.
+RANDOM_INIT = "random init: backbone.pretrained=false"
+
 
 class Backbone(nn.Module):
     """forward(x) -> list of feature maps, finest first; `channels[i]` and `strides[i]` describe map i.
@@ -22,15 +25,27 @@ class Backbone(nn.Module):
     `size_divisor` is the multiple the input height and width must have; the segmentor pads to it.
     `name` is the architecture's name (timm's model name, `drn_d_105`, ...): heads whose paper
     settings depend on the backbone family read it (DeepLab's `separable: auto`).
+    `weights_origin` says what the weights start from (see `weights_origin`), for the start-up line.
     """
 
     channels: list[int]
     strides: list[int]
     size_divisor: int = 1
     name: str = ""
+    weights_origin: str = RANDOM_INIT
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def weights_origin(weights: str | None, pretrained: bool, imagenet_tag: str) -> str:
+    """Where a backbone's weights come from, in the precedence its constructor loads them: the file
+    (`backbone.weights=PATH`), the ImageNet weights named by their tag, or random initialisation."""
+    if weights:
+        return f"backbone.weights={weights}"
+    if pretrained:
+        return f"ImageNet weights {imagenet_tag}"
+    return RANDOM_INIT
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

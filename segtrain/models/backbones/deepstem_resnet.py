@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from segtrain.errors import ConfigError
-from segtrain.models.backbones.base import Backbone, load_backbone_weights
+from segtrain.models.backbones.base import Backbone, load_backbone_weights, weights_origin
 from segtrain.models.backbones.drn import Bottleneck
 from segtrain.models.backbones.weights import manual_weights_file
 
@@ -68,6 +68,7 @@ class DeepStemResNet(Backbone):
         self.channels = [planes * Bottleneck.expansion for planes in PLANES]
         self.strides = [4, 8, 8 * stride3, 8 * stride3 * stride4]
         self._init_weights()
+        self.weights_origin = weights_origin(weights, pretrained, OFFICIAL_FILES[name])
         if weights:
             load_backbone_weights(self, weights)
         elif pretrained:

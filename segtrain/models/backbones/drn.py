@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from segtrain.errors import ConfigError
-from segtrain.models.backbones.base import Backbone, load_backbone_weights
-from segtrain.models.backbones.weights import load_url_weights
+from segtrain.models.backbones.base import Backbone, load_backbone_weights, weights_origin
+from segtrain.models.backbones.weights import load_url_weights, torch_hub_file
 
 CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)
 
@@ -131,6 +131,7 @@ class DRN(Backbone):
         expand = block.expansion
         self.channels = [CHANNELS[1], CHANNELS[2] * expand, CHANNELS[3] * expand, CHANNELS[7]]
         self.strides = [2, 4, 8, 8]
+        self.weights_origin = weights_origin(weights, pretrained, torch_hub_file(WEIGHT_URLS[name]).name)
         if weights:
             load_backbone_weights(self, weights)
         elif pretrained:

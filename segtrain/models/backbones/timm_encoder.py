@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from segtrain.errors import ConfigError, first_line
-from segtrain.models.backbones.base import Backbone, load_backbone_weights
-from segtrain.models.backbones.weights import require_timm_weights, timm_download_error
+from segtrain.models.backbones.base import Backbone, load_backbone_weights, weights_origin
+from segtrain.models.backbones.weights import require_timm_weights, timm_download_error, timm_weights_tag
 
 # Keys of a full timm checkpoint that a features_only model lacks (heads and classifiers).
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.", "incre_modules.", "downsamp_modules.",
@@ -66,6 +66,7 @@ class TimmBackbone(Backbone):
         download = bool(pretrained and not weights)
         if download:
             require_timm_weights(name)
+        self.weights_origin = weights_origin(weights, pretrained, timm_weights_tag(name) if download else "")
         try:
             self.net = _features_model(name, download, kwargs)
         except TypeError as exc:

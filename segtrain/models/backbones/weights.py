@@ -155,6 +155,12 @@ def _timm_pretrained_cfg(name: str) -> PretrainedCfg:
     return cfg
 
 
+def timm_weights_tag(name: str) -> str:
+    """The tag of the weights timm loads for `name` (`xception65` -> `xception65.ra3_in1k`, its default)."""
+    cfg = _timm_pretrained_cfg(name)
+    return f"{cfg.architecture}.{cfg.tag}" if cfg.architecture and cfg.tag else name
+
+
 def require_timm_weights(name: str) -> None:
     """For timm weights: in the Hugging Face cache (or torch's, for URL-only ones), or downloadable now."""
     from huggingface_hub import constants, try_to_load_from_cache
