@@ -9,7 +9,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from segtrain.data.check import SplitReport, binary_mask_warning, check_samples, colours_suggestion, weak_findings
+from segtrain.data.check import (
+    SplitReport,
+    binary_mask_warning,
+    check_samples,
+    colours_suggestion,
+    combined,
+    validation_findings,
+)
 from segtrain.data.loading import source_samples
 from segtrain.progress import progress_enabled
 
@@ -82,10 +89,7 @@ def print_report(report: SplitReport, class_names: list[str], ignore_index: int,
             share = 100.0 * report.pixels[index] / labelled
             say(f"  {name:<16} {share:>9.3f} {report.images_with[index]:>7}")
         say(f"  ignored ({ignore_index}) pixels: {report.pixels[ignore_index]}")
-    for finding in (colours_suggestion(report, class_names), binary_mask_warning(report, class_names, ignore_index)):
-        if finding:
-            say(f"  WARNING: {finding}")
-    for finding in weak_findings(report, class_names, ignore_index, "raise", validation):
+    for finding in validation_findings(report, class_names) if validation else []:
         say(f"  WARNING: {finding}")
     say(f"  usable samples: {max(report.samples - report.unusable, 0)} of {report.samples}")
 
@@ -94,14 +98,20 @@ def run_check(cfg: DictConfig) -> int:
     splits = [cfg.data.split] if cfg.data.split else [cfg.dataset.train_split, cfg.dataset.val_split]
     names = list(cfg.dataset.class_names)
     failed = False
-    summary = {}
+    summary, reports = {}, []
     for split in splits:
         report = check_split(cfg, str(split), cfg.logging.progress)
         print_report(report, names, cfg.dataset.ignore_index, validation=split == cfg.dataset.val_split)
         failed |= bool(report.problems)
+        reports.append(report)
         summary[split] = {"samples": report.samples, "problems": report.problems,
                           "conversions": dict(report.conversions),
                           "class_pixels": {n: int(report.pixels[i]) for i, n in enumerate(names)}}
+    # Found across the splits, worded once: one colours= list from every colour mask, not one per file or split.
+    dataset = combined(reports)
+    for finding in (colours_suggestion(dataset, names), binary_mask_warning(dataset, names, cfg.dataset.ignore_index)):
+        if finding:
+            say(f"\nWARNING: {finding}")
     say(json.dumps({s: {"samples": v["samples"], "problems": len(v["problems"])} for s, v in summary.items()}))
     if failed:
         say("data check: FAILED (unusable samples listed above as BAD)")

@@ -54,6 +54,31 @@ class SplitReport:
     def unusable(self) -> int:
         return len({path for path, _ in self.problems})
 
+    @property
+    def where(self) -> str:
+        names = self.split.split("+")
+        return f"split '{names[0]}'" if len(names) == 1 else "splits " + " and ".join(f"'{n}'" for n in names)
+
+
+def combined(reports: Sequence[SplitReport]) -> SplitReport:
+    """The reports of several splits as one: dataset-wide findings (the colours of all colour masks, 0/255
+    masks) are worded once, not once per split."""
+    total = SplitReport("+".join(r.split for r in reports))
+    for report in reports:
+        total.samples += report.samples
+        total.total += report.total
+        total.problems += report.problems
+        total.conversions += report.conversions
+        total.pixels += report.pixels
+        total.images_with += report.images_with
+        total.binary_masks += report.binary_masks
+        total.colour_masks += report.colour_masks
+        total.colours += report.colours
+        total.colour_files += report.colour_files
+        total.out_of_range += report.out_of_range
+        total.bad_values |= report.bad_values
+    return total
+
 
 def spread(samples: Sequence, limit: int | None) -> list:
     """At most `limit` samples, spread evenly over the split (all of them when there are fewer)."""
@@ -117,7 +142,7 @@ def binary_mask_warning(report: SplitReport, class_names: list[str], ignore_inde
     """0/255 binary masks with two classes train without a single foreground pixel: 255 is ignored."""
     if len(class_names) != 2 or ignore_index != 255 or not report.binary_masks or report.pixels[1]:
         return None
-    return (f"{report.binary_masks} mask(s) hold only the values 0 and 255 (split '{report.split}'), no pixel has "
+    return (f"{report.binary_masks} mask(s) hold only the values 0 and 255 ({report.where}), no pixel has "
             f"the value 1, and dataset.class_names has 2 entries {class_names}: 255 is the ignore index, so every "
             f"'{class_names[1]}' pixel would be ignored and the class never learnt. If 255 marks the foreground "
             "(0/255 binary masks), map it to class 1: 'dataset.source.value_map={255:1}'")
@@ -141,7 +166,7 @@ def colours_suggestion(report: SplitReport, class_names: list[str]) -> str | Non
     if ordered:
         codes.sort(key=voc.__getitem__)
     files = len(report.colour_masks)
-    text = (f"{files} mask(s) of split '{report.split}' are colour images; together they hold {len(codes)} colours. "
+    text = (f"{files} mask(s) of {report.where} are colour images; together they hold {len(codes)} colours. "
             f"To read them as colours: dataset.source.mask_format=rgb dataset.source.colors={_listing(codes)}. ")
     if len(codes) == len(class_names):
         pairs = ", ".join(f"{name}={list(code_colour(c))}" for name, c in zip(class_names, codes))
@@ -161,7 +186,7 @@ def colours_suggestion(report: SplitReport, class_names: list[str]) -> str | Non
 def _collapsed_problems(report: SplitReport, num_classes: int, ignore_index: int) -> list[str]:
     """The problems of a split as few lines: one per kind, with a count and an example file."""
     lines = []
-    where = f"split '{report.split}'"
+    where = report.where
     if report.out_of_range:
         values = sorted(report.bad_values)
         example = out_of_range_message(Path(report.out_of_range[0]), values, num_classes, ignore_index)
@@ -180,30 +205,23 @@ def _collapsed_problems(report: SplitReport, num_classes: int, ignore_index: int
     return lines
 
 
-def fatal_findings(report: SplitReport, class_names: list[str], ignore_index: int, on_error: str) -> list[str]:
-    """What makes training on this split meaningless (or, with data.on_error=raise, stops it later anyway)."""
-    findings = []
+def findings(report: SplitReport, class_names: list[str], ignore_index: int,
+             on_error: str) -> tuple[list[str], list[str]]:
+    """(fatal, weak): what makes training meaningless (or, with data.on_error=raise, stops it at the first bad
+    sample anyway), and what is only worth a warning (samples data.on_error=skip will replace)."""
+    fatal = [binary] if (binary := binary_mask_warning(report, class_names, ignore_index)) else []
+    problems = _collapsed_problems(report, len(class_names), ignore_index)
     suggestion = colours_suggestion(report, class_names)
     if suggestion:
-        findings.append(suggestion)
-    binary = binary_mask_warning(report, class_names, ignore_index)
-    if binary:
-        findings.append(binary)
-    problems = _collapsed_problems(report, len(class_names), ignore_index)
-    if problems and (on_error == "raise" or report.unusable >= report.samples):
-        findings.extend(problems)
-    return findings
+        problems.insert(0, suggestion)
+    if on_error == "raise" or report.unusable >= report.samples:
+        return fatal + problems, []
+    return fatal, [f"data.on_error=skip will skip these: {line}" for line in problems]
 
 
-def weak_findings(report: SplitReport, class_names: list[str], ignore_index: int, on_error: str,
-                  validation: bool) -> list[str]:
-    """Worth a warning, not a stop: skipped samples, a small validation split, classes it never shows."""
+def validation_findings(report: SplitReport, class_names: list[str]) -> list[str]:
+    """Warnings about the validation split: too few images to judge by, classes it never shows."""
     findings = []
-    if on_error == "skip" and 0 < report.unusable < report.samples:
-        findings.extend(f"data.on_error=skip will skip these: {line}"
-                        for line in _collapsed_problems(report, len(class_names), ignore_index))
-    if not validation:
-        return findings
     if report.total < MIN_VAL_IMAGES:
         findings.append(f"the validation split '{report.split}' has {report.total} image(s) (fewer than "
                         f"{MIN_VAL_IMAGES}): its mIoU, which chooses best.pt, is noisy; give it more images "

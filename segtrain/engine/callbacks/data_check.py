@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from segtrain.data.check import check_samples, fatal_findings, weak_findings
+from segtrain.data.check import check_samples, combined, findings, validation_findings
 from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.run import Run
 from segtrain.errors import DataError
@@ -31,19 +31,20 @@ class DataCheck(Callback):
             return
         start = time.monotonic()
         names, ignore, on_error = run.class_names, cfg.dataset.ignore_index, str(cfg.data.on_error)
-        fatal, weak, read = [], [], []
+        reports, weak, read = [], [], []
         for dataset, validation in ((run.train_set, False), (run.val_set, True)):
             split = cfg.dataset.val_split if validation else cfg.dataset.train_split
             remaining = max(CHECK_SECONDS - (time.monotonic() - start), 0.0)
             report = check_samples(dataset.samples, str(split), len(names), ignore, int(cfg.data.max_image_pixels),
                                    limit=CHECK_SAMPLES, seconds=remaining)
-            fatal += fatal_findings(report, names, ignore, on_error)
-            weak += weak_findings(report, names, ignore, on_error, validation)
+            reports.append(report)
+            weak += validation_findings(report, names) if validation else []
             read.append(f"{report.samples} of {report.total} {split}")
+        fatal, skipped = findings(combined(reports), names, ignore, on_error)
         if fatal:
             raise DataError(f"data check before training: {fatal[0]}" + "".join(f"; also: {f}" for f in fatal[1:])
                             + " (segtrain data check lists every file; data.check_on_start=false skips this check)")
         if run.ctx.is_main:
-            for finding in weak:
+            for finding in skipped + weak:
                 log.warning("data check: %s", finding)
             log.info("data checked before training: %s samples in %.1f s", ", ".join(read), time.monotonic() - start)
