@@ -164,7 +164,7 @@ def test_the_start_check_is_cheap_on_the_tiny_shapes_data(shapes_root):
     assert [r.samples for r in reports] == [16, 4] and not any(r.problems for r in reports)
     assert findings(reports[0], names, 255, "raise") == ([], [])
     assert validation_findings(reports[1], names)  # 4 validation images: a warning
-    assert elapsed < 0.5, elapsed  # measured about 0.02 s on 2 cores
+    assert elapsed < 0.5, elapsed  # measured 0.004-0.012 s (16 + 4 masks of 40x56, 2 cores)
 
 
 def test_a_data_error_raised_in_a_worker_rebuilds_from_its_message():
