@@ -113,6 +113,9 @@ class DataConfig:
     # Images and masks above this many pixels are refused before decoding (decompression bombs);
     # Cityscapes frames are 2 MP.
     max_image_pixels: int = 100_000_000
+    # `segtrain train` reads a sample of the training and validation files before the first step (the checks
+    # of `segtrain data check`): stops on masks it cannot learn from, warns about a weak validation split.
+    check_on_start: bool = True
 
 
 @dataclass

@@ -160,6 +160,19 @@ def _check_start(cfg: DictConfig) -> None:
                           "(weights, optimizer, iteration); init_from= starts a new run from a checkpoint's weights")
 
 
+def _check_class_names(cfg: DictConfig) -> None:
+    """A dataset whose config leaves class_names unset (dataset=folder): its masks cannot say how many classes
+    there are, and a guess would train on the wrong count. Commands reading a checkpoint take its names."""
+    dataset = _section(cfg, "dataset")
+    if dataset is None or not OmegaConf.is_missing(dataset, "class_names"):
+        return
+    if "ckpt" in cfg and (OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt is not None):
+        return
+    raise ConfigError(f"dataset.class_names is not set (dataset={dataset.get('name')}): name every class, the one "
+                      "of mask value 0 first, e.g. dataset.class_names=[background,crack]; the position of a name "
+                      "is its class index (the mask value)")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse a value out of range, outside its options, or in a contradictory combination (ConfigError,
     one line); rewrite trainer.amp, trainer.sync_bn and trainer.channels_last to their canonical strings."""
@@ -176,3 +189,4 @@ def check_config(cfg: DictConfig) -> None:
         if section is not None:
             check(section)
     _check_start(cfg)
+    _check_class_names(cfg)

@@ -42,7 +42,7 @@ def user_message(exc: BaseException) -> str:
     text = str(exc)
     if "Original Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
-        return last.split(": ", 1)[1] if last.startswith(("segtrain.errors.", "DataError", "ConfigError")) else last
+        return last.split(": ", 1)[1] if last.startswith(("segtrain.", "DataError", "ConfigError")) else last
     return text
 
 

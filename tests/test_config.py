@@ -29,7 +29,9 @@ def test_every_group_has_options(group):
 )
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_every_option_composes(command, group, option):
-    cfg = compose_config(command, [f"{group}={option}"] + (["ckpt=x.pt"] if command == "eval" else []))
+    # dataset=folder has no default class names (your data's classes): they are given, as a user must.
+    names = ["dataset.class_names=[a,b]"] if (group, option) == ("dataset", "folder") else []
+    cfg = compose_config(command, [f"{group}={option}", *names] + (["ckpt=x.pt"] if command == "eval" else []))
     assert cfg.trainer.max_iters >= 1
     if group in ("model", "backbone"):
         assert cfg[group]["_target_"].startswith("segtrain.")

@@ -65,7 +65,9 @@ def test_rgb_masks_in_index_mode_point_at_mask_format_rgb_with_their_colours(tmp
         dataset_of(root)[0]
     message = str(caught.value)
     assert str(root / "masks") in message and "is an RGB colour image" in message
-    assert "dataset.source.mask_format=rgb dataset.source.colors=[[0,0,0],[128,0,0]]" in message
+    # The file's own colours, but no ready list: one file's colours are not the dataset's (data check builds it).
+    assert "set dataset.source.mask_format=rgb and dataset.source.colors" in message
+    assert "this mask holds [[0,0,0],[128,0,0]]" in message and "`segtrain data check` suggests the list" in message
     # The suggested keys read the masks.
     mask = dataset_of(root, "dataset.source.mask_format=rgb", "dataset.source.colors=[[0,0,0],[128,0,0]]")[0]["mask"]
     assert sorted(mask.unique().tolist()) == [0, 1]

@@ -279,7 +279,9 @@ def folder_dataset(root: Path, bad: int) -> Path:
 def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
     """Workers ignore SIGTERM (preemption checkpoints first); the error must still end the process."""
     root = folder_dataset(tmp_path / "data", 3 if where == "train" else 11)
-    args = ["dataset=folder", f"dataset.root={root}", "dataset.source.split_dir=splits", "backbone=resnet18",
+    # The start check would stop the run before any worker reads the bad mask: this test is about the workers.
+    args = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "data.check_on_start=false",
+            "dataset.source.split_dir=splits", "backbone=resnet18",
             "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=2",
             "eval.num_workers=2", "trainer.max_iters=4", "trainer.val_interval=2", "logging.progress=false",
             f"hydra.run.dir={tmp_path / 'run'}", "trainer.device=cpu"]
@@ -389,7 +391,8 @@ def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_r
 @pytest.mark.cli
 def test_validation_and_eval_honour_on_error_skip(tmp_path):
     root = folder_dataset(tmp_path / "data", 11)  # a bad validation mask
-    args = ["dataset=folder", f"dataset.root={root}", "dataset.source.split_dir=splits", "backbone=resnet18",
+    args = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "dataset.source.split_dir=splits",
+            "backbone=resnet18",
             "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0", "eval.num_workers=0",
             "trainer.max_iters=2", "trainer.val_interval=2", "logging.progress=false", "data.on_error=skip",
             "trainer.device=cpu"]
@@ -408,7 +411,8 @@ def test_validation_and_eval_honour_on_error_skip(tmp_path):
 
 
 def _folder_cli(root: Path, tmp_path: Path, command: str, *extra: str) -> subprocess.CompletedProcess:
-    args = ["dataset=folder", f"dataset.root={root}", "dataset.source.split_dir=splits", "backbone=resnet18",
+    args = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "dataset.source.split_dir=splits",
+            "backbone=resnet18",
             "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0",
             "eval.num_workers=0", "trainer.max_iters=1", "trainer.val_interval=1", "logging.progress=false",
             "trainer.device=cpu", *extra]

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
-from tqdm import tqdm
 
-from segtrain.data.dataset import check_pair, decode_image, read_decoded_mask
+from segtrain.data.check import (
+    SplitReport,
+    binary_mask_warning,
+    check_samples,
+    colours_suggestion,
+    combined,
+    validation_findings,
+)
 from segtrain.data.loading import source_samples
-from segtrain.errors import DataError
 from segtrain.progress import progress_enabled
 
 
@@ -65,64 +67,18 @@ def prepare_main(args: list[str]) -> int:
     return 0
 
 
-@dataclass
-class SplitReport:
-    split: str
-    samples: int = 0
-    problems: list[tuple[str, str]] = field(default_factory=list)
-    conversions: Counter = field(default_factory=Counter)
-    pixels: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.int64))
-    images_with: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.int64))
-    binary_masks: int = 0  # masks holding only the values 0 and 255 (after dataset.source.value_map)
-
-
 def check_split(cfg: DictConfig, split: str, progress: bool) -> SplitReport:
-    report = SplitReport(split)
     samples = source_samples(cfg.dataset, split)
-    limit = int(cfg.data.max_image_pixels)
-    num_classes, ignore = len(cfg.dataset.class_names), cfg.dataset.ignore_index
-    for image_path, mask_path, *decoder in tqdm(samples, desc=f"check {split}", unit="img",
-                                                disable=not progress_enabled(progress)):
-        report.samples += 1
-        image = mask = None
-        try:
-            image, note = decode_image(Path(image_path), limit)
-            if note:
-                report.conversions[note] += 1
-        except DataError as exc:
-            report.problems.append((str(image_path), str(exc)))
-        try:
-            mask = read_decoded_mask(Path(mask_path), decoder[0] if decoder else None, limit)
-        except DataError as exc:
-            report.problems.append((str(mask_path), f"{exc} (image {image_path})"))
-        if image is None or mask is None:
-            continue
-        try:
-            check_pair(image, mask, image_path, mask_path, num_classes, ignore)
-        except DataError as exc:
-            report.problems.append((str(mask_path), str(exc)))
-            continue
-        counts = np.bincount(mask.ravel(), minlength=256)
-        report.pixels += counts
-        report.images_with += counts > 0
-        report.binary_masks += bool(counts[255] and counts[0] + counts[255] == mask.size)
-    return report
+    return check_samples(samples, split, len(cfg.dataset.class_names), cfg.dataset.ignore_index,
+                         int(cfg.data.max_image_pixels), progress_enabled(progress))
 
 
-def binary_mask_warning(report: SplitReport, class_names: list[str], ignore_index: int) -> str | None:
-    """0/255 binary masks with two classes train without a single foreground pixel: 255 is ignored."""
-    if len(class_names) != 2 or ignore_index != 255 or not report.binary_masks or report.pixels[1]:
-        return None
-    return (f"WARNING: {report.binary_masks} mask(s) hold only the values 0 and 255, no pixel has the value 1, and "
-            f"dataset.class_names has 2 entries {class_names}: 255 is the ignore index, so every '{class_names[1]}' "
-            "pixel would be ignored and the class never learnt. If 255 marks the foreground (0/255 binary masks), "
-            "map it to class 1: 'dataset.source.value_map={255:1}'")
-
-
-def print_report(report: SplitReport, class_names: list[str], ignore_index: int) -> None:
-    usable = report.samples - len({f for f, _ in report.problems})
+def print_report(report: SplitReport, class_names: list[str], ignore_index: int, validation: bool = False) -> None:
     say(f"\nsplit '{report.split}': {report.samples} samples, {len(report.problems)} problems")
+    colour_masks = set(report.colour_masks)
     for path, reason in report.problems:
+        if path in colour_masks:  # one override for all of them follows, not one per file
+            reason = "a colour image, read as an index mask (dataset.source.mask_format=index)"
         say(f"  BAD {path}: {reason}")
     for kind, count in sorted(report.conversions.items()):
         say(f"  converted {count} {kind} image(s) to 8-bit RGB (usable, counted)")
@@ -133,24 +89,29 @@ def print_report(report: SplitReport, class_names: list[str], ignore_index: int)
             share = 100.0 * report.pixels[index] / labelled
             say(f"  {name:<16} {share:>9.3f} {report.images_with[index]:>7}")
         say(f"  ignored ({ignore_index}) pixels: {report.pixels[ignore_index]}")
-    warning = binary_mask_warning(report, class_names, ignore_index)
-    if warning:
-        say(f"  {warning}")
-    say(f"  usable samples: {max(usable, 0)} of {report.samples}")
+    for finding in validation_findings(report, class_names) if validation else []:
+        say(f"  WARNING: {finding}")
+    say(f"  usable samples: {max(report.samples - report.unusable, 0)} of {report.samples}")
 
 
 def run_check(cfg: DictConfig) -> int:
     splits = [cfg.data.split] if cfg.data.split else [cfg.dataset.train_split, cfg.dataset.val_split]
     names = list(cfg.dataset.class_names)
     failed = False
-    summary = {}
+    summary, reports = {}, []
     for split in splits:
         report = check_split(cfg, str(split), cfg.logging.progress)
-        print_report(report, names, cfg.dataset.ignore_index)
+        print_report(report, names, cfg.dataset.ignore_index, validation=split == cfg.dataset.val_split)
         failed |= bool(report.problems)
+        reports.append(report)
         summary[split] = {"samples": report.samples, "problems": report.problems,
                           "conversions": dict(report.conversions),
                           "class_pixels": {n: int(report.pixels[i]) for i, n in enumerate(names)}}
+    # Found across the splits, worded once: one colours= list from every colour mask, not one per file or split.
+    dataset = combined(reports)
+    for finding in (colours_suggestion(dataset, names), binary_mask_warning(dataset, names, cfg.dataset.ignore_index)):
+        if finding:
+            say(f"\nWARNING: {finding}")
     say(json.dumps({s: {"samples": v["samples"], "problems": len(v["problems"])} for s, v in summary.items()}))
     if failed:
         say("data check: FAILED (unusable samples listed above as BAD)")

@@ -162,27 +162,51 @@ def lossy_mask_message(path: Path) -> str:
             "or 3) and converting the JPEG cannot undo it; export the masks again as PNG from the annotation tool")
 
 
-def _distinct_colours(rgb: np.ndarray, limit: int) -> tuple[list[tuple[int, int, int]], int]:
-    codes = np.unique((rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2])
-    return [((int(c) >> 16) & 255, (int(c) >> 8) & 255, int(c) & 255) for c in codes[:limit]], len(codes)
+def colour_codes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct colours of an RGB image as 24-bit codes (0xRRGGBB), with their pixel counts."""
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    return np.unique(codes, return_counts=True)
 
 
-def colour_mask_message(path: Path, mode: str, rgb: np.ndarray) -> str:
-    """Why a colour image is not an index mask, and the keys that read it: the colours it holds are
-    listed so that the suggested override can be pasted once put in class order."""
-    colours, total = _distinct_colours(rgb, 8)
+def code_colour(code: int) -> tuple[int, int, int]:
+    return (int(code) >> 16) & 255, (int(code) >> 8) & 255, int(code) & 255
+
+
+class ColourMaskError(DataError):
+    """A colour mask read as an index mask; it carries the colours it holds (codes and pixel counts), so that
+    `data check` and the start check can build one `dataset.source.colors` suggestion from all masks."""
+
+    def __init__(self, message: str, codes: np.ndarray | None = None, counts: np.ndarray | None = None) -> None:
+        # Optional: PyTorch rebuilds a loader worker's exception from its message alone.
+        super().__init__(message)
+        self.codes = codes if codes is not None else np.zeros(0, np.int64)
+        self.counts = counts if counts is not None else np.zeros(0, np.int64)
+
+
+class LabelRangeError(DataError):
+    """Label values outside the classes and the ignore index; `values` are the offending values."""
+
+    def __init__(self, message: str, values: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.values = values or []
+
+
+def colour_mask_message(path: Path, mode: str, codes: np.ndarray) -> str:
+    """Why a colour image is not an index mask, and the keys that read it. The file's own colours are listed,
+    but the `colors=` override comes from `segtrain data check`, which sees the colours of every mask."""
+    colours = [code_colour(c) for c in codes[:8]]
     listing = "[" + ",".join(f"[{r},{g},{b}]" for r, g, b in colours) + "]"
-    more = f" (the first 8 of its {total} colours)" if total > len(colours) else ""
+    more = f" (the first 8 of its {len(codes)})" if len(codes) > len(colours) else ""
     message = (f"mask {path} is an {mode} colour image, but dataset.source.mask_format=index reads class indices "
                "from single-channel (palette or grayscale) PNGs. ")
-    if all(r == g == b for r, g, b in colours) and total <= 8:
+    if all(r == g == b for r, g, b in colours) and len(codes) <= 8:
         values = [r for r, _, _ in colours]
         message += (f"Its three channels are equal (values {values}): save the masks as single-channel 8-bit PNGs "
-                    "(mode L), or read them as colours with ")
+                    "(mode L), or read them as colours with dataset.source.mask_format=rgb")
     else:
-        message += "If its colours are the classes, set "
-    return (message + f"dataset.source.mask_format=rgb dataset.source.colors={listing}{more}, one [R,G,B] per class "
-            "in dataset.class_names order (colours that mean 'ignore' go in dataset.source.ignore_colors)")
+        message += "If its colours are the classes, set dataset.source.mask_format=rgb"
+    return (message + f" and dataset.source.colors, one [R,G,B] per class in dataset.class_names order; this mask "
+            f"holds {listing}{more}. `segtrain data check` suggests the list from the colours of all masks")
 
 
 def read_mask(path: Path, rgb: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -209,7 +233,8 @@ def read_mask(path: Path, rgb: bool = False, max_pixels: int = DEFAULT_MAX_PIXEL
             if img.mode == "1":  # 1-bit PNGs (binary masks): bits 0 / 1 are the class indices
                 return np.array(img, dtype=np.uint8)
             if img.mode in ("RGB", "RGBA", "LA", "PA"):
-                raise DataError(colour_mask_message(path, img.mode, np.array(img.convert("RGB"), dtype=np.uint8)))
+                codes, counts = colour_codes(np.array(img.convert("RGB"), dtype=np.uint8))
+                raise ColourMaskError(colour_mask_message(path, img.mode, codes), codes, counts)
             if img.mode not in ("P", "L"):
                 raise DataError(
                     f"mask {path} is a {img.mode} image; masks must be single-channel 8-bit index PNGs "
@@ -233,7 +258,7 @@ def check_pair(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path:
     invalid = (mask >= num_classes) & (mask != ignore_index)
     if invalid.any():
         values = sorted(set(np.unique(mask[invalid]).tolist()))
-        raise DataError(out_of_range_message(mask_path, values, num_classes, ignore_index))
+        raise LabelRangeError(out_of_range_message(mask_path, values, num_classes, ignore_index), values)
 
 
 def out_of_range_message(mask_path: Path, values: list[int], num_classes: int, ignore_index: int) -> str:

@@ -1,6 +1,7 @@
 """Callbacks of the training loop (segtrain.engine.callbacks.base explains the events).
 
-segtrain's own behaviour around the step is a list of callbacks, in this order: the non-finite
+segtrain's own behaviour around the step is a list of callbacks, in this order: the data check
+(data.check_on_start: a sample of the files checked before the first step), the non-finite
 guard (first, so nothing reports or saves a poisoned state), EMA, progress, validation with best.pt,
 the metric writers, periodic checkpoints and preemption. A user's callbacks come from the config's
 `callbacks` mapping (name -> `_target_` node) and run after them; conf/callbacks/ holds ready ones
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 
 from segtrain.engine.callbacks.base import Callback, CallbackList
 from segtrain.engine.callbacks.checkpointing import PeriodicCheckpoint
+from segtrain.engine.callbacks.data_check import DataCheck
 from segtrain.engine.callbacks.early_stopping import EarlyStopping
 from segtrain.engine.callbacks.ema import EmaUpdate
 from segtrain.engine.callbacks.metric_writers import MetricWriters
@@ -25,13 +27,13 @@ from segtrain.engine.callbacks.validation import ValidateAndKeepBest
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
 
-__all__ = ["Callback", "CallbackList", "EarlyStopping", "EmaUpdate", "MetricWriters", "NonFiniteGuard",
+__all__ = ["Callback", "CallbackList", "DataCheck", "EarlyStopping", "EmaUpdate", "MetricWriters", "NonFiniteGuard",
            "PeriodicCheckpoint", "PreemptionStop", "ProgressLogger", "ValidateAndKeepBest", "default_callbacks",
            "configured_callbacks"]
 
 
 def default_callbacks() -> list[Callback]:
-    return [NonFiniteGuard(), EmaUpdate(), ProgressLogger(), ValidateAndKeepBest(), MetricWriters(),
+    return [DataCheck(), NonFiniteGuard(), EmaUpdate(), ProgressLogger(), ValidateAndKeepBest(), MetricWriters(),
             PeriodicCheckpoint(), PreemptionStop()]
 
 
