@@ -318,3 +318,13 @@ def test_data_check_logs_into_its_run_directory_not_the_current_one(tmp_path):
     assert [p.name for p in cwd.iterdir()] == ["outputs"]
     logs = list((cwd / "outputs").glob("*/*-data-check/data_check.log"))
     assert len(logs) == 1 and "data check: OK" in logs[0].read_text()
+
+
+def test_the_wheel_lists_every_package_of_the_source_tree():
+    """setuptools ships only the packages pyproject names: a new sub-package left out breaks installed copies."""
+    listed = re.search(r"^packages = \[(.*?)\]", (CHECKOUT / "pyproject.toml").read_text(), re.MULTILINE | re.DOTALL)
+    declared = set(re.findall(r'"([\w.]+)"', listed.group(1)))
+    on_disk = {
+        ".".join(init.parent.relative_to(CHECKOUT).parts) for init in (CHECKOUT / "segtrain").rglob("__init__.py")
+    }
+    assert on_disk <= declared, f"add to pyproject's packages: {sorted(on_disk - declared)}"
