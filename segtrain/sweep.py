@@ -28,6 +28,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain.metrics import percent
+
 SWEPT_KEYS_ENV = "SEGTRAIN_SWEPT_KEYS"  # set for the jobs (and launcher processes) of a running sweep
 MAX_NAME = 120
 UNSAFE = re.compile(r"[^A-Za-z0-9._+@%-]")
@@ -138,20 +140,16 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: (row["job"] is None, row["job"] or 0, row["run_dir"]))
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
     best = max((r["best_miou"] for r in rows if r["best_miou"] is not None), default=None)
-    lines = ["| job | overrides | best mIoU | best iteration | final mIoU | iterations | run dir |",
+    lines = ["| job | overrides | best mIoU % | best iteration | final mIoU % | iterations | run dir |",
              "| ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        score = _pct(r["best_miou"])
+        score = percent(r["best_miou"])
         if best is not None and r["best_miou"] == best:
             score = f"**{score}**"
         lines.append(f"| {r['job']} | {r['overrides'] or '-'} | {score} | {r['best_iteration']} | "
-                     f"{_pct(r['final_miou'])} | {r['iterations']} | {r['run_dir']} |")
+                     f"{percent(r['final_miou'])} | {r['iterations']} | {r['run_dir']} |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from segtrain.engine.report import class_table, format_table, write_metrics
 from segtrain.engine.restore import load_for_inference
 from segtrain.engine.resume import data_fingerprint
 from segtrain.engine.runtime import resolve_amp
+from segtrain.metrics import percent
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
 log = logging.getLogger("segtrain.eval")
@@ -79,13 +80,14 @@ def recorded_miou_note(state: dict, evaluated: dict) -> str:
     logged = recorded_train_state(state).get("best_miou")
     if not isinstance(logged, float) or logged < 0:
         return ""
+    recorded = f"the checkpoint's recorded val mIoU {percent(logged)}%"
     saved = state.get("val_data_fingerprint")
     if saved == evaluated:
-        return f" (checkpoint's recorded val mIoU {logged:.4f}, on the same images)"
+        return f" ({recorded}, on the same images)"
     if not isinstance(saved, dict):
-        return (f" (not compared with the checkpoint's recorded val mIoU {logged:.4f}: the checkpoint does not record "
+        return (f" (not compared with {recorded}: the checkpoint does not record "
                 "which images it was validated on)")
-    return (f" (not compared with the checkpoint's recorded val mIoU {logged:.4f}: that was measured on other images, "
+    return (f" (not compared with {recorded}: that was measured on other images, "
             f"{saved.get('count')} validation images with fingerprint {str(saved.get('sha256'))[:12]}, here "
             f"{evaluated['count']} with {evaluated['sha256'][:12]})")
 
@@ -154,7 +156,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
         log.warning("data.on_error=skip: left out of the metric: %s", problem)
     if result.skipped:
         note += f"; {len(result.skipped)} unusable images left out (data.on_error=skip, listed in metrics.json)"
-    print(f"mIoU {metrics['miou']:.4f} on {cfg.dataset.name}/{cfg.eval.split}{note}; "
+    print(f"mIoU {percent(metrics['miou'])}% on {cfg.dataset.name}/{cfg.eval.split}{note}; "
           f"{result.seconds_per_image * 1000:.1f} ms per image")
     print(f"wrote {run_dir / 'metrics.json'}, per_class_iou.csv and confusion_matrix.png")
     return metrics

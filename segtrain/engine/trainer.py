@@ -36,6 +36,7 @@ from segtrain.engine.resume_run import resume_run
 from segtrain.engine.run import Run, build_run, describe, set_train_mode
 from segtrain.engine.step import Batch, StepResult
 from segtrain.errors import Preempted, TrainingStopped
+from segtrain.metrics import percent
 
 log = logging.getLogger("segtrain.train")
 
@@ -180,8 +181,8 @@ class Trainer:
 
     def summary(self) -> TrainResult:
         run, s = self.run, self.run.state
-        log.info("done: final val mIoU %.4f, best %.4f at iteration %d; checkpoints in %s", s.last_miou, s.best_miou,
-                 s.best_iteration, run.ckpt_dir)
+        log.info("done: final val mIoU %s%%, best %s%% at iteration %d; checkpoints in %s", percent(s.last_miou),
+                 percent(s.best_miou), s.best_iteration, run.ckpt_dir)
         if run.problems:
             log.warning("%d unusable samples were skipped (%d distinct problems)", s.skipped_samples,
                         len(run.problems))

@@ -19,6 +19,7 @@ from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.report import class_table, write_class_csv
 from segtrain.engine.run import Run, Validation, checkpoint_state, set_train_mode
 from segtrain.errors import WeightsError
+from segtrain.metrics import percent
 from segtrain.visualize import denormalize, make_palette, panel
 
 log = logging.getLogger("segtrain.train")
@@ -63,7 +64,7 @@ class ValidateAndKeepBest(Callback):
             if run.ctx.is_main and miou > self.best_on_disk:
                 self.best_on_disk = miou
                 save_checkpoint(checkpoint_state(run), run.ckpt_dir / "best.pt")
-                log.info("new best mIoU %.4f at iteration %d: %s", miou, iteration, run.ckpt_dir / "best.pt")
+                log.info("new best mIoU %s%% at iteration %d: %s", percent(miou), iteration, run.ckpt_dir / "best.pt")
 
     def validate(self, run: Run, show_images: bool) -> Validation:
         evaluated = run.evaluated_model
@@ -91,8 +92,8 @@ class ValidateAndKeepBest(Callback):
             table_csv = write_class_csv(run.run_dir / VAL_CLASS_CSV, m, run.class_names)
         left_out = (f" ({len(validation.skipped)} unusable samples left out: data.on_error=skip)"
                     if validation.skipped else "")
-        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s%s\n%s", iteration, m["miou"],
-                 m["pixel_acc"], m["mean_acc"], "" if run.ema is None else " (EMA weights)", left_out,
+        log.info("iter %d: val mIoU %s%%, pixel acc %s%%, mean acc %s%%%s%s\n%s", iteration, percent(m["miou"]),
+                 percent(m["pixel_acc"]), percent(m["mean_acc"]), "" if run.ema is None else " (EMA weights)", left_out,
                  class_table(m, run.class_names, CLASS_ROWS, csv_path=table_csv))
         values = {tag: m[key] for key, tag in (("miou", "val/mIoU"), ("pixel_acc", "val/pixel_acc"),
                                                ("mean_acc", "val/mean_acc"))}
