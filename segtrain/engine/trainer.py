@@ -150,10 +150,11 @@ class Trainer:
                 events.on_step_end(run, result)
                 if _due(iteration, self.cfg.logging.interval, last):
                     events.on_log(run, result)
-                with run.throughput.excluded():  # it/s counts training steps only
-                    if _due(iteration, t.val_interval, last):
+                if _due(iteration, t.val_interval, last):  # it/s counts training steps only; the ETA adds these
+                    with run.throughput.excluded("validation"):
                         events.on_validation(run)
-                    if _due(iteration, t.ckpt_interval, last or run.stop_reason is not None):
+                if _due(iteration, t.ckpt_interval, last or run.stop_reason is not None):
+                    with run.throughput.excluded("checkpoint"):
                         events.on_checkpoint(run)
                 events.on_iteration_end(run)
                 if run.stop_signal is not None and run.stop_reason is None:  # a run that ends anyway just ends
