@@ -225,7 +225,9 @@ def _usage() -> str:
     lines += [f"  {name:<8}{text}" for name, text in COMMANDS.items()]
     lines += ["", "Examples:", "  segtrain train experiment=quickstart",
               "  segtrain train model=deeplabv3plus backbone=xception", "  segtrain train -m optimizer.lr=0.01,0.007",
-              "  segtrain eval ckpt=outputs/<run>/checkpoints/best.pt", "", "segtrain --version prints the version."]
+              "  segtrain eval ckpt=outputs/<run>/checkpoints/best.pt", "",
+              "segtrain --version prints the version; eval \"$(segtrain -sc install=bash)\" completes commands, "
+              "groups and keys (bash, zsh)."]
     return "\n".join(lines)
 
 
@@ -242,6 +244,22 @@ def _command_help(command: str, rest: list[str]) -> None:
     print(render(command, config_dir(), cfg))
 
 
+def _completion(args: list[str]) -> None:
+    """`segtrain --complete` (asked by the shell on TAB) and `segtrain [command] -sc install=bash|zsh`."""
+    from segtrain.completion import complete_from_environment, shell_completion
+
+    if args[0] == "--complete":
+        print("\n".join(complete_from_environment()))
+        return
+    flag = "-sc" if "-sc" in args else "--shell-completion"
+    index = args.index(flag)
+    try:
+        print(shell_completion(args[index + 1] if index + 1 < len(args) else None), end="")
+    except SegtrainError as exc:
+        print(f"segtrain: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -252,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args[0] in ("-V", "--version"):
         print(f"segtrain {version()}")
+        return
+    if args[0] == "--complete" or "-sc" in args or "--shell-completion" in args:
+        _completion(args)
         return
     command, rest = args[0], args[1:]
     if command == "data":

@@ -56,15 +56,6 @@ class ConfusionMatrix:
         }
 
 
-def percent(value: float | None) -> str:
-    """The one way segtrain shows an mIoU, IoU or accuracy to a person: percent with two decimals
-    (`56.79`), `n/a` for none (a run's best before its first validation is -1). Files (metrics.json,
-    metrics.jsonl, CSV, TensorBoard) keep fractions."""
-    if value is None or not math.isfinite(value) or value < 0:
-        return "n/a"
-    return f"{100 * value:.2f}"
-
-
 def _nanmean(values: torch.Tensor) -> float:
     present = values[~values.isnan()]
     return float(present.mean()) if present.numel() else math.nan

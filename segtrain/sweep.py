@@ -28,7 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain.metrics import percent
+from segtrain.display import percent
 
 SWEPT_KEYS_ENV = "SEGTRAIN_SWEPT_KEYS"  # set for the jobs (and launcher processes) of a running sweep
 MAX_NAME = 120

@@ -76,7 +76,7 @@ def test_write_metrics_writes_the_same_csv(tmp_path):
 
 def test_one_mIoU_format_everywhere_a_person_reads_it():
     """Percent with two decimals in log lines, tables, eval's line, info and the sweep summary; files keep fractions."""
-    from segtrain.metrics import percent
+    from segtrain.display import percent
 
     assert [percent(v) for v in (0.5679, 1.0, 0.0, math.nan, None, -1.0)] == ["56.79", "100.00", "0.00", "n/a", "n/a",
                                                                                "n/a"]

@@ -13,6 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.data.normalization import normalization
+from segtrain.display import percent
 from segtrain.engine.checkpoint import recorded_train_state
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
@@ -21,7 +22,6 @@ from segtrain.engine.report import class_table, format_table, write_metrics
 from segtrain.engine.restore import load_for_inference
 from segtrain.engine.resume import data_fingerprint
 from segtrain.engine.runtime import resolve_amp
-from segtrain.metrics import percent
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
 log = logging.getLogger("segtrain.eval")

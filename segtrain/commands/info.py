@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from segtrain.display import percent
 from segtrain.errors import ConfigError
-from segtrain.metrics import percent
 from segtrain.models import build_model
 
 

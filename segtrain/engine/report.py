@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from segtrain.metrics import percent
+from segtrain.display import percent
 
 SUMMARY_CLASSES = 5  # worst and best classes named in the summary of a long table
 

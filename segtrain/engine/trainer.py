@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from segtrain.data.loading import eval_loader, train_loader
+from segtrain.display import percent
 from segtrain.engine.callbacks import Callback, CallbackList, configured_callbacks, default_callbacks
 from segtrain.engine.distributed import barrier, broadcast_object, init_distributed
 from segtrain.engine.hparams import RunInfo
@@ -36,7 +37,6 @@ from segtrain.engine.resume_run import resume_run
 from segtrain.engine.run import Run, build_run, describe, set_train_mode
 from segtrain.engine.step import Batch, StepResult
 from segtrain.errors import Preempted, TrainingStopped
-from segtrain.metrics import percent
 
 log = logging.getLogger("segtrain.train")
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import math
 
+from segtrain.display import percent
 from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.run import Run
 from segtrain.errors import WeightsError
-from segtrain.metrics import percent
 
 log = logging.getLogger("segtrain.train")
 

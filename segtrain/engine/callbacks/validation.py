@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from segtrain.display import percent
 from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.engine.evaluate import evaluate
@@ -19,7 +20,6 @@ from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.report import class_table, write_class_csv
 from segtrain.engine.run import Run, Validation, checkpoint_state, set_train_mode
 from segtrain.errors import WeightsError
-from segtrain.metrics import percent
 from segtrain.visualize import denormalize, make_palette, panel
 
 log = logging.getLogger("segtrain.train")
