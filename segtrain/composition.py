@@ -22,20 +22,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain.config import config_dir
 from segtrain.config_checks import check_config
 from segtrain.engine.hparams import RunInfo
 from segtrain.errors import ConfigError, SegtrainError
 
 # Commands that rebuild the network from a checkpoint's stored config (`ckpt=`).
 CHECKPOINT_COMMANDS = ("eval", "predict", "export", "info")
-
-
-def config_dir() -> Path:
-    """conf/ of a source checkout (editable install), else the copy shipped inside the wheel."""
-    source = Path(__file__).resolve().parent.parent / "conf"
-    if (source / "train.yaml").is_file():
-        return source
-    return Path(__file__).resolve().parent / "conf"
 
 
 def register() -> None:

@@ -12,10 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+
+def config_dir() -> Path:
+    """conf/ of a source checkout (editable install), else the copy shipped inside the wheel."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "train.yaml").is_file():
+        return source
+    return Path(__file__).resolve().parent / "conf"
 
 
 class Choice(str, Enum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -80,11 +81,34 @@ def checked_call(section: str, function: Any) -> Any:
     return call
 
 
-# Where `_target_`s of a checkpoint's stored config may point: segtrain's own models, backbones
-# and dataset sources. A checkpoint is untrusted data; its config must not name code.
-TRUSTED_TARGET_PREFIXES = ("segtrain.models.", "segtrain.data.")
-# Sections rebuilt from a checkpoint's config (eval, predict, export).
+# Sections rebuilt from a checkpoint's config (eval, predict, export); their conf/ groups name every
+# class and function a checkpoint's config may point at.
 REBUILT_SECTIONS = ("model", "backbone", "dataset")
+
+
+def _yaml_targets(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {str(node["_target_"])} if "_target_" in node else set()
+        for value in node.values():
+            found |= _yaml_targets(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*(_yaml_targets(value) for value in node)) if node else set()
+    return set()
+
+
+@functools.lru_cache(maxsize=4)
+def shipped_targets(conf: Path) -> frozenset[str]:
+    """Every `_target_` of conf/'s model, backbone and dataset options: segtrain's own models,
+    backbones and dataset sources, named one by one (a package prefix would let a checkpoint call any
+    function of the package, such as a downloader)."""
+    import yaml
+
+    found: set[str] = set()
+    for group in REBUILT_SECTIONS:
+        for path in sorted((conf / group).glob("*.yaml")):
+            found |= _yaml_targets(yaml.safe_load(path.read_text()))
+    return frozenset(found)
 
 
 def _targets(node: Any, path: str) -> list[tuple[str, str]]:
@@ -103,16 +127,20 @@ def _targets(node: Any, path: str) -> list[tuple[str, str]]:
 
 
 def check_stored_targets(stored: dict[str, Any], source: str, trusted_keys: set[str]) -> None:
-    """Refuse any `_target_` of a stored config outside segtrain's packages, before importing it.
+    """Refuse any `_target_` of a stored config that is not one of segtrain's own (`shipped_targets`),
+    before importing it.
 
     `trusted_keys` are the keys the user set on the command line (trusted, as their own YAML files
     are): a `_target_` key itself or a section that contains it. The message says how to trust a
     target deliberately.
     """
+    from segtrain.config import config_dir
+
+    shipped = shipped_targets(config_dir())
     for section in REBUILT_SECTIONS:
         for key, target in _targets(stored.get(section), section):
             parents = {key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)}
-            if key in trusted_keys or parents & trusted_keys or target.startswith(TRUSTED_TARGET_PREFIXES):
+            if key in trusted_keys or parents & trusted_keys or target in shipped:
                 continue
             raise ConfigError(
                 f"refusing {key}={target!r} from the config stored in {source}: a checkpoint's config may only "

@@ -142,10 +142,13 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
     class_names = list(cfg.dataset.class_names)
     saved_names = list(state.get("class_names", class_names))
     if saved_names != class_names:
-        raise ConfigError(
-            f"{ckpt} predicts {len(saved_names)} classes but dataset '{cfg.dataset.name}' has "
-            f"{len(class_names)}; use the dataset the model was trained for"
-        )
+        if len(saved_names) != len(class_names):
+            differ = f"predicts {len(saved_names)} classes but dataset '{cfg.dataset.name}' has {len(class_names)}"
+        else:
+            n = next(i for i, (a, b) in enumerate(zip(saved_names, class_names)) if a != b)
+            differ = (f"names class {n} {str(saved_names[n])[:80]!r} but dataset '{cfg.dataset.name}' names it "
+                      f"{str(class_names[n])[:80]!r}")
+        raise ConfigError(f"{ckpt} {differ}; use the dataset the model was trained for")
     backbone_cfg = backbone_for_inference(cfg.backbone, cfg.eval.output_stride)
     device = resolve_device(cfg.trainer.device)
     model = build_model(cfg.model, backbone_cfg, len(class_names))

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.errors import ConfigError, WeightsError
+from segtrain.stored_config import parse_stored_config
 
 log = logging.getLogger("segtrain.train")
 
@@ -30,14 +31,11 @@ CHANGEABLE = ("loss", "optimizer", "schedule", "trainer")
 
 
 def stored_config(state: dict, source: str) -> DictConfig:
-    """The config text of a checkpoint, parsed (not resolved, not instantiated)."""
-    try:
-        stored = OmegaConf.create(state["config"])
-    except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted text
-        raise ConfigError(f"the config stored in {source} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(stored, DictConfig):
-        raise ConfigError(f"the config stored in {source} is not a mapping")
-    return stored
+    """The config text of a checkpoint, parsed with limits into plain values (segtrain.stored_config):
+    never resolved, never instantiated."""
+    if "config" not in state:
+        raise ConfigError(f"{source} holds no config: it was not written by segtrain train")
+    return parse_stored_config(state["config"], source)
 
 
 def _plain(node: Any) -> Any:
