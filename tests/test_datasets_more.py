@@ -287,3 +287,31 @@ def test_prepare_without_the_archive_says_where_to_get_it(tmp_path, name, archiv
     result = run_cli("data", "prepare", name, "--root", str(tmp_path / "d"), "--archives", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
     assert archive in result.stderr and "http" in result.stderr
+
+
+# ---------------------------------------------------------------- the experiments on these datasets
+
+NEW_EXPERIMENTS = {  # experiment -> (dataset, validation protocol, quoted targets with the protocol of each)
+    "pspnet_r101_ade20k": ("ade20k", "semseg_slide473_flip",
+                           {"43.10": "semseg_slide473_flip", "44.15": "semseg_slide473_ms_flip"}),
+    "deeplabv3plus_xception65_ade20k": ("ade20k", "whole", {"45.65": "deeplab_os8_ms_flip"}),
+    "hrnetv2_w48_pascal_context59": ("pascal_context", "slide", {"54.1": "hrnet_slide480_ms_flip"}),
+    "hrnetv2_w48_lip": ("lip", "flip", {"56.04": "flip"}),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(NEW_EXPERIMENTS))
+def test_experiment_composes_and_quotes_its_target_with_an_existing_protocol(experiment):
+    dataset, validation, targets = NEW_EXPERIMENTS[experiment]
+    cfg = compose_config("train", [f"experiment={experiment}"])
+    assert cfg.dataset.name == dataset
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    text = (conf / "experiment" / f"{experiment}.yaml").read_text()
+    assert f"override /protocol: {validation}" in text
+    protocol = compose_config("train", [f"experiment={experiment}", f"protocol={validation}"]).eval
+    assert (cfg.eval.mode, list(cfg.eval.scales), cfg.eval.flip) == (protocol.mode, list(protocol.scales),
+                                                                      protocol.flip)
+    for target, protocol_name in targets.items():
+        assert f"{target} at protocol={protocol_name}" in text, target
+        assert (conf / "protocol" / f"{protocol_name}.yaml").is_file()
+    assert "Recipe:" in text and "ImageNet" in text
