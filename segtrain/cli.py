@@ -32,7 +32,7 @@ COMMANDS = {
     "predict": "segment images: segtrain predict ckpt=PATH input=FILE|DIR|GLOB [output=DIR]",
     "export": "export for deployment: segtrain export ckpt=PATH format=onnx|torchscript",
     "bench": "speed and memory: segtrain bench model=NAME backbone=NAME [bench.batch_size=N bench.crop_size=[H,W]]",
-    "data": "datasets: segtrain data prepare voc|cityscapes --root DIR ... ; segtrain data check dataset=NAME",
+    "data": "datasets: segtrain data prepare DATASET --root DIR ... ; segtrain data check dataset=NAME",
 }
 
 USAGE = "usage: segtrain <command> [Hydra overrides]   (segtrain <command> --help for its options)"
@@ -154,7 +154,8 @@ TASKS = {"bench": _bench, "train": _train, "eval": _eval, "info": _info, "data_c
 
 def _data(args: list[str]) -> None:
     """`segtrain data prepare ...` is a plain argparse tool; `segtrain data check` a Hydra app."""
-    usage = "usage: segtrain data prepare {voc,cityscapes} [options] | segtrain data check dataset=NAME [data.split=S]"
+    usage = ("usage: segtrain data prepare {voc,cityscapes,ade20k,pascal_context,coco_stuff164k,camvid,lip} "
+             "[options] | segtrain data check dataset=NAME [data.split=S]")
     if not args or args[0] in ("-h", "--help"):
         print(usage)
         return

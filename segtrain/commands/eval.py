@@ -99,7 +99,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     recorded = recorded_train_state(loaded.state)
     ckpt = loaded.path
     amp = resolve_amp(cfg.trainer.amp, loaded.device)
-    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
+    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size, cfg.dataset.get("flip_pairs"))
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, normalize=normalization(cfg),
                             on_error=cfg.data.on_error, max_pixels=cfg.data.max_image_pixels)
     loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")

@@ -114,7 +114,7 @@ def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None
     check_output_folder(str(composed.input), out, files, names)  # before the model: fail in a second
     loaded = load_for_inference(composed, overrides)
     cfg = loaded.cfg
-    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
+    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size, cfg.dataset.get("flip_pairs"))
     amp = resolve_amp(cfg.trainer.amp, loaded.device)
     mean_std = normalization(cfg)  # as the checkpoint was trained (its stored dataset/backbone config)
     palette = make_palette(cfg.dataset.palette, len(loaded.class_names))

@@ -75,7 +75,8 @@ class ValidateAndKeepBest(Callback):
         if run.val_model is not None:  # the protocol's output stride: a copy of the evaluated weights
             run.val_model.load_state_dict(evaluated.state_dict())
             model = run.val_model
-        settings = InferenceSettings.from_config(run.cfg.eval, run.cfg.dataset.augment.crop_size)
+        settings = InferenceSettings.from_config(run.cfg.eval, run.cfg.dataset.augment.crop_size,
+                                                 run.cfg.dataset.get("flip_pairs"))
         num_images = run.cfg.logging.num_images if show_images and run.ctx.is_main else 0
         with run.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
             result = evaluate(model, run.val_loader, len(run.class_names), run.runtime.device, run.runtime.amp,
