@@ -196,7 +196,7 @@ def _hydra_app(command: str, rest: list[str]) -> None:
         _command_help(command, rest)
         return
     _checked(command, rest)
-    if command == "train":
+    if command in ("train", "eval"):
         from segtrain.engine.distributed import rank_scratch_overrides
 
         rest = [*rest, *rank_scratch_overrides()]  # under torchrun only rank 0 writes

@@ -15,6 +15,7 @@ from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.data.normalization import normalization
 from segtrain.display import percent
 from segtrain.engine.checkpoint import recorded_train_state
+from segtrain.engine.distributed import DistContext, broadcast_object, init_distributed
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import refuse_used_eval_dir
@@ -92,9 +93,20 @@ def recorded_miou_note(state: dict, evaluated: dict) -> str:
             f"{evaluated['count']} with {evaluated['sha256'][:12]})")
 
 
+def _join_processes(loaded, run_dir: Path) -> tuple[DistContext, Path]:
+    """Under torchrun, this process's rank and device (the model moved there) and rank 0's run directory,
+    where the predictions of every shard go; alone, rank 0 of one."""
+    ctx = init_distributed(loaded.device.type)
+    if ctx.enabled and ctx.device != loaded.device:
+        loaded.model.to(ctx.device)
+        loaded.device = ctx.device
+    return ctx, Path(broadcast_object(str(run_dir), ctx))
+
+
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     refuse_used_eval_dir(run_dir)
     loaded = load_for_inference(composed, overrides)
+    ctx, run_dir = _join_processes(loaded, run_dir)
     cfg, class_names = loaded.cfg, loaded.class_names
     recorded = recorded_train_state(loaded.state)
     ckpt = loaded.path
@@ -114,11 +126,14 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
                         cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
 
     log.info("evaluating %s (iteration %s) on %s/%s: %d images at full resolution, mode %s, scales %s, "
-             "flip %s%s", ckpt, recorded.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset),
+             "flip %s%s%s", ckpt, recorded.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset),
              settings.mode, list(settings.scales), settings.flip,
-             f", output stride {cfg.eval.output_stride}" if cfg.eval.output_stride else "")
+             f", output stride {cfg.eval.output_stride}" if cfg.eval.output_stride else "",
+             f", sharded over {ctx.world_size} processes" if ctx.enabled else "")
     result = evaluate(loaded.model, loader, len(class_names), loaded.device, amp, cfg.dataset.ignore_index,
                       settings, progress=cfg.logging.progress, on_prediction=save)
+    if not ctx.is_main:  # every process holds the summed matrix; rank 0 alone writes and reports
+        return result.metrics
     metrics = result.metrics
     extra = {
         "checkpoint": str(ckpt),
@@ -131,6 +146,9 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
                      "output_stride": cfg.eval.output_stride},
         "seconds_per_image": result.seconds_per_image,
         "skipped_samples": result.skipped,
+        "processes": ctx.world_size,
+        # rows: labelled class, columns: predicted class (pixel counts), summed over every process's shard
+        "confusion_matrix": result.matrix.tolist(),
     }
     write_metrics(run_dir, metrics, class_names, extra)
     matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
