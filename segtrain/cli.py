@@ -77,6 +77,12 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
             _to_log_file(f"segtrain {command}: {exc}")
             print(f"segtrain {command}: {exc}", file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C before the handler is in place, or the second one: stop now
+            message = ("interrupted (Ctrl-C): stopped at once; checkpoints already written are kept "
+                       "(resume=auto continues from the newest)" if command == "train" else "interrupted (Ctrl-C)")
+            _to_log_file(f"segtrain {command}: {message}")
+            print(f"segtrain {command}: {message}", file=sys.stderr)
+            raise SystemExit(130) from None
         except SegtrainError as exc:
             _to_log_file(f"segtrain {command}: error: {user_message(exc)}")
             _fail(command, user_message(exc))

@@ -19,10 +19,12 @@ from segtrain.engine.distributed import DistContext, broadcast_object, init_dist
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import refuse_used_eval_dir
+from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.report import class_table, format_table, write_metrics
 from segtrain.engine.restore import load_for_inference
 from segtrain.engine.resume import data_fingerprint
 from segtrain.engine.runtime import resolve_amp
+from segtrain.errors import Preempted
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
 log = logging.getLogger("segtrain.eval")
@@ -130,8 +132,13 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
              settings.mode, list(settings.scales), settings.flip,
              f", output stride {cfg.eval.output_stride}" if cfg.eval.output_stride else "",
              f", sharded over {ctx.world_size} processes" if ctx.enabled else "")
-    result = evaluate(loaded.model, loader, len(class_names), loaded.device, amp, cfg.dataset.ignore_index,
-                      settings, progress=cfg.logging.progress, on_prediction=save)
+    with PreemptionHandler(what="evaluation") as signals:  # SIGTERM / Ctrl-C: stop at the next batch
+        result = evaluate(loaded.model, loader, len(class_names), loaded.device, amp, cfg.dataset.ignore_index,
+                          settings, progress=cfg.logging.progress, on_prediction=save,
+                          stop_requested=lambda: signals.requested)
+    if result.interrupted:
+        raise Preempted(f"stopped by {signals.signal_name} during the evaluation of {len(dataset)} images; no "
+                        "metrics were written: run the same command again", signals.signum)
     if not ctx.is_main:  # every process holds the summed matrix; rank 0 alone writes and reports
         return result.metrics
     metrics = result.metrics

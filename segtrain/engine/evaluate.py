@@ -55,6 +55,7 @@ class EvalResult:
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     # data.on_error=skip: the problems of the samples left out of the metric (of every process).
     skipped: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped early by `stop_requested` (a signal): the metrics are not the split's
 
 
 def _batches_by_size(samples: list[dict]) -> list[list[dict]]:
@@ -90,8 +91,14 @@ def evaluate(
     num_examples: int = 0,
     progress: bool = False,
     on_prediction: Callable[[dict, np.ndarray], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> EvalResult:
-    """Score `loader` (a shard of it per process under torch.distributed; the matrix is summed)."""
+    """Score `loader` (a shard of it per process under torch.distributed; the matrix is summed).
+
+    `stop_requested` is asked before each batch: when it says yes (SIGTERM, Ctrl-C) the loop ends there
+    and the result is marked `interrupted`, so a preempted job checkpoints within seconds, not after a
+    long multi-scale pass. Every process still takes part in the final collectives, at whichever batch
+    it stopped, so none waits for another."""
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
@@ -104,7 +111,11 @@ def evaluate(
     bar = tqdm(total=total, desc="eval", unit="img", disable=not drawn, leave=False)
     eta = EtaLog(total, progress and not drawn and _main_process())
     skipped: list[str] = []
+    interrupted = False
     for batch in loader:
+        if stop_requested is not None and stop_requested():
+            interrupted = True
+            break
         skipped.extend(s["skipped"] for s in batch if s["image"] is None)
         bar.update(sum(s["image"] is None for s in batch))
         eta.update(images + len(skipped))
@@ -130,4 +141,4 @@ def evaluate(
     skipped = _gathered(skipped)
     model.train(was_training)
     seconds = (time.perf_counter() - start) / max(images, 1)
-    return EvalResult(matrix.compute(), matrix.matrix.cpu(), seconds, examples, skipped)
+    return EvalResult(matrix.compute(), matrix.matrix.cpu(), seconds, examples, skipped, interrupted)

@@ -26,6 +26,7 @@ from segtrain.engine.ema import WeightEma, ema_decay
 from segtrain.engine.hparams import RunInfo
 from segtrain.engine.init_from import InitReport, load_init_weights
 from segtrain.engine.logger import RunLogger, Throughput
+from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.resume import data_fingerprint
 from segtrain.engine.runtime import Runtime, resolve_runtime, seed_everything
 from segtrain.engine.step import TrainStep, build_train_step
@@ -100,6 +101,10 @@ class Run:
     validation: Validation | None = None  # the latest validation
     last_checkpoint: Path | None = None  # the latest periodic checkpoint (rank 0)
     stop_signal: int | None = None  # set when every rank agreed to stop (preemption)
+    preemption: PreemptionHandler | None = None  # the fit's signal handler: validation asks it between batches
+    # The iteration whose validation a signal interrupted: redone first thing after resume.
+    pending_validation: int | None = None
+    validation_interrupted: bool = False  # during on_validation: the callbacks after the validation skip it
     # Set by a callback (the same on every rank) to end the run after this iteration as a normal finish:
     # the loop checkpoints the iteration, logs the reason and runs on_fit_end (early stopping).
     stop_reason: str | None = None

@@ -142,6 +142,9 @@ class Trainer:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(events.on_close, run)
             events.on_fit_start(run)
+            if run.pending_validation is not None:  # a signal interrupted it before the checkpoint: redo it
+                with run.throughput.excluded("validation"):
+                    events.on_validation(run)
             for iteration in range(run.state.iteration + 1, run.max_iters + 1):
                 if run.stop_reason is not None:  # asked at the end of the last iteration, or at on_fit_start
                     break

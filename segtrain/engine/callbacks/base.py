@@ -30,6 +30,11 @@ A callback whose decisions depend on the past (early stopping's patience) return
 `state_dict()` (plain numbers, strings, lists and dicts); it is saved in every checkpoint and given
 back through `load_state_dict()` on resume, before `on_fit_start`, so a resumed run decides exactly
 as the uninterrupted one. A checkpoint is untrusted data: `load_state_dict` checks what it reads.
+
+A signal during validation ends it at the next batch (segtrain.engine.callbacks.validation): the
+validation callback sets `run.validation_interrupted` and the callbacks after it are not called for
+that event (`run.validation` is still the previous one). The resumed run fires on_validation for
+that iteration again right after on_fit_start.
 """
 
 from __future__ import annotations
@@ -101,7 +106,11 @@ class CallbackList(Callback):
         self._each("on_log", run, result)
 
     def on_validation(self, run: Run) -> None:
-        self._each("on_validation", run)
+        run.validation_interrupted = False
+        for callback in self.callbacks:
+            callback.on_validation(run)
+            if run.validation_interrupted:  # a signal cut it short: there is no outcome to act on
+                break
 
     def on_checkpoint(self, run: Run) -> None:
         self._each("on_checkpoint", run)

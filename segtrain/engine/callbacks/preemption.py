@@ -23,15 +23,18 @@ class PreemptionStop(Callback):
 
     def on_fit_start(self, run: Run) -> None:
         self.handler = PreemptionHandler().__enter__()
+        run.preemption = self.handler
 
     def on_iteration_end(self, run: Run) -> None:
         stop = self.handler.requested
         if run.ctx.enabled:  # every rank must stop at the same step
             stop = bool(all_reduce_sum(torch.tensor(float(stop), device=run.runtime.device), run.ctx) > 0)
-        if stop and run.state.iteration < run.max_iters:
+        # At the last iteration a run ends anyway, unless the signal cut its final validation short.
+        if stop and (run.state.iteration < run.max_iters or run.pending_validation is not None):
             run.stop_signal = self.handler.signum or signal.SIGTERM
 
     def on_close(self, run: Run) -> None:
         if self.handler is not None:
             self.handler.__exit__(None, None, None)
             self.handler = None
+            run.preemption = None

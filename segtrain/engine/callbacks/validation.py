@@ -3,6 +3,10 @@
 The measured network is the averaged one when EMA is on, at eval.output_stride when that differs
 from training's (a copy that takes the current weights). best.pt is replaced only by a better
 mIoU than the one already on disk, so a restarted run never overwrites a better model.
+
+A signal (SIGTERM, Ctrl-C) during validation ends it at the next batch: nothing is reported or kept,
+the callbacks after this one do not see the event (`run.pending_validation` is set), the loop
+checkpoints and exits, and the resumed run redoes that validation before its first step.
 """
 
 from __future__ import annotations
@@ -45,14 +49,33 @@ class ValidateAndKeepBest(Callback):
         self.best_on_disk = -1.0
         self.images_written = 0  # image_interval periods already shown in TensorBoard
 
+        self.pending: int | None = None  # restored from a checkpoint: the validation a signal interrupted
+
     def on_fit_start(self, run: Run) -> None:
         self.best_on_disk = saved_best_miou(run) if run.ctx.is_main else -1.0
         self.images_written = run.state.iteration // run.cfg.logging.image_interval
+        if self.pending is not None and self.pending == run.state.iteration:
+            run.pending_validation = self.pending  # the loop redoes it before the first step
+        self.pending = None
+
+    def state_dict(self) -> dict:
+        return {"pending": self.pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        pending = state.get("pending")
+        self.pending = pending if isinstance(pending, int) and not isinstance(pending, bool) else None
 
     def on_validation(self, run: Run) -> None:
         iteration, interval = run.state.iteration, run.cfg.logging.image_interval
         show_images = (iteration // interval > self.images_written or iteration == run.max_iters)
         validation = self.validate(run, show_images)
+        if validation is None:  # a signal: checkpoint now, validate again after resume
+            self.pending = run.pending_validation = iteration
+            run.validation_interrupted = True
+            log.warning("validation of iteration %d interrupted by %s: it is redone after resume", iteration,
+                        run.preemption.signal_name if run.preemption is not None else "a signal")
+            return
+        self.pending = run.pending_validation = None
         if show_images:
             self.images_written = iteration // interval
         run.validation = validation
@@ -66,7 +89,8 @@ class ValidateAndKeepBest(Callback):
                 save_checkpoint(checkpoint_state(run), run.ckpt_dir / "best.pt")
                 log.info("new best mIoU %s%% at iteration %d: %s", percent(miou), iteration, run.ckpt_dir / "best.pt")
 
-    def validate(self, run: Run, show_images: bool) -> Validation:
+    def validate(self, run: Run, show_images: bool) -> Validation | None:
+        """The validation's outcome; None when a signal interrupted it."""
         evaluated = run.evaluated_model
         if run.ctx.enabled:  # without SyncBatchNorm each rank's running statistics drift; use rank 0's
             for buffer in evaluated.buffers():
@@ -78,10 +102,15 @@ class ValidateAndKeepBest(Callback):
         settings = InferenceSettings.from_config(run.cfg.eval, run.cfg.dataset.augment.crop_size,
                                                  run.cfg.dataset.get("flip_pairs"))
         num_images = run.cfg.logging.num_images if show_images and run.ctx.is_main else 0
+        log.info("iter %d: validating on %d images (scales %s, flip %s)", run.state.iteration, len(run.val_set),
+                 list(settings.scales), settings.flip)
         with run.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
             result = evaluate(model, run.val_loader, len(run.class_names), run.runtime.device, run.runtime.amp,
-                              run.cfg.dataset.ignore_index, settings, num_examples=num_images)
+                              run.cfg.dataset.ignore_index, settings, num_examples=num_images,
+                              stop_requested=None if run.preemption is None else lambda: run.preemption.requested)
         set_train_mode(run)
+        if result.interrupted:
+            return None
         run.report_problems(result.skipped, "validation sample")
         return Validation(run.state.iteration, result.metrics, result.examples, result.skipped)
 
