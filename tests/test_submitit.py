@@ -91,6 +91,16 @@ def test_submitits_signal_checkpoints_and_is_handed_back_after_the_checkpoint():
         signal.signal(signal.SIGUSR2, previous)
 
 
+def test_a_requeued_job_takes_over_the_lock_of_its_earlier_start_on_another_node(tmp_path):
+    from segtrain.engine.lock import LOCK_NAME, live_holder
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "gpu01", "started": 0.0, "job": "4242"}))
+    with mock.patch.dict(os.environ, {**_without_torch_variables(), **SLURM_TASK}, clear=True):
+        assert live_holder(tmp_path) is None
+        os.environ["SLURM_JOB_ID"] = "4343"  # another job's run on another node: held
+        assert live_holder(tmp_path)["host"] == "gpu01"
+
+
 def test_a_launcher_without_multirun_is_refused_in_one_line(capsys):
     status, _, err = run_main(capsys, "train", "hydra/launcher=submitit_slurm")
     assert status == 2

@@ -66,6 +66,13 @@ def in_launcher_job() -> bool:
     return bool(os.environ.get(SUBMITIT_EXECUTOR))
 
 
+def launcher_job_id() -> str | None:
+    """The scheduler's id of this submitit job (the same after a requeue); None outside one."""
+    if not in_launcher_job():
+        return None
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
 def adopt_launcher_environment() -> bool:
     """In a submitit task, export torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT) from submitit's job environment: the global rank and the local rank
