@@ -154,8 +154,9 @@ def _first_value(override: Any) -> str:
 
 
 def refuse_launcher_without_multirun(command: str, parsed: argparse.Namespace) -> None:
-    """Hydra hands jobs to hydra/launcher in a multirun only: without -m the choice would be ignored."""
-    if parsed.multirun:
+    """Hydra hands jobs to hydra/launcher in a multirun only: without -m the choice would be ignored (`--cfg`,
+    which runs nothing, shows it)."""
+    if parsed.multirun or parsed.cfg:
         return
     for text in parsed.overrides:
         key, _, value = text.partition("=")
