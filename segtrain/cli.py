@@ -76,6 +76,9 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         except Preempted as exc:
             _to_log_file(f"segtrain {command}: {exc}")
             print(f"segtrain {command}: {exc}", file=sys.stderr)
+            from segtrain.engine.preemption import hand_over_to_launcher
+
+            hand_over_to_launcher(exc.signum)  # a submitit job: submitit requeues it (rank 0) and exits
             raise SystemExit(exc.exit_code) from None
         except KeyboardInterrupt:  # Ctrl-C before the handler is in place, or the second one: stop now
             message = ("interrupted (Ctrl-C): stopped at once; checkpoints already written are kept "

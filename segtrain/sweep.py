@@ -172,8 +172,11 @@ class SweepSummary(Callback):
         os.environ[SWEPT_KEYS_ENV] = json.dumps(swept_keys_of(config))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        # After every job, so a sweep stopped by a failed job still has the rows of the finished ones.
-        if str(OmegaConf.select(config, "hydra.mode", default="")).endswith("MULTIRUN"):
+        # After every job, so a sweep stopped by a failed job still has the rows of the finished ones. In a
+        # multi-task job of the submitit launcher every task ends the job: rank 0 writes.
+        from segtrain.engine.distributed import process_rank
+
+        if process_rank() == 0 and str(OmegaConf.select(config, "hydra.mode", default="")).endswith("MULTIRUN"):
             write_summary(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
