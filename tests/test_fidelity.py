@@ -1,0 +1,232 @@
+"""The paper recipes against their official code (issue 24): DeepLab's decoder tap, BatchNorm, weight decay,
+multi-grid and multiply-adds; semseg's test-time protocol; the DRN, DLA and HRNet augmentations.
+
+Where the official code cannot run here (TensorFlow, old PyTorch), the test states the official rule it
+checks and where it comes from, and computes the expected values from that rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from segtrain.engine.optim import build_optimizer
+from segtrain.errors import ConfigError
+from segtrain.models import build_backbone, build_model
+from tests.conftest import compose_config
+
+XCEPTION = {"_target_": "segtrain.models.backbones.timm_encoder.TimmBackbone", "name": "xception65",
+            "output_stride": 16, "pretrained": False}
+SMALL_HEAD = {"_target_": "segtrain.models.deeplab.DeepLabV3Plus", "aspp_channels": 16, "decoder_channels": 16,
+              "low_level_channels": 8}
+
+
+def _recipe(experiment: str, *extra: str):
+    return compose_config("train", [f"experiment={experiment}", "backbone.pretrained=false", *extra])
+
+
+def _decoder_input(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    seen = {}
+
+    def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        seen["x"] = inputs[0].clone()
+
+    handle = model.low_level[0].register_forward_hook(keep)
+    with torch.no_grad():
+        model(image)
+    handle.remove()
+    return seen["x"]
+
+
+# --- 1. DeepLab v3+ X65: the decoder's tap ---------------------------------------------------------------------------
+
+def test_xception65_recipe_decodes_the_pre_activation_tap_with_the_same_parameters():
+    cfg = _recipe("deeplabv3plus_xception65_voc")
+    assert cfg.model.decoder_tap == "pre_act"
+    torch.manual_seed(0)
+    tf_tap = build_model(OmegaConf.merge(SMALL_HEAD, {"decoder_tap": "pre_act"}), OmegaConf.create(XCEPTION), 3).eval()
+    timm_tap = build_model(OmegaConf.create(SMALL_HEAD), OmegaConf.create(XCEPTION), 3).eval()
+    timm_tap.load_state_dict(tf_tap.state_dict())  # same names: the tap changes no parameter
+    assert sum(p.numel() for p in tf_tap.parameters()) == sum(p.numel() for p in timm_tap.parameters())
+    image = torch.randn(1, 3, 65, 65)
+    pre, post = _decoder_input(tf_tap, image), _decoder_input(timm_tap, image)
+    assert (pre < 0).float().mean() > 0.2  # the BatchNorm output, before the ReLU
+    assert (post >= 0).all()
+    torch.testing.assert_close(torch.relu(pre), post)  # timm's tap is relu(TF's tap), exactly
+    # The block itself computes what it did: the deepest feature is unchanged.
+    with torch.no_grad():
+        torch.testing.assert_close(tf_tap.backbone(image)[-1], timm_tap.backbone(image)[-1])
+
+
+def test_os16_weights_load_into_the_os8_network_with_the_pre_activation_tap():
+    head = OmegaConf.merge(SMALL_HEAD, {"decoder_tap": "pre_act"})
+    os16 = build_model(head, OmegaConf.create(XCEPTION), 3)
+    os8 = build_model(head, OmegaConf.merge(XCEPTION, {"output_stride": 8}), 3).eval()
+    os8.load_state_dict(os16.state_dict())  # strict
+    assert (_decoder_input(os8, torch.randn(1, 3, 65, 65)) < 0).any()
+
+
+def test_pre_activation_tap_is_refused_for_backbones_without_one():
+    resnet = {**XCEPTION, "name": "resnet18", "out_indices": [1, 2, 3, 4]}
+    with pytest.raises(ConfigError, match="model.decoder_tap=pre_act"):
+        build_model(OmegaConf.merge(SMALL_HEAD, {"decoder_tap": "pre_act"}), OmegaConf.create(resnet), 3)
+    with pytest.raises(ConfigError, match="model.decoder_tap must be one of"):
+        build_model(OmegaConf.merge(SMALL_HEAD, {"decoder_tap": "relu"}), OmegaConf.create(XCEPTION), 3)
+
+
+# --- 4. DeepLab BatchNorm, weight decay, align_corners ----------------------------------------------------------------
+
+def _batchnorm_settings(model: nn.Module) -> tuple[set, set]:
+    """{(momentum, eps)} of the backbone's BatchNorms and of the head's, momentum rounded to 1e-9."""
+    in_backbone = {id(m) for m in model.backbone.modules()}
+    parts: tuple[set, set] = (set(), set())
+    for layer in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        parts[0 if id(layer) in in_backbone else 1].add((round(layer.momentum, 9), layer.eps))
+    return parts
+
+
+def test_xception65_recipe_batchnorm_is_tensorflows():
+    # research/deeplab/core/feature_extractor.py: xception arg scope batch_norm_decay=0.9997, epsilon=1e-3;
+    # model.py (ASPP, decoder) batch_norm_params decay 0.9997, epsilon 1e-5. PyTorch momentum = 1 - decay.
+    cfg = _recipe("deeplabv3plus_xception65_voc")
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.backbone, 21)
+    assert _batchnorm_settings(model) == ({(round(1 - 0.9997, 9), 1e-3)}, {(round(1 - 0.9997, 9), 1e-5)})
+    assert model.align_corners is True
+
+
+def test_r101_recipe_batchnorm_is_tensorflows():
+    # feature_extractor.py: resnet arg scope batch_norm_decay=0.95, epsilon=1e-5; model.py: 0.9997 / 1e-5.
+    cfg = _recipe("deeplabv3plus_r101_voc")
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.backbone, 21)
+    assert _batchnorm_settings(model) == ({(round(1 - 0.95, 9), 1e-5)}, {(round(1 - 0.9997, 9), 1e-5)})
+
+
+def test_bn_settings_refuse_unknown_parts_and_bad_values():
+    for key, bad in (("bn_eps", 0), ("bn_eps", "small"), ("bn_momentum", {"neck": 0.1}), ("bn_momentum", 2.0)):
+        with pytest.raises(ConfigError, match=f"model.{key}"):
+            build_model(OmegaConf.merge(SMALL_HEAD, {key: bad}), OmegaConf.create(XCEPTION), 3)
+
+
+def test_xception65_recipe_puts_batchnorm_depthwise_and_bias_in_zero_decay_groups():
+    # TF DeepLab regularises conv and pointwise weights only: slim.batch_norm has no regularizer,
+    # regularize_depthwise=False (xception arg scope) and _split_separable_conv2d's depthwise
+    # weights_regularizer=None, and the logits conv's bias has no biases_regularizer.
+    cfg = _recipe("deeplabv3plus_xception65_voc")
+    model = build_model(cfg.model, cfg.backbone, 21)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(decay_of) == sum(1 for _ in model.parameters())
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+            exempt = isinstance(module, nn.BatchNorm2d) or depthwise or name == "bias"
+            assert decay_of[id(param)] == (0.0 if exempt else 4e-5), (module, name)
+    names = [g["name"] for g in optimizer.param_groups]
+    assert names == ["backbone", "backbone_no_decay", "head", "head_no_decay"]
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(depthwise) > 60  # Xception's 3x3 convolutions and the separable ASPP / decoder
+
+
+def test_no_weight_decay_refuses_unknown_kinds():
+    cfg = _recipe("deeplabv3plus_r101_voc", "optimizer.no_weight_decay=[norm,gamma]")
+    with pytest.raises(ConfigError, match="optimizer.no_weight_decay"):
+        build_optimizer(cfg.optimizer, build_model(OmegaConf.create(SMALL_HEAD), OmegaConf.create(
+            {**XCEPTION, "name": "resnet18", "out_indices": [1, 2, 3, 4]}), 3))
+
+
+def test_align_corners_reaches_the_decoder_and_final_resize():
+    torch.manual_seed(0)
+    aligned = build_model(OmegaConf.merge(SMALL_HEAD, {"align_corners": True}), OmegaConf.create(XCEPTION), 3).eval()
+    plain = build_model(OmegaConf.create(SMALL_HEAD), OmegaConf.create(XCEPTION), 3).eval()
+    plain.load_state_dict(aligned.state_dict())
+    with torch.no_grad():
+        image = torch.randn(1, 3, 65, 65)
+        assert not torch.allclose(aligned(image)["out"], plain(image)["out"])
+
+
+# --- 3. DeepLab v3+ R101: multi-grid and multiply-adds ----------------------------------------------------------------
+
+@pytest.mark.parametrize("output_stride,dilations", [(16, [2, 4, 8]), (8, [4, 8, 16])])
+def test_r101_recipe_block4_dilations_are_multi_grid_1_2_4(output_stride, dilations):
+    # tensorflow/models research/deeplab common.py: "Set multi_grid = [1, 2, 4] when using provided
+    # 'resnet_v1_{50,101}_beta' checkpoints"; resnet_v1_beta.py builds block4's units with
+    # unit_rate = multi_grid[i], run at rate * unit_rate, rate = 2 at output stride 16 and 4 at 8
+    # (slim's stack_blocks_dense doubles it at each stride it replaces).
+    cfg = _recipe("deeplabv3plus_r101_voc", f"backbone.output_stride={output_stride}")
+    assert list(cfg.backbone.multi_grid) == [1, 2, 4]
+    with torch.device("meta"):
+        backbone = build_backbone(cfg.backbone)
+    convs = [block.conv2 for block in backbone.net.layer4]
+    assert [c.dilation[0] for c in convs] == dilations
+    assert [c.padding[0] for c in convs] == dilations
+
+
+def test_multi_grid_refuses_a_backbone_without_layer4_and_a_wrong_length():
+    with pytest.raises(ConfigError, match="backbone.multi_grid"):
+        build_backbone(OmegaConf.create({**XCEPTION, "multi_grid": [1, 2, 4]}))
+    with pytest.raises(ConfigError, match="one unit rate >= 1 per block"):
+        build_backbone(OmegaConf.create({**XCEPTION, "name": "resnet50", "multi_grid": [1, 2]}))
+
+
+def _same(size: int, stride: int) -> int:
+    return math.ceil(size / stride)  # TensorFlow 'SAME' padding
+
+
+def resnet101_backbone_macs(size: int, beta_stem: bool, stride_in_last_unit: bool) -> int:
+    """Multiply-adds of ResNet-101's convolutions at output stride 16, counted from the layer shapes.
+
+    beta_stem: TF DeepLab's resnet_v1_101_beta root (3x3 convs 3->64 stride 2, 64->64, 64->128) instead
+    of the 7x7 3->64 one. stride_in_last_unit: slim's resnet_v1 places a block's stride in its last unit
+    (resnet_v1_beta_block) where torchvision places it in a stage's first; strides past 16 become dilation.
+    """
+    stem = _same(size, 2)
+    macs = stem * stem * (3 * 64 * 9 + 64 * 64 * 9 + 64 * 128 * 9) if beta_stem else stem * stem * 3 * 64 * 49
+    width, side, stride_so_far = (128 if beta_stem else 64), _same(stem, 2), 4
+    for index, (base, units, stride) in enumerate([(64, 3, 2), (128, 4, 2), (256, 23, 2), (512, 3, 1)]):
+        for unit in range(units):
+            if stride_in_last_unit:
+                unit_stride = stride if unit == units - 1 else 1
+            else:
+                unit_stride = 2 if unit == 0 and index > 0 else 1
+            if stride_so_far * unit_stride > 16:
+                unit_stride = 1  # output stride 16: dilated instead
+            out = _same(side, unit_stride)
+            macs += side * side * width * base + out * out * base * base * 9 + out * out * base * base * 4
+            if width != base * 4:
+                macs += out * out * width * base * 4  # projection shortcut
+            stride_so_far *= unit_stride
+            side, width = out, base * 4
+    return macs
+
+
+def _gmacs(module: nn.Module, size: int) -> float:
+    counter = FlopCounterMode(display=False)
+    with torch.device("meta"), counter, torch.no_grad():
+        module.eval()(torch.empty(1, 3, size, size))
+    return counter.get_total_flops() / 2e9
+
+
+@pytest.mark.slow
+def test_r101_multiply_adds_and_the_gap_to_the_papers_101_28b():
+    cfg = _recipe("deeplabv3plus_r101_voc")
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.backbone, 21)
+    ours = _gmacs(model, 513)
+    backbone = _gmacs(model.backbone, 513)
+    # The shape formula reproduces the counter on our (torchvision-layout, 7x7-stem) backbone exactly.
+    assert resnet101_backbone_macs(513, beta_stem=False, stride_in_last_unit=False) / 1e9 == pytest.approx(backbone)
+    beta_stem = (resnet101_backbone_macs(513, True, False) - resnet101_backbone_macs(513, False, False)) / 1e9
+    tf_backbone = resnet101_backbone_macs(513, True, True) / 1e9
+    tf_network = ours - backbone + tf_backbone
+    assert ours == pytest.approx(92.82, abs=0.005)  # README, conf/experiment/deeplabv3plus_r101_voc.yaml
+    assert beta_stem == pytest.approx(7.14, abs=0.005)
+    assert tf_network - ours - beta_stem == pytest.approx(-2.15, abs=0.005)  # the stride in the last unit
+    assert tf_network == pytest.approx(97.81, abs=0.005)
+    assert 101.28 - tf_network == pytest.approx(3.47, abs=0.01)  # not attributed (paper Table 3)
