@@ -88,7 +88,14 @@ class EvalConfig:
     crop_size: Any = None  # slide: [H, W] window (null: the training crop)
     stride: Any = None  # slide: [H, W] step (null: 2/3 of the window)
     scales: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
+    # false, true (= whole: the image and its mirror) or per_window (slide: each window with its mirror).
+    flip: Any = False
+    # slide: windows combined as logits or softmax probabilities (probs: hszhao/semseg's scale_process).
+    average: str = "logits"
+    # slide: an image smaller than the window padded at the bottom/right (end) or on both sides (centred).
+    pad: str = "end"
+    # Resize the image to a long side of round(scale * this) before each scale (semseg's base_size); null: no.
+    resize_long_side: Any = None
     # Evaluate a model trained at output stride 16 at 8 (eval and predict; the DeepLab protocol).
     output_stride: Any = None
     save_predictions: bool = False

@@ -230,3 +230,106 @@ def test_r101_multiply_adds_and_the_gap_to_the_papers_101_28b():
     assert tf_network - ours - beta_stem == pytest.approx(-2.15, abs=0.005)  # the stride in the last unit
     assert tf_network == pytest.approx(97.81, abs=0.005)
     assert 101.28 - tf_network == pytest.approx(3.47, abs=0.01)  # not attributed (paper Table 3)
+
+
+# --- 2. semseg's test-time protocol --------------------------------------------------------------------------------
+
+class TinyNet(nn.Module):
+    """A small fully convolutional network with segtrain's model interface."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                                  nn.ReLU(), nn.Conv2d(8, classes, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.body(x)
+        return {"out": torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear",
+                                                       align_corners=True)}
+
+
+def semseg_scale_process(model: nn.Module, image: torch.Tensor, crop: int, stride_rate: float = 2 / 3) -> torch.Tensor:
+    """hszhao/semseg tool/test.py scale_process + net_process, restated: pad the image centred to at least
+    the window (mean pixel = 0 after normalisation), windows at min(i * stride, size - crop) for
+    i < ceil((size - crop) / stride) + 1, each window batched with its mirror, softmax, the mirror's
+    probabilities flipped back and the two averaged; window probabilities summed and divided by the count,
+    then the padding cropped off."""
+    _, _, height, width = image.shape
+    pad_h, pad_w = max(crop - height, 0), max(crop - width, 0)
+    top, left = pad_h // 2, pad_w // 2
+    padded = torch.nn.functional.pad(image, (left, pad_w - left, top, pad_h - top))
+    new_h, new_w = padded.shape[-2:]
+    stride = math.ceil(crop * stride_rate)
+    sums = torch.zeros(1, 4, new_h, new_w, dtype=torch.float64)
+    counts = torch.zeros(1, 1, new_h, new_w, dtype=torch.float64)
+    for index_h in range(math.ceil((new_h - crop) / stride) + 1):
+        for index_w in range(math.ceil((new_w - crop) / stride) + 1):
+            end_h, end_w = min(index_h * stride + crop, new_h), min(index_w * stride + crop, new_w)
+            window = padded[..., end_h - crop:end_h, end_w - crop:end_w]
+            with torch.no_grad():
+                probs = model(torch.cat([window, window.flip(3)]))["out"].softmax(dim=1)
+            sums[..., end_h - crop:end_h, end_w - crop:end_w] += ((probs[:1] + probs[1:].flip(3)) / 2).double()
+            counts[..., end_h - crop:end_h, end_w - crop:end_w] += 1
+    return (sums / counts)[..., top:top + height, left:left + width]
+
+
+def semseg_test(model: nn.Module, image: torch.Tensor, crop: int, base_size: int, scales: list[float]) -> torch.Tensor:
+    """semseg's test(): per scale, the long side resized to round(scale * base_size) (the short side
+    rounded from it), scale_process, its probabilities resized back to the image; the mean over scales."""
+    _, _, height, width = image.shape
+    total = torch.zeros(1, 4, height, width, dtype=torch.float64)
+    for scale in scales:
+        long = round(scale * base_size)
+        size = (long, round(long / height * width)) if height > width else (round(long / width * height), long)
+        scaled = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        probs = semseg_scale_process(model, scaled, crop)
+        total += torch.nn.functional.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+    return total / len(scales)
+
+
+@pytest.mark.parametrize("protocol,size", [("semseg_slide473_flip", (300, 420)), ("semseg_slide713_flip", (600, 1100)),
+                                           ("semseg_slide473_ms_flip", (200, 150))])
+def test_semseg_protocols_compute_semsegs_scale_process(protocol, size):
+    from segtrain.engine.inference import InferenceSettings, infer
+
+    evaluation = compose_config("eval", [f"protocol={protocol}", "ckpt=unused.pt"]).eval
+    assert (evaluation.flip, evaluation.average, evaluation.pad) == ("per_window", "probs", "centred")
+    settings = InferenceSettings.from_config(evaluation)
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    image = torch.randn(1, 3, *size)
+    crop = int(evaluation.crop_size[0])
+    expected = semseg_test(model, image, crop, int(evaluation.resize_long_side), list(evaluation.scales))
+    scores = infer(model, image, settings)
+    assert scores.shape == expected.shape
+    torch.testing.assert_close(scores.double(), expected, atol=1e-5, rtol=0)
+    # The order matters: logits averaged over windows and the whole image flipped differ by more.
+    logits_order = InferenceSettings("slide", settings.crop_size, settings.stride, settings.scales, flip=True,
+                                     resize_long_side=settings.resize_long_side)
+    assert (infer(model, image, logits_order).double() - expected).abs().max() > 1e-4
+
+
+def test_centred_padding_puts_the_image_in_the_middle_of_the_window():
+    from segtrain.engine.inference import InferenceSettings, slide_logits
+
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            seen.append(x.clone())
+            return {"out": x[:, :1]}
+
+    image = torch.ones(1, 3, 5, 8)
+    for pad, rows in (("centred", [2, 3, 4, 5, 6]), ("end", [0, 1, 2, 3, 4])):
+        seen.clear()
+        out = slide_logits(Recorder(), image, (10, 8), (7, 7), InferenceSettings("slide", (10, 8), (7, 7), pad=pad))
+        assert torch.equal(out, torch.ones(1, 1, 5, 8))
+        assert seen[0][0, 0, :, 0].nonzero().flatten().tolist() == rows
+
+
+@pytest.mark.parametrize("bad", ["flip=sideways", "average=median", "pad=left", "resize_long_side=4"])
+def test_protocol_option_values_are_checked(bad):
+    from segtrain.config_checks import check_config
+
+    with pytest.raises(ConfigError, match=f"eval.{bad.split('=')[0]}"):
+        check_config(compose_config("eval", ["ckpt=unused.pt", f"eval.{bad}"]))
