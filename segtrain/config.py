@@ -143,6 +143,17 @@ class AugmentConfig:
     color_jitter: float = 0.0
     # DLA's RandomJitter: PIL brightness, contrast and sharpness factors uniform in [1-j, 1+j], in random order.
     enhance_jitter: float = 0.0
+    # Rotation angles drawn as whole degrees, randint(-rotate, rotate) (fyu/drn, ucbdrive/dla RandomRotate).
+    rotate_integer: bool = False
+    # Where rotation and padding to the crop uncover pixels, the image gets the pad value (constant) or its
+    # reflection without the edge repeated (reflect: DRN/DLA's pad_reflection, OpenCV's BORDER_REFLECT_101);
+    # the mask gets ignore_index either way.
+    image_border: str = "constant"
+    # Rotate before the random scale (DRN/DLA segment.py) instead of after it (semseg).
+    rotate_before_scale: bool = False
+    # Random-scale resampling of the image: bilinear, or antialias_bicubic (DRN/DLA RandomScale: PIL's
+    # antialiasing filter when shrinking, bicubic when enlarging, sizes int(ratio * side)).
+    scale_resample: str = "bilinear"
 
 
 @dataclass

@@ -104,7 +104,7 @@ def test_discrete_scales_are_deeplabs_steps():
     ("dla34_up_cityscapes", {"rotate": 10, "enhance_jitter": 0.4, "color_jitter": 0.0}),
     ("deeplabv3plus_xception65_voc", {"scale_step": 0.25, "rotate": 0.0}),
     ("deeplabv3plus_r101_voc", {"scale_step": 0.25, "rotate": 0.0}),
-    ("hrnetv2_w48_cityscapes", {"scale_step": None, "rotate": 0.0, "gaussian_blur": 0.0}),
+    ("hrnetv2_w48_cityscapes", {"scale_step": 0.1, "rotate": 0.0, "gaussian_blur": 0.0}),
 ])
 def test_each_experiment_sets_its_papers_augmentations(experiment, expected):
     augment = compose_config("train", [f"experiment={experiment}"]).dataset.augment

@@ -333,3 +333,105 @@ def test_protocol_option_values_are_checked(bad):
 
     with pytest.raises(ConfigError, match=f"eval.{bad.split('=')[0]}"):
         check_config(compose_config("eval", ["ckpt=unused.pt", f"eval.{bad}"]))
+
+
+# --- 5, 6. DRN / DLA / HRNet augmentations -------------------------------------------------------------------------
+
+def _augment(experiment: str, **changes: object):
+    from segtrain.config import AugmentConfig
+
+    augment = compose_config("train", [f"experiment={experiment}"]).dataset.augment
+    return AugmentConfig(**{**OmegaConf.to_container(augment), **changes})
+
+
+def _step(transform, kind: type):
+    return next(t for t in transform.pipeline.transforms if isinstance(t, kind))
+
+
+@pytest.mark.parametrize("experiment", ["drn_d_105_cityscapes", "dla34_up_cityscapes"])
+def test_drn_and_dla_rotate_by_whole_degrees_before_scaling(experiment):
+    # data_transforms.py RandomRotate: angle = random.randint(0, angle * 2) - angle; segment.py appends
+    # RandomRotate before RandomScale.
+    from segtrain.data.transforms import RandomRotation, ResampledRandomScale, train_transform
+
+    transform = train_transform(_augment(experiment), [0.5] * 3, [0.5] * 3)
+    kinds = [type(t) for t in transform.pipeline.transforms]
+    assert kinds.index(RandomRotation) < kinds.index(ResampledRandomScale)
+    rotation = _step(transform, RandomRotation)
+    angles = set()
+    for seed in range(300):
+        rotation.set_random_seed(seed)
+        angles.add(rotation.get_params()["angle"])
+    assert angles <= set(range(-10, 11)) and len(angles) == 21  # every whole angle, nothing between
+
+
+def test_reflection_border_fills_rotated_corners_with_image_pixels_and_the_mask_with_ignore():
+    import numpy as np
+
+    from segtrain.data.transforms import RandomRotation
+
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:, :, 0] = np.arange(60, dtype=np.uint8)[None, :] * 4 + 10  # no pixel equals the fill
+    mask = np.ones((40, 60), np.uint8)
+    reflect = RandomRotation(10, True, True, (0.0, 0.0, 0.0), 255)
+    constant = RandomRotation(10, True, False, (0.0, 0.0, 0.0), 255)
+    rotated, rotated_mask = reflect.apply(image, angle=10.0), reflect.apply_to_mask(mask, angle=10.0)
+    assert rotated_mask[0, 0] == 255 and rotated_mask[20, 30] == 1  # uncovered corner: ignore
+    assert rotated[0, 0, 0] >= 10  # reflected image content, not the fill
+    assert constant.apply(image, angle=10.0)[0, 0, 0] == 0
+    assert (rotated[..., 0] > 0).all()
+
+
+def test_reflection_padding_to_the_crop_mirrors_without_repeating_the_edge():
+    import numpy as np
+
+    from segtrain.data.transforms import ReflectPadToSize
+
+    image = np.arange(3 * 4 * 3, dtype=np.uint8).reshape(3, 4, 3)
+    pad = ReflectPadToSize(7, 4, 255)
+    padded, padded_mask = pad.apply(image), pad.apply_to_mask(np.zeros((3, 4), np.uint8))
+    # pad_reflection of ucbdrive/dla, restated: 2 rows on top are rows 2, 1 (reflect, edge not repeated),
+    # 2 rows below are rows 1, 0.
+    np.testing.assert_array_equal(padded[:, 0, 0], image[[2, 1, 0, 1, 2, 1, 0], 0, 0])
+    assert (padded_mask[:2] == 255).all() and (padded_mask[2:5] == 0).all() and (padded_mask[5:] == 255).all()
+
+
+def test_antialias_bicubic_scale_resizes_with_pil_and_truncates_sizes():
+    import numpy as np
+    from PIL import Image
+
+    from segtrain.data.transforms import ResampledRandomScale
+
+    image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
+    scale = ResampledRandomScale(0.5, 2.0)
+    for ratio, resample in ((0.73, Image.LANCZOS), (1.37, Image.BICUBIC)):
+        size = (int(ratio * 70), int(ratio * 50))
+        expected = np.asarray(Image.fromarray(image).resize(size, resample))
+        np.testing.assert_array_equal(scale.apply(image, ratio=ratio), expected)
+        assert scale.apply_to_mask(np.zeros((50, 70), np.uint8), ratio=ratio).shape == (size[1], size[0])
+
+
+def test_hrnet_scales_are_the_discrete_set_of_base_dataset():
+    # HRNet-Semantic-Segmentation lib/datasets/base_dataset.py: 0.5 + random.randint(0, 16) / 10.0.
+    from segtrain.data.transforms import DiscreteRandomScale, train_transform
+
+    transform = train_transform(_augment("hrnetv2_w48_cityscapes"), [0.5] * 3, [0.5] * 3)
+    scale = _step(transform, DiscreteRandomScale)
+    official = [0.5 + k / 10.0 for k in range(17)]
+    assert scale.scales == pytest.approx(official)
+    drawn = set()
+    for seed in range(400):
+        scale.set_random_seed(seed)
+        drawn.add(round(scale.get_params()["scale"], 6))
+    assert drawn == {round(v, 6) for v in official}
+
+
+def test_augmentation_option_values_are_checked():
+    from segtrain.config import AugmentConfig
+    from segtrain.data.transforms import train_transform
+
+    for changes, key in (({"image_border": "wrap"}, "image_border"), ({"scale_resample": "area"}, "scale_resample"),
+                         ({"rotate": 7.5, "rotate_integer": True}, "rotate_integer"),
+                         ({"scale_resample": "antialias_bicubic", "scale_step": 0.25}, "scale_resample")):
+        with pytest.raises(ConfigError, match=f"dataset.augment.{key}"):
+            train_transform(AugmentConfig(**changes), [0.5] * 3, [0.5] * 3)
