@@ -43,7 +43,7 @@ def _decoder_input(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return seen["x"]
 
 
-# --- 1. DeepLab v3+ X65: the decoder's tap ---------------------------------------------------------------------------
+# --- 1. DeepLab v3+ X65: the decoder's tap ---
 
 def test_xception65_recipe_decodes_the_pre_activation_tap_with_the_same_parameters():
     cfg = _recipe("deeplabv3plus_xception65_voc")
@@ -79,7 +79,7 @@ def test_pre_activation_tap_is_refused_for_backbones_without_one():
         build_model(OmegaConf.merge(SMALL_HEAD, {"decoder_tap": "relu"}), OmegaConf.create(XCEPTION), 3)
 
 
-# --- 4. DeepLab BatchNorm, weight decay, align_corners ----------------------------------------------------------------
+# --- 4. DeepLab BatchNorm, weight decay, align_corners ---
 
 def _batchnorm_settings(model: nn.Module) -> tuple[set, set]:
     """{(momentum, eps)} of the backbone's BatchNorms and of the head's, momentum rounded to 1e-9."""
@@ -151,7 +151,7 @@ def test_align_corners_reaches_the_decoder_and_final_resize():
         assert not torch.allclose(aligned(image)["out"], plain(image)["out"])
 
 
-# --- 3. DeepLab v3+ R101: multi-grid and multiply-adds ----------------------------------------------------------------
+# --- 3. DeepLab v3+ R101: multi-grid and multiply-adds ---
 
 @pytest.mark.parametrize("output_stride,dilations", [(16, [2, 4, 8]), (8, [4, 8, 16])])
 def test_r101_recipe_block4_dilations_are_multi_grid_1_2_4(output_stride, dilations):
@@ -232,7 +232,7 @@ def test_r101_multiply_adds_and_the_gap_to_the_papers_101_28b():
     assert 101.28 - tf_network == pytest.approx(3.47, abs=0.01)  # not attributed (paper Table 3)
 
 
-# --- 2. semseg's test-time protocol --------------------------------------------------------------------------------
+# --- 2. semseg's test-time protocol ---
 
 class TinyNet(nn.Module):
     """A small fully convolutional network with segtrain's model interface."""
@@ -335,7 +335,7 @@ def test_protocol_option_values_are_checked(bad):
         check_config(compose_config("eval", ["ckpt=unused.pt", f"eval.{bad}"]))
 
 
-# --- 5, 6. DRN / DLA / HRNet augmentations -------------------------------------------------------------------------
+# --- 5, 6. DRN / DLA / HRNet augmentations ---
 
 def _augment(experiment: str, **changes: object):
     from segtrain.config import AugmentConfig
@@ -435,3 +435,17 @@ def test_augmentation_option_values_are_checked():
                          ({"scale_resample": "antialias_bicubic", "scale_step": 0.25}, "scale_resample")):
         with pytest.raises(ConfigError, match=f"dataset.augment.{key}"):
             train_transform(AugmentConfig(**changes), [0.5] * 3, [0.5] * 3)
+
+
+# --- issue 22 item 3: DeepLab v3+ X65 on Cityscapes ---
+
+def test_xception65_cityscapes_experiment_is_the_model_zoo_recipe():
+    cfg = _recipe("deeplabv3plus_xception65_cityscapes")
+    assert cfg.dataset.name == "cityscapes" and cfg.backbone.name == "xception65.tf_in1k"
+    assert list(cfg.dataset.augment.crop_size) == [769, 769] and cfg.trainer.max_iters == 90000
+    assert cfg.backbone.output_stride == 16 and list(cfg.model.aspp_rates) == [6, 12, 18]
+    assert (cfg.model.decoder_tap, cfg.model.align_corners, cfg.model.separable) == ("pre_act", True, True)
+    assert list(cfg.optimizer.no_weight_decay) == ["norm", "depthwise", "bias"]
+    assert cfg.optimizer.weight_decay == 4e-5 and cfg.eval.mode == "whole" and cfg.eval.output_stride is None
+    evaluation = compose_config("eval", ["ckpt=unused.pt", "protocol=deeplab_os8_cityscapes_ms_flip"]).eval
+    assert list(evaluation.scales) == [0.75, 1.0, 1.25] and evaluation.flip and evaluation.output_stride == 8
