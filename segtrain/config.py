@@ -97,7 +97,14 @@ class EvalConfig:
     crop_size: Any = None  # slide: [H, W] window (null: the training crop)
     stride: Any = None  # slide: [H, W] step (null: 2/3 of the window)
     scales: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
+    # false, true (= whole: the image and its mirror) or per_window (slide: each window with its mirror).
+    flip: Any = False
+    # slide: windows combined as logits or softmax probabilities (probs: hszhao/semseg's scale_process).
+    average: str = "logits"
+    # slide: an image smaller than the window padded at the bottom/right (end) or on both sides (centred).
+    pad: str = "end"
+    # Resize the image to a long side of round(scale * this) before each scale (semseg's base_size); null: no.
+    resize_long_side: Any = None
     # Evaluate a model trained at output stride 16 at 8 (eval and predict; the DeepLab protocol).
     output_stride: Any = None
     save_predictions: bool = False
@@ -145,6 +152,17 @@ class AugmentConfig:
     color_jitter: float = 0.0
     # DLA's RandomJitter: PIL brightness, contrast and sharpness factors uniform in [1-j, 1+j], in random order.
     enhance_jitter: float = 0.0
+    # Rotation angles drawn as whole degrees, randint(-rotate, rotate) (fyu/drn, ucbdrive/dla RandomRotate).
+    rotate_integer: bool = False
+    # Where rotation and padding to the crop uncover pixels, the image gets the pad value (constant) or its
+    # reflection without the edge repeated (reflect: DRN/DLA's pad_reflection, OpenCV's BORDER_REFLECT_101);
+    # the mask gets ignore_index either way.
+    image_border: str = "constant"
+    # Rotate before the random scale (DRN/DLA segment.py) instead of after it (semseg).
+    rotate_before_scale: bool = False
+    # Random-scale resampling of the image: bilinear, or antialias_bicubic (DRN/DLA RandomScale: PIL's
+    # antialiasing filter when shrinking, bicubic when enlarging, sizes int(ratio * side)).
+    scale_resample: str = "bilinear"
 
 
 @dataclass

@@ -107,6 +107,13 @@ def _check_eval(evaluation: DictConfig) -> None:
     scales = list(evaluation.scales)
     if not scales or not all(_is_number(v) and v > 0 for v in scales):
         raise ConfigError(f"eval.scales must be positive numbers, got {scales}")
+    if evaluation.flip not in (True, False, "whole", "per_window"):
+        raise ConfigError(f"eval.flip must be false, true (= whole) or per_window, got {evaluation.flip!r}")
+    option("eval.average", evaluation.average, ("logits", "probs"))
+    option("eval.pad", evaluation.pad, ("end", "centred"))
+    long_side = evaluation.resize_long_side
+    if long_side is not None and (isinstance(long_side, bool) or not isinstance(long_side, int) or long_side < 8):
+        raise ConfigError(f"eval.resize_long_side must be a whole number of pixels >= 8, or null; got {long_side!r}")
 
 
 def _check_logging(logging: DictConfig) -> None:

@@ -144,6 +144,7 @@ EXPERIMENTS = {
     "drn_d_105_cityscapes": ("pinned", 54_302_915),
     # No count published by tensorflow/models for DeepLab v3+ Xception-65; pinned.
     "deeplabv3plus_xception65_voc": ("pinned", 41_055_413),
+    "deeplabv3plus_xception65_cityscapes": ("pinned", 41_054_899),  # the same network, 19 classes
     # The paper's ResNet-101 rows: plain ASPP and decoder convs (separable: auto), 59.34M; pinned exactly too.
     # (The TF ResNet-101 has a 3x3-conv "beta" stem, ours torchvision's 7x7 stem.)
     "deeplabv3plus_r101_voc": ("printed", "59.34M", 59_344_309),

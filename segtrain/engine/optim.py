@@ -2,13 +2,16 @@
 
 The node's keys are the optimizer's constructor arguments (`_partial_: true`: the parameters are
 added here), plus `head_lr_mult`, the learning-rate multiplier of every parameter outside the
-(pretrained) backbone. Every parameter group carries its `lr_scale`, so that the schedule sets
-`lr = schedule(iteration) * lr_scale` per group.
+(pretrained) backbone, and `no_weight_decay`, the kinds of parameters put in groups without weight
+decay (`norm`: normalisation weights and biases; `depthwise`: depthwise convolution weights; `bias`:
+every bias), as TensorFlow DeepLab leaves them unregularised. Every parameter group carries its
+`lr_scale`, so that the schedule sets `lr = schedule(iteration) * lr_scale` per group.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -17,12 +20,44 @@ from torch import nn
 from segtrain.errors import ConfigError
 from segtrain.instantiate import instantiate_checked
 
+# Parameter kinds `optimizer.no_weight_decay` may name.
+NO_DECAY_KINDS = ("norm", "depthwise", "bias")
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
-def parameter_groups(model: nn.Module, base_lr: float, head_lr_mult: float) -> list[dict]:
-    backbone = [p for p in model.backbone_parameters() if p.requires_grad]
-    head = [p for p in model.head_parameters() if p.requires_grad]
-    groups = [{"params": backbone, "lr": base_lr, "lr_scale": 1.0, "name": "backbone"}]
-    groups.append({"params": head, "lr": base_lr * head_lr_mult, "lr_scale": head_lr_mult, "name": "head"})
+
+def undecayed_parameters(model: nn.Module, kinds: Sequence[str]) -> set[int]:
+    """ids of the parameters of `kinds`: normalisation layers' weights and biases (`norm`), depthwise
+    convolution weights, i.e. one filter per input channel (`depthwise`), every bias (`bias`)."""
+    unknown = sorted(set(kinds) - set(NO_DECAY_KINDS))
+    if unknown:
+        raise ConfigError(f"optimizer.no_weight_decay: kinds are {', '.join(NO_DECAY_KINDS)}; got {unknown}")
+    found: set[int] = set()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if "norm" in kinds and isinstance(module, NORM_LAYERS):
+            found.update(id(p) for p in own)
+        if ("depthwise" in kinds and isinstance(module, nn.Conv2d) and module.groups > 1
+                and module.groups == module.in_channels):
+            found.add(id(module.weight))
+        if "bias" in kinds and isinstance(getattr(module, "bias", None), nn.Parameter):
+            found.add(id(module.bias))
+    return found
+
+
+def parameter_groups(model: nn.Module, base_lr: float, head_lr_mult: float,
+                     no_weight_decay: Sequence[str] = ()) -> list[dict]:
+    """backbone and head groups (the head's rate scaled by `head_lr_mult`), each split in two when
+    `no_weight_decay` names kinds: `<part>_no_decay` holds those parameters, with weight_decay 0."""
+    undecayed = undecayed_parameters(model, no_weight_decay) if no_weight_decay else set()
+    groups = []
+    for name, params, scale in (("backbone", model.backbone_parameters(), 1.0),
+                                ("head", model.head_parameters(), head_lr_mult)):
+        trained = [p for p in params if p.requires_grad]
+        groups.append({"params": [p for p in trained if id(p) not in undecayed], "lr": base_lr * scale,
+                       "lr_scale": scale, "name": name})
+        if undecayed:
+            groups.append({"params": [p for p in trained if id(p) in undecayed], "lr": base_lr * scale,
+                           "lr_scale": scale, "name": f"{name}_no_decay", "weight_decay": 0.0})
     return [g for g in groups if g["params"]]
 
 
@@ -41,8 +76,10 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Build the optimizer; call it after the model is on its device (the fused update depends on it).
     optimizer.lr and head_lr_mult are taken as valid (segtrain.config_checks)."""
     head_lr_mult = float(cfg.get("head_lr_mult", 1.0))
-    groups = parameter_groups(model, float(cfg.lr), head_lr_mult)
-    factory = instantiate_checked("optimizer", cfg, drop=("head_lr_mult",), partial=True, supplied=("params", "fused"))
+    no_weight_decay = [str(kind) for kind in (cfg.get("no_weight_decay") or [])]
+    groups = parameter_groups(model, float(cfg.lr), head_lr_mult, no_weight_decay)
+    factory = instantiate_checked("optimizer", cfg, drop=("head_lr_mult", "no_weight_decay"), partial=True,
+                                  supplied=("params", "fused"))
     accepts_fused = "fused" in inspect.signature(factory).parameters
     optimizer = factory(groups, **({"fused": True} if accepts_fused and fused_update(groups) else {}))
     if not isinstance(optimizer, torch.optim.Optimizer):

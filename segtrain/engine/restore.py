@@ -26,7 +26,8 @@ from segtrain.models import backbone_for_inference, build_model
 
 GROUPS = ("model", "backbone", "dataset", "loss", "optimizer", "schedule")
 # The eval keys a protocol (conf/protocol/) sets: `protocol=NAME` replaces these in the checkpoint's config.
-PROTOCOL_KEYS = ("mode", "crop_size", "stride", "scales", "flip", "output_stride")
+PROTOCOL_KEYS = ("mode", "crop_size", "stride", "scales", "flip", "output_stride", "average", "pad",
+                 "resize_long_side")
 # Keys of the command's own config, never taken from (or written into) the training config.
 COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "init_from", "info")
 

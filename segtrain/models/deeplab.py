@@ -31,16 +31,23 @@ def resolve_separable(separable: bool | str, backbone_name: str) -> bool:
                       f"as in the DeepLab v3+ paper); got {separable!r}")
 
 
+# Where DeepLab v3+ takes its stride-4 feature: as the backbone returns it, or before the block's ReLU.
+DECODER_TAPS = ("post_act", "pre_act")
+
+
 class DeepLabV3(Segmentor):
     """ASPP (with image pooling) on the deepest feature, then a 1x1 classifier; no decoder.
 
     `separable` (true, false or "auto"): depthwise-separable 3x3 convs; "auto" resolves from the
     backbone's name (see `paper_uses_separable`) and the resolved value is `self.separable`.
+    `align_corners`: the convention of every bilinear resize (TensorFlow DeepLab's resize_bilinear calls
+    use align_corners=True; PyTorch's default is False).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, aspp_channels: int = 256,
-                 aspp_rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1, separable: bool | str = "auto") -> None:
-        super().__init__(backbone, num_classes)
+                 aspp_rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1, separable: bool | str = "auto",
+                 align_corners: bool = False) -> None:
+        super().__init__(backbone, num_classes, align_corners)
         check_dropout(dropout)
         self.separable = resolve_separable(separable, getattr(backbone, "name", ""))
         rates = scaled_rates(list(aspp_rates), backbone.strides[-1])
@@ -57,12 +64,16 @@ class DeepLabV3Plus(DeepLabV3):
     With separable convs (the paper's Xception-65 setting, what "auto" gives for Xception) the ASPP's
     3x3 branches and the decoder's two 3x3 convolutions are depthwise-separable, each part followed
     by BN and ReLU; the paper's ResNet-101 rows use plain convolutions ("auto" for ResNets).
+    `decoder_tap`: "post_act" decodes the stride-4 feature as the backbone returns it; "pre_act" takes it
+    before the block's ReLU, where TensorFlow DeepLab taps Xception-65 (see
+    `TimmBackbone.tap_before_activation`; aligned Xception backbones only).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, aspp_channels: int = 256,
                  aspp_rates: Sequence[int] = (6, 12, 18), decoder_channels: int = 256, low_level_channels: int = 48,
-                 dropout: float = 0.1, separable: bool | str = "auto") -> None:
-        super().__init__(backbone, num_classes, aspp_channels, aspp_rates, dropout, separable)
+                 dropout: float = 0.1, separable: bool | str = "auto", align_corners: bool = False,
+                 decoder_tap: str = "post_act") -> None:
+        super().__init__(backbone, num_classes, aspp_channels, aspp_rates, dropout, separable, align_corners)
         if 4 not in backbone.strides:
             raise ConfigError(
                 f"backbone: DeepLab v3+ decodes with a stride-4 feature, but this backbone's features have strides "
@@ -70,6 +81,15 @@ class DeepLabV3Plus(DeepLabV3):
                 "hrnet_w*, dla*, drn_*; for backbone=timm include it in backbone.out_indices) or model=deeplabv3"
             )
         self.low_level_index = backbone.strides.index(4)
+        if decoder_tap not in DECODER_TAPS:
+            raise ConfigError(f"model.decoder_tap must be one of {', '.join(DECODER_TAPS)}, got {decoder_tap!r}")
+        if decoder_tap == "pre_act":
+            tap = getattr(backbone, "tap_before_activation", None)
+            if tap is None:
+                raise ConfigError(f"model.decoder_tap=pre_act: backbone {backbone.name!r} offers no pre-activation "
+                                  "tap (aligned Xception does); use model.decoder_tap=post_act")
+            tap(self.low_level_index)
+        self.decoder_tap = decoder_tap
         self.low_level = conv_bn_relu(backbone.channels[self.low_level_index], low_level_channels)
         self.fuse = nn.Sequential(
             conv3x3_bn_relu(aspp_channels + low_level_channels, decoder_channels, separable=self.separable),
@@ -79,5 +99,5 @@ class DeepLabV3Plus(DeepLabV3):
 
     def decode(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         low = self.low_level(features[self.low_level_index])
-        high = resize_to(self.aspp(features[-1]), low.shape[-2:])
+        high = resize_to(self.aspp(features[-1]), low.shape[-2:], self.align_corners)
         return {"out": self.classifier(self.fuse(torch.cat([high, low], dim=1)))}

@@ -10,6 +10,7 @@ given as `backbone.weights` loads there, less the layers timm prunes after the l
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ class TimmBackbone(Backbone):
     `size_divisor` pads inputs so every stage divides evenly; it defaults to the largest stride, which
     HRNet and DLA need (their branches are fused by exact 2x resampling).
     `model_kwargs` go to timm.create_model, e.g. {feature_location: ""} for HRNet's raw branches.
+    `multi_grid` (ResNets): DeepLab's multi-grid, the 3x3 convolutions of the last stage's blocks dilated
+    by the stage's rate times these unit rates (TensorFlow DeepLab's resnet_v1_beta: [1, 2, 4] gives
+    rates 2, 4, 8 at output stride 16 and 4, 8, 16 at 8); null keeps timm's dilations.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class TimmBackbone(Backbone):
         weights: str | None = None,
         size_divisor: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        multi_grid: list[int] | None = None,
     ) -> None:
         super().__init__()
         import timm
@@ -82,6 +87,8 @@ class TimmBackbone(Backbone):
             raise ConfigError(f"backbone: timm cannot build {name!r} with {kwargs}: {first_line(str(exc))}") from None
         if weights:
             self._load_weights_file(weights)
+        if multi_grid is not None:
+            apply_multi_grid(self.net, name, [int(rate) for rate in multi_grid])
         self.channels = list(self.net.feature_info.channels())
         self.strides = list(self.net.feature_info.reduction())
         self.size_divisor = int(size_divisor) if size_divisor else max(32, max(self.strides))
@@ -103,6 +110,68 @@ class TimmBackbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.net(x))
+
+    def tap_before_activation(self, index: int) -> None:
+        """Feature `index` becomes the BatchNorm output before the ReLU that timm's tap follows.
+
+        TensorFlow DeepLab decodes Xception-65 from `entry_flow/block2/unit_1/xception_module/
+        separable_conv2_pointwise` (research/deeplab/core/feature_extractor.py, DECODER_END_POINTS): the
+        second separable conv's pointwise BatchNorm, before the ReLU that the third (strided) separable
+        conv starts with; timm taps the input of that conv, i.e. after the ReLU. Only the tap changes: the
+        block computes what it did, with the same parameters and parameter names.
+        """
+        from timm.models._features import FeatureGetterNet
+        from timm.models.xception_aligned import XceptionModule
+
+        model = self.net.model if isinstance(self.net, FeatureGetterNet) else None
+        ends = getattr(model, "feature_ends", None)
+        if model is None or ends is None or index >= len(ends) - 1:
+            raise ConfigError(f"model.decoder_tap=pre_act: backbone {self.name!r} has no tap inside a block before "
+                              "an activation (aligned Xception has); use model.decoder_tap=post_act")
+        block = model.blocks[ends[index]]
+        if type(block) is not XceptionModule or not isinstance(block.stack[-2], nn.ReLU):
+            raise ConfigError(f"model.decoder_tap=pre_act: backbone {self.name!r} block {ends[index]} does not end in "
+                              "ReLU -> separable conv; use model.decoder_tap=post_act")
+        block.__class__ = pre_activation_tap_module()
+
+
+def apply_multi_grid(net: nn.Module, name: str, unit_rates: list[int]) -> list[int]:
+    """Dilate the 3x3 convolution of block i of ResNet's last stage (`layer4`) by rate * unit_rates[i],
+    rate being the stage's dilation (the last block's: timm leaves the first block at the previous
+    stage's); returns the dilations set. Dilation changes no weight, so weights load as before."""
+    stage = getattr(net, "layer4", None)
+    blocks = list(stage) if isinstance(stage, nn.Sequential) else []
+    convs = [getattr(block, "conv2", None) for block in blocks]
+    if not blocks or not all(isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3) for c in convs):
+        raise ConfigError(f"backbone.multi_grid: {name!r} is not a ResNet with 3x3 convolutions in layer4 "
+                          "(bottleneck or basic blocks); use null")
+    if len(unit_rates) != len(blocks) or not all(rate >= 1 for rate in unit_rates):
+        raise ConfigError(f"backbone.multi_grid: one unit rate >= 1 per block of layer4 ({len(blocks)} blocks, "
+                          f"e.g. [1, 2, 4]), got {unit_rates}")
+    rate = convs[-1].dilation[0]
+    for conv, unit_rate in zip(convs, unit_rates):
+        conv.dilation = (rate * unit_rate,) * 2
+        conv.padding = (rate * unit_rate,) * 2
+    return [c.dilation[0] for c in convs]
+
+
+@functools.cache
+def pre_activation_tap_module() -> type:
+    """timm's aligned-Xception module whose feature tap is the tensor before the last ReLU of its stack
+    (the ReLU the strided separable conv starts with) instead of after it; same layers, same output.
+    Built on first use: timm is imported only when a timm backbone is."""
+    from timm.models.xception_aligned import XceptionModule
+
+    class PreActivationTapXceptionModule(XceptionModule):
+        def forward_with_tap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pre_activation = x
+            for layer in list(self.stack)[:-2]:
+                pre_activation = layer(pre_activation)
+            # Not the stack's own ReLU: it is in-place and would overwrite the tap.
+            out = self.stack[-1](torch.relu(pre_activation))
+            return self._residual(out, x), pre_activation
+
+    return PreActivationTapXceptionModule
 
 
 def _features_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
