@@ -297,6 +297,8 @@ NEW_EXPERIMENTS = {  # experiment -> (dataset, validation protocol, quoted targe
     "deeplabv3plus_xception65_ade20k": ("ade20k", "whole", {"45.65": "deeplab_os8_ms_flip"}),
     "hrnetv2_w48_pascal_context59": ("pascal_context", "slide", {"54.1": "hrnet_slide480_ms_flip"}),
     "hrnetv2_w48_lip": ("lip", "flip", {"56.04": "flip"}),
+    "hrnetv2_w48_ocr_ade20k": ("ade20k", "hrnet_slide520", {"44.5": "hrnet_slide520",
+                                                          "45.5": "hrnet_slide520_ms_flip"}),
 }
 
 

@@ -98,6 +98,24 @@ def test_cityscapes_experiment_has_the_official_recipe():
     assert cfg.eval.mode == "whole" and list(cfg.eval.scales) == [1.0] and not cfg.eval.flip
 
 
+
+def test_ade20k_experiment_has_the_official_recipe():
+    cfg = compose_config("train", ["experiment=hrnetv2_w48_ocr_ade20k"])
+    assert cfg.model._target_ == "segtrain.models.hrnet_ocr.HRNetOCR" and cfg.backbone.name == "hrnet_w48"
+    assert cfg.dataset.name == "ade20k" and len(cfg.dataset.class_names) == 150
+    assert cfg.model.align_corners and cfg.backbone.fuse_align_corners and cfg.model.bn_momentum is None
+    assert cfg.loss._target_ == "segtrain.losses.OhemCrossEntropy" and cfg.loss.aux_weight == 0.4
+    assert (cfg.loss.threshold, cfg.loss.min_kept) == (0.9, 131072)  # OHEMTHRES, OHEMKEEP
+    assert list(cfg.dataset.augment.crop_size) == [520, 520] and cfg.trainer.batch_size == 16
+    assert list(cfg.dataset.augment.scale_range) == [0.5, 2.1] and cfg.dataset.augment.scale_step == 0.1
+    assert cfg.trainer.max_iters == 120 * (20210 // 16)  # END_EPOCH 120, epoch_iters int(20210 / 16)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.schedule.power) == (0.02, 1e-4, 0.9)
+    assert cfg.eval.mode == "slide" and list(cfg.eval.crop_size) == [520, 520] and list(cfg.eval.stride) == [346, 346]
+    assert list(cfg.eval.scales) == [1.0] and not cfg.eval.flip
+    multi = compose_config("train", ["experiment=hrnetv2_w48_ocr_ade20k", "protocol=hrnet_slide520_ms_flip"]).eval
+    assert list(multi.scales) == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0] and multi.flip
+
+
 @pytest.mark.slow
 def test_trains_two_iterations_with_the_aux_loss(tmp_path, shapes_root):
     cfg = compose_config("train", tiny_overrides(shapes_root, **{

@@ -159,6 +159,8 @@ EXPERIMENTS = {
     "hrnetv2_w48_pascal_context59": ("paper", 65.8e6),
     "pspnet_r101_ade20k": ("pinned", 68_173_036),
     "deeplabv3plus_xception65_ade20k": ("pinned", 41_088_566),
+    # HRNet-OCR publishes no count; 150 classes (the Cityscapes one matches the official module).
+    "hrnetv2_w48_ocr_ade20k": ("pinned", 70_534_332),
 }
 
 
