@@ -126,7 +126,8 @@ def count_reads_per_iteration(cfg, run_dir, poison_at: int = 0) -> tuple[dict[in
             finally:
                 reads.paused = False
             if self.run.state.iteration + 1 == poison_at:
-                batches = [(torch.full_like(images, float("nan")), masks) for images, masks in batches]
+                # Float images are used as normalised already: NaN reaches the network as it is.
+                batches = [(torch.full(images.shape, float("nan")), masks) for images, masks in batches]
             return batches
 
     trainer = CountingTrainer(cfg, Path(run_dir), callbacks=[Tally()])

@@ -52,11 +52,11 @@ def build_dataset(
     mean, std = list(normalize[0]), list(normalize[1])
     if train:
         augment = OmegaConf.to_object(cfg.augment) if isinstance(cfg, DictConfig) else cfg.augment
-        transform = train_transform(augment, mean, std, cfg.ignore_index)
+        transform = train_transform(augment, mean, std, cfg.ignore_index, len(cfg.class_names))
     else:
-        transform = eval_transform(mean, std)
+        transform = eval_transform(len(cfg.class_names), cfg.ignore_index)
     return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index, on_error,
-                               replace_unusable=train, max_pixels=max_pixels)
+                               replace_unusable=train, max_pixels=max_pixels, normalization=(mean, std))
 
 
 def sample_seed(seed: int, position: int) -> int:

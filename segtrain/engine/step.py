@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
+from segtrain.data.normalization import normalization, normalize_images
 from segtrain.engine.compile import RegionalCompile
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.optim import build_optimizer
@@ -158,8 +159,12 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: SegmentationLoss,
                  lr_at: Callable[[int], float], ctx: DistContext, runtime: Runtime, nan_policy: str = "stop",
-                 clip_grad_norm: float | None = None) -> None:
+                 clip_grad_norm: float | None = None,
+                 normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         self.model, self.optimizer, self.loss, self.lr_at, self.ctx = model, optimizer, loss, lr_at, ctx
+        # (mean, std) for uint8 batches (segtrain.data.normalization.normalize_images); float batches are used as
+        # they are (normalised already).
+        self.normalize = normalize
         self.device, self.amp, self.nan_policy = runtime.device, runtime.amp, nan_policy
         self.clip_grad_norm = clip_grad_norm
         self.memory_format = runtime.memory_format
@@ -195,8 +200,17 @@ class TrainStep:
             group["lr"] = base * group.get("lr_scale", 1.0)
 
     def to_device(self, batches: Sequence[Batch]) -> list[Batch]:
-        return [(images.to(self.device, non_blocking=True, memory_format=self.memory_format),
-                 masks.to(self.device, non_blocking=True)) for images, masks in batches]
+        """Compact batches (uint8 images, uint8/int16 masks) copied as they are, then converted on the device:
+        normalised float images in the model's memory format, int64 class indices."""
+        on_device = []
+        for images, masks in batches:
+            if images.dtype == torch.uint8 and self.normalize is None:
+                raise ValueError("TrainStep got uint8 images but no normalize=(mean, std) to convert them with")
+            images = images.to(self.device, non_blocking=True)
+            images = normalize_images(images, *self.normalize, self.memory_format) if self.normalize else \
+                images.contiguous(memory_format=self.memory_format)
+            on_device.append((images, masks.to(self.device, non_blocking=True).long()))
+        return on_device
 
     def backward(self, batches: list[Batch]) -> torch.Tensor:
         """Forward and backward over every pass; the loss is normalised over the global batch."""
@@ -293,4 +307,5 @@ def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, runtim
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
     return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, runtime,
-                     nan_policy=str(cfg.trainer.nan_policy), clip_grad_norm=clip_limit(cfg.trainer))
+                     nan_policy=str(cfg.trainer.nan_policy), clip_grad_norm=clip_limit(cfg.trainer),
+                     normalize=normalization(cfg))
