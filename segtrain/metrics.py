@@ -25,12 +25,15 @@ class ConfusionMatrix:
         """Add a batch of predicted and true class indices (same shape); ignore pixels are skipped."""
         if prediction.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(prediction.shape)} != target shape {tuple(target.shape)}")
-        target = target.to(self.matrix.device)
-        keep = target != self.ignore_index
-        truth = target[keep].long()
-        guess = prediction.to(self.matrix.device)[keep].long()
+        target = target.to(self.matrix.device).long()
         n = self.num_classes
-        self.matrix += torch.bincount(truth * n + guess, minlength=n * n)[: n * n].view(n, n)
+        # Ignored pixels count into one extra cell past the matrix instead of being masked out: boolean
+        # indexing and CUDA's bincount read sizes back to the host; a scatter-add of ones reads nothing.
+        cell = torch.where(target != self.ignore_index, target * n + prediction.to(self.matrix.device).long(), n * n)
+        counts = torch.zeros(n * n + 1, dtype=torch.int64, device=self.matrix.device)
+        ones = torch.ones((), dtype=torch.int64, device=self.matrix.device).expand(cell.numel())
+        counts.index_add_(0, cell.flatten(), ones)
+        self.matrix += counts[: n * n].view(n, n)
 
     def reset(self) -> None:
         self.matrix.zero_()

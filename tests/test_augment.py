@@ -3,14 +3,29 @@
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from conftest import compose_config
 from segtrain.config import AugmentConfig
-from segtrain.data.transforms import DiscreteRandomScale, discrete_scales, train_transform
+from segtrain.data.normalization import normalize_images
+from segtrain.data.transforms import DiscreteRandomScale, discrete_scales
+from segtrain.data.transforms import train_transform as compact_transform
 from segtrain.errors import ConfigError
 
 MEAN = [0.2, 0.4, 0.6]
 UNIT = [1.0, 1.0, 1.0]
+
+
+def train_transform(augment: AugmentConfig, mean: list[float], std: list[float]):
+    """The training transform followed by the device's normalisation: what the network sees."""
+    transform = compact_transform(augment, mean, std)
+
+    def normalised(image, mask, seed):
+        out, out_mask = transform(image, mask, seed)
+        assert out.dtype == torch.uint8 and out_mask.dtype == torch.uint8
+        return normalize_images(out, mean, std), out_mask
+
+    return normalised
 
 
 def _blocks(size: int = 96, block: int = 24) -> tuple[np.ndarray, np.ndarray]:

@@ -146,12 +146,12 @@ def test_close_reaches_every_callback_even_when_one_fails():
     assert closed == ["c", "b", "a"]
 
 
-def _guard_run(skipped_limit: int = 1) -> SimpleNamespace:
+def _guard_run(skipped_limit: int = 1, nan_policy: str = "stop") -> SimpleNamespace:
     records = SimpleNamespace(scalars=lambda iteration, values: None)
     return SimpleNamespace(
         state=SimpleNamespace(iteration=0, skipped_steps=0), runtime=SimpleNamespace(device=torch.device("cpu")),
         ctx=SimpleNamespace(enabled=False),
-        cfg=SimpleNamespace(trainer=SimpleNamespace(max_skipped_steps=skipped_limit)),
+        cfg=SimpleNamespace(trainer=SimpleNamespace(max_skipped_steps=skipped_limit, nan_policy=nan_policy)),
         step=SimpleNamespace(lr=lambda iteration: 0.01), records=records, last_good_checkpoint=lambda: "last.pt")
 
 
@@ -160,20 +160,26 @@ def test_the_non_finite_guard_names_the_first_bad_iteration_when_asked():
     guard.on_fit_start(run)
     for iteration, finite in ((1, True), (2, False), (3, False)):
         run.state.iteration = iteration
-        guard.on_step_end(run, SimpleNamespace(skipped=False, finite=torch.tensor(finite)))
+        guard.on_step_end(run, SimpleNamespace(skipped=torch.tensor(False), finite=torch.tensor(finite)))
     with pytest.raises(TrainingStopped, match=r"non-finite loss at iteration 2 .*Last good checkpoint: last.pt"):
         guard.on_checkpoint(run)
 
 
 def test_the_non_finite_guard_counts_skipped_steps_up_to_the_limit():
-    run, guard = _guard_run(skipped_limit=1), NonFiniteGuard()
+    """Skipped steps are counted on the device and read (counted, checked against the limit) when asked."""
+    run, guard = _guard_run(skipped_limit=1, nan_policy="skip"), NonFiniteGuard()
     guard.on_fit_start(run)
     run.state.iteration = 1
-    guard.on_step_end(run, SimpleNamespace(skipped=True, finite=torch.tensor(False)))
+    guard.on_step_end(run, SimpleNamespace(skipped=torch.tensor(True), finite=torch.tensor(False)))
+    assert run.state.skipped_steps == 0  # not read yet
+    guard.on_log(run, None)
     assert run.state.skipped_steps == 1
-    run.state.iteration = 2
-    with pytest.raises(TrainingStopped, match=r"2 steps had a non-finite loss \(trainer.max_skipped_steps=1\)"):
-        guard.on_step_end(run, SimpleNamespace(skipped=True, finite=torch.tensor(False)))
+    for iteration in (2, 3):
+        run.state.iteration = iteration
+        guard.on_step_end(run, SimpleNamespace(skipped=torch.tensor(iteration == 2), finite=torch.tensor(False)))
+    with pytest.raises(TrainingStopped, match=r"2 steps had a non-finite loss \(trainer.max_skipped_steps=1\); "
+                                              r"last at iteration 2"):
+        guard.on_checkpoint(run)
 
 
 class CountValidations(Callback):

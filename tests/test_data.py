@@ -7,7 +7,7 @@ from conftest import compose_config, tiny_overrides
 from segtrain.config import AugmentConfig
 from segtrain.data.dataset import read_mask
 from segtrain.data.loading import TrainStream, build_dataset, sample_seed
-from segtrain.data.normalization import normalization
+from segtrain.data.normalization import normalization, normalize_images
 from segtrain.data.shapes import CLASS_NAMES, shapes_samples
 from segtrain.data.transforms import train_transform
 from segtrain.errors import DataError
@@ -54,8 +54,9 @@ def test_padded_crop_regions_are_ignore_in_the_mask():
     assert img_t.shape == (3, 64, 64) and mask_t.shape == (64, 64)
     assert (mask_t == 1).sum() == 20 * 30
     assert (mask_t == 255).sum() == 64 * 64 - 20 * 30
-    # The image is padded with the mean colour: zero after normalisation.
-    assert torch.allclose(img_t[:, 30:, 40:], torch.zeros(()), atol=1e-2)
+    # The image is padded with the mean colour: zero after normalisation (on the device).
+    assert img_t.dtype == torch.uint8 and mask_t.dtype == torch.uint8
+    assert torch.allclose(normalize_images(img_t, MEAN, STD)[:, 30:, 40:], torch.zeros(()), atol=1e-2)
 
 
 def test_augmentation_depends_only_on_the_seed():

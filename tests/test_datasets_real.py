@@ -31,7 +31,7 @@ def test_cityscapes_label_ids_map_to_the_official_train_ids(tmp_path):
     (tmp_path / "gtFine" / "val" / "frankfurt" / f"{stem}_gtFine_labelIds.png").symlink_to(
         frame / f"{stem}_gtFine_labelIds.png")
     samples = cityscapes_samples(tmp_path, "val")
-    dataset = SegmentationDataset(samples, 19, eval_transform([0.5] * 3, [0.5] * 3))
+    dataset = SegmentationDataset(samples, 19, eval_transform(19))
     mapped = dataset[0]["mask"].numpy()
     official = read_mask(frame / f"{stem}_gtFine_labelTrainIds.png")
     raw = read_mask(frame / f"{stem}_gtFine_labelIds.png")

@@ -46,7 +46,7 @@ from segtrain.commands.info import model_complexity
 from segtrain.config import AugmentConfig
 from segtrain.data.dataset import SegmentationDataset
 from segtrain.data.loading import train_loader
-from segtrain.data.transforms import train_transform
+from segtrain.data.transforms import mask_dtype, train_transform
 from segtrain.engine.distributed import DistContext
 from segtrain.engine.runtime import autocast, resolve_runtime
 from segtrain.engine.step import TrainStep, build_train_step
@@ -134,8 +134,10 @@ def bench_train_step(cfg: DictConfig, device: torch.device, given: Collection[st
     runtime = resolve_runtime(cfg.trainer, device)
     model = build_model(cfg.model, backbone_cfg, num_classes).to(device, memory_format=runtime.memory_format)
     step = build_train_step(cfg, model, DistContext(0, 1, 0, device), runtime, num_classes, given)
-    images = torch.randn(b.batch_size, 3, *crop, device=device).contiguous(memory_format=step.memory_format)
-    masks = torch.randint(0, num_classes, (b.batch_size, *crop), device=device)
+    # As the loader hands them over: uint8 images and masks, converted and normalised inside the step.
+    images = torch.randint(0, 256, (b.batch_size, 3, *crop), dtype=torch.uint8, device=device)
+    masks = torch.randint(0, num_classes, (b.batch_size, *crop), device=device).to(
+        mask_dtype(num_classes, int(cfg.dataset.ignore_index)))
     return BenchSetup(model, step, images, masks)
 
 

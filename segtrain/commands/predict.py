@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain.data.dataset import decode_image
-from segtrain.data.normalization import normalization
+from segtrain.data.normalization import normalization, normalize_images
 from segtrain.engine.inference import InferenceSettings, infer
 from segtrain.engine.restore import load_for_inference
 from segtrain.engine.runtime import autocast, cudnn_autotuning, resolve_amp
@@ -95,9 +95,11 @@ def atomic_save(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def normalise(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    array = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+def normalise(image: np.ndarray, mean: list[float], std: list[float], device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> normalised float CHW on `device` (moved as uint8, normalised there)."""
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)
+    return normalize_images(chw, mean, std)
 
 
 def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None = None) -> dict:
@@ -128,7 +130,7 @@ def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None
             log.warning("skipping %s: %s", path, exc)
             skipped.append((path, str(exc)))
             continue
-        tensor = normalise(image, *mean_std)[None].to(loaded.device)
+        tensor = normalise(image, *mean_std, loaded.device)[None]
         with autocast(loaded.device, amp), cudnn_autotuning(False):  # images of varying size
             prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
         index_png = Image.fromarray(prediction, mode="P")

@@ -279,7 +279,10 @@ def read_decoded_mask(mask_path: Path, decoder: object | None, max_pixels: int =
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Items are `{"image": float CHW, "mask": int64 HW, "index": int}` after `transform`.
+    """Items are `{"image": uint8 CHW RGB, "mask": uint8 HW (int16 beyond 255 labels), "index": int}` after
+    `transform` (segtrain.data.transforms): compact to hand over; `normalization` is the (mean, std) the
+    training step and the evaluation loop normalise them with on the device
+    (segtrain.data.normalization.normalize_images).
 
     `transform(image, mask, seed)` receives a per-sample seed so augmentation does not depend on
     which worker process reads the sample. An index may be an int or an (index, seed) pair.
@@ -294,6 +297,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         on_error: str = "raise",
         replace_unusable: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        normalization: tuple[list[float], list[float]] | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -306,6 +310,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         # evaluation drops it (`image` None), so no image is scored twice.
         self.replace_unusable = replace_unusable
         self.max_pixels = max_pixels
+        self.normalization = normalization
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -53,11 +53,12 @@ def build_dataset(
     if train:
         augment = OmegaConf.to_object(cfg.augment) if isinstance(cfg, DictConfig) else cfg.augment
         flip_pairs = [list(pair) for pair in getattr(cfg, "flip_pairs", None) or []]
-        transform = train_transform(augment, mean, std, cfg.ignore_index, flip_pairs)
+        transform = train_transform(augment, mean, std, cfg.ignore_index, flip_pairs=flip_pairs,
+                                    num_classes=len(cfg.class_names))
     else:
-        transform = eval_transform(mean, std)
+        transform = eval_transform(len(cfg.class_names), cfg.ignore_index)
     return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index, on_error,
-                               replace_unusable=train, max_pixels=max_pixels)
+                               replace_unusable=train, max_pixels=max_pixels, normalization=(mean, std))
 
 
 def sample_seed(seed: int, position: int) -> int:

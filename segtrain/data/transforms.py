@@ -1,4 +1,11 @@
-"""Augmentation (albumentations) for training and the plain normalisation used for evaluation."""
+"""Augmentation (albumentations) for training; evaluation images as read.
+
+Both hand over compact tensors: the image as uint8 CHW RGB and the mask in the smallest integer type
+that holds its labels (`mask_dtype`: uint8, or int16 for more than 255 labels plus ignore). The float
+conversion and the normalisation happen on the device (segtrain.data.normalization.normalize_images,
+called by the training step and the evaluation loop), a quarter of the bytes of float32 and an eighth
+of an int64 mask to hand from the worker to the training process.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +21,27 @@ from segtrain.config import AugmentConfig
 from segtrain.errors import ConfigError
 
 
-class SeededTransform:
-    """Applies an albumentations pipeline with a per-call seed and converts to tensors."""
+def mask_dtype(num_classes: int | None, ignore_index: int = 255) -> torch.dtype:
+    """The smallest type for a dataset's labels: uint8 up to 255 (classes and ignore index), else int16."""
+    largest = max(ignore_index, (num_classes or 0) - 1)
+    if largest <= 255 and ignore_index >= 0:
+        return torch.uint8
+    if -32768 <= ignore_index and largest <= 32767:
+        return torch.int16
+    return torch.int64
 
-    def __init__(self, pipeline: A.Compose) -> None:
-        self.pipeline = pipeline
+
+class SeededTransform:
+    """Applies an albumentations pipeline with a per-call seed; a uint8 CHW image and a compact mask."""
+
+    def __init__(self, pipeline: A.Compose, masks_as: torch.dtype = torch.uint8) -> None:
+        self.pipeline, self.masks_as = pipeline, masks_as
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.pipeline.set_random_seed(seed)
         out = self.pipeline(image=image, mask=mask)
         image_t = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        mask_t = torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+        mask_t = torch.from_numpy(np.ascontiguousarray(out["mask"])).to(self.masks_as)
         return image_t, mask_t
 
 
@@ -267,10 +284,12 @@ def _photometric_steps(augment: AugmentConfig) -> list[A.BasicTransform]:
 def train_transform(
     augment: AugmentConfig, mean: Sequence[float], std: Sequence[float], ignore_index: int = 255,
     flip_pairs: Sequence[Sequence[int]] = (),
+    num_classes: int | None = None,
 ) -> SeededTransform:
     """Random scale -> rotate -> blur -> pad to the crop (image: mean or 0, mask: ignore) -> random crop
-    -> flip (swapping the labels of `flip_pairs`) -> colour jitter -> normalise; the optional steps only where
-    dataset.augment enables them."""
+    -> flip (swapping the labels of `flip_pairs`) -> colour jitter; the optional steps only where
+    dataset.augment enables them. Normalising (with `mean`/`std`) is the device's (module docstring);
+    `mean` is the pad colour here."""
     crop_h, crop_w = (int(v) for v in augment.crop_size)
     if augment.pad_image_with not in ("mean", "zero"):
         raise ConfigError(f"dataset.augment.pad_image_with must be 'mean' or 'zero', got {augment.pad_image_with!r}")
@@ -288,10 +307,10 @@ def train_transform(
     if augment.hflip:
         steps.append(LabelSwappingHorizontalFlip(flip_pairs, p=0.5) if flip_pairs else A.HorizontalFlip(p=0.5))
     steps += _photometric_steps(augment)
-    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
-    return SeededTransform(A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST))
+    pipeline = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
+    return SeededTransform(pipeline, mask_dtype(num_classes, ignore_index))
 
 
-def eval_transform(mean: Sequence[float], std: Sequence[float]) -> SeededTransform:
-    """Normalisation only: validation images keep their full original size, never cropped."""
-    return SeededTransform(A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0)]))
+def eval_transform(num_classes: int | None = None, ignore_index: int = 255) -> SeededTransform:
+    """Validation images as read: full original size, never cropped; normalised on the device."""
+    return SeededTransform(A.Compose([]), mask_dtype(num_classes, ignore_index))

@@ -2,8 +2,9 @@
 
 After every optimizer step, each parameter's average moves towards it:
 `ema = decay * ema + (1 - decay) * param` (one fused `lerp` over all parameters, no host sync).
-Buffers (BatchNorm running statistics, counters) are copied from the model, not averaged: they are
-measured with the raw weights, and copying them keeps the averaged model usable at every step.
+Buffers (BatchNorm running statistics, counters) are copied from the model (one fused copy), not
+averaged: they are measured with the raw weights, and copying them keeps the averaged model usable at
+every step. A step skipped for a non-finite loss (a device flag) moves the average by nothing.
 The average starts at the model's weights when training starts (after `init_from`).
 
 The averaged model is a separate copy of the (unwrapped, never DDP-wrapped) model on the same
@@ -40,12 +41,17 @@ class WeightEma:
             parameter.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skipped: torch.Tensor | None = None) -> None:
+        """One step of the average; `skipped` (a device bool) masks it without reading it."""
         averaged = list(self.module.parameters())
         current = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)  # ema + (1 - d) (p - ema) = d ema + (1 - d) p
-        for mine, theirs in zip(self.module.buffers(), model.buffers()):
-            mine.copy_(theirs)
+        weight: float | torch.Tensor = 1.0 - self.decay
+        if skipped is not None:
+            weight = torch.where(skipped, 0.0, weight).to(averaged[0].dtype) if averaged else weight
+        torch._foreach_lerp_(averaged, current, weight)  # ema + (1 - d) (p - ema) = d ema + (1 - d) p
+        mine, theirs = list(self.module.buffers()), list(model.buffers())
+        if mine:  # a skipped step restored the model's statistics: copying them again changes nothing
+            torch._foreach_copy_(mine, theirs)
 
     @torch.no_grad()
     def reset(self, model: nn.Module) -> None:

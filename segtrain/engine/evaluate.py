@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segtrain.data.normalization import normalize_images
 from segtrain.engine.inference import InferenceSettings, infer
 from segtrain.engine.runtime import autocast, cudnn_autotuning
 from segtrain.metrics import ConfusionMatrix
@@ -51,7 +52,7 @@ class EvalResult:
     metrics: dict
     matrix: torch.Tensor
     seconds_per_image: float
-    # (normalised CHW image, mask HW, prediction HW) as numpy, for the first few images.
+    # (CHW image as loaded: uint8 RGB, mask HW, prediction HW) as numpy, for the first few images.
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     # data.on_error=skip: the problems of the samples left out of the metric (of every process).
     skipped: list[str] = field(default_factory=list)
@@ -78,6 +79,15 @@ def _gathered(items: list[str]) -> list[str]:
     return [item for part in parts for item in part or []]
 
 
+def _stacked(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """One batch of equal-sized tensors; in pinned memory when `pin` (the copy to the GPU is then asynchronous).
+    A single sample is a view of its own tensor, pinned already by the loader (pin_memory=True)."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=pin)
+    return torch.stack(tensors, out=out)
+
+
 @torch.no_grad()
 @cudnn_autotuning(False)  # images keep their own sizes: autotuning would tune every new one (restored after)
 def evaluate(
@@ -92,13 +102,20 @@ def evaluate(
     progress: bool = False,
     on_prediction: Callable[[dict, np.ndarray], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    normalize: tuple[list[float], list[float]] | None = None,
 ) -> EvalResult:
     """Score `loader` (a shard of it per process under torch.distributed; the matrix is summed).
+
+    uint8 images are normalised on the device with `normalize` (mean, std), by default the dataset's own
+    (`loader.dataset.normalization`, set by segtrain.data.loading.build_dataset). Nothing is read back to the
+    host per image (unless `on_prediction` or `num_examples` ask for predictions): the matrix is read at the end.
 
     `stop_requested` is asked before each batch: when it says yes (SIGTERM, Ctrl-C) the loop ends there
     and the result is marked `interrupted`, so a preempted job checkpoints within seconds, not after a
     long multi-scale pass. Every process still takes part in the final collectives, at whichever batch
     it stopped, so none waits for another."""
+    normalize = normalize or getattr(loader.dataset, "normalization", None)
+    pin = device.type == "cuda"
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
@@ -120,8 +137,13 @@ def evaluate(
         bar.update(sum(s["image"] is None for s in batch))
         eta.update(images + len(skipped))
         for group in _batches_by_size([s for s in batch if s["image"] is not None]):
-            inputs = torch.stack([s["image"] for s in group]).to(device, non_blocking=True)
-            masks = torch.stack([s["mask"] for s in group]).to(device, non_blocking=True)
+            inputs = _stacked([s["image"] for s in group], pin).to(device, non_blocking=True)
+            masks = _stacked([s["mask"] for s in group], pin).to(device, non_blocking=True)
+            if inputs.dtype == torch.uint8:
+                if normalize is None:
+                    raise ValueError("evaluate: uint8 images need normalize=(mean, std) (or a dataset from "
+                                     "segtrain.data.loading.build_dataset, which carries its own)")
+                inputs = normalize_images(inputs, *normalize)
             with autocast(device, amp):
                 scores = infer(model, inputs, settings)
             prediction = scores.argmax(1)

@@ -12,6 +12,15 @@ so) is caught too. After the checkpoint, `hand_over_to_launcher` gives the signa
 submitit installed: rank 0 requeues the job (a time-out counts against
 `hydra.launcher.max_num_timeout`), and the requeued job runs the same sweep job in the same job
 directory, where `resume=auto` continues it.
+
+Under torch.distributed every process must stop at the same iteration. `FlagExchange` sums the
+processes' flags without blocking a step: the all-reduce started at the end of iteration i runs in
+the background and is read at the end of iteration i + 1, when it has long finished; every process
+reads the same sum at the same iteration, so all stop after i + 1 (one step later than a blocking
+exchange would). The flag lives in host memory, exchanged over a gloo group, so reading it never
+waits for the device (an NCCL all-reduce of a GPU flag would make the host wait for the step's kernels).
+After a validation the answer is awaited instead (`exchange_now`): the processes have just
+synchronised, and a signal that cut the validation short must stop every process at that iteration.
 """
 
 from __future__ import annotations
@@ -20,7 +29,11 @@ import logging
 import os
 import signal
 import threading
+from datetime import timedelta
 from types import FrameType
+
+import torch
+import torch.distributed as dist
 
 from segtrain.engine.distributed import in_launcher_job
 
@@ -85,3 +98,43 @@ class PreemptionHandler:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class FlagExchange:
+    """Whether any process raised its flag, one iteration late and without a device synchronisation."""
+
+    def __init__(self) -> None:
+        # The default group may be NCCL (GPU tensors only): the host flag gets a gloo group of its own.
+        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def exchange(self, flag: bool) -> bool:
+        """Start summing this iteration's `flag`; returns whether any process raised it at the previous call."""
+        raised = False
+        if self.pending is not None:
+            work, total = self.pending
+            work.wait()
+            raised = bool(total.numpy()[0] > 0)  # a host buffer filled by gloo: reading it waits for nothing
+        total = torch.tensor([1.0 if flag else 0.0])
+        self.pending = (dist.all_reduce(total, group=self.group, async_op=True), total)
+        return raised
+
+    def exchange_now(self, flag: bool) -> bool:
+        """Whether any process raised its flag at the previous call or now, waiting for the answer (after a
+        validation, when the processes have just synchronised anyway). Every process must make the same
+        sequence of exchange / exchange_now calls."""
+        raised = self.exchange(flag)
+        work, total = self.pending
+        self.pending = None
+        work.wait()
+        return raised or bool(total.numpy()[0] > 0)
+
+    def close(self) -> None:
+        """Let the last exchange finish (every process started it) before the process group goes."""
+        if self.pending is not None:
+            work, _ = self.pending
+            self.pending = None
+            try:
+                work.wait(timedelta(seconds=30))
+            except RuntimeError:  # another process failed before it: nothing to wait for
+                pass

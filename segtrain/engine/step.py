@@ -7,7 +7,13 @@ One call is one optimizer step over the global batch's share of this process: se
 rate of the iteration, run each accumulation pass under autocast (DDP synchronises the gradients
 on the last pass only), scale the loss for fp16 (GradScaler), clip the gradients' total norm
 (`trainer.clip_grad_norm`, on the unscaled gradients), and either update the weights or, with
-`trainer.nan_policy=skip` and a non-finite loss on any process, drop the gradients.
+`trainer.nan_policy=skip` and a non-finite loss on any process, skip the whole step.
+
+A step reads nothing back from the device. A skipped step is decided on the device and leaves no
+trace: the fused optimizer update is masked by a device flag (its `found_inf`, as GradScaler uses
+it; under fp16 the gradients are poisoned so that the scaler skips the update), and the BatchNorm
+running statistics, which the forward pass already moved, are restored from a copy taken before it.
+Only an optimizer without the fused update (a user's own) makes the skip decision on the host.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
+from segtrain.data.normalization import normalization, normalize_images
 from segtrain.engine.compile import RegionalCompile
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.optim import build_optimizer
@@ -39,7 +47,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class StepResult:
     loss: torch.Tensor  # this process's share of the global batch's loss (detached, on the device)
     finite: torch.Tensor  # whether that loss is finite (a device bool: reading it synchronises)
-    skipped: bool  # nan_policy=skip and a non-finite loss on some process: the weights were not updated
+    # nan_policy=skip and a non-finite loss on some process: the step left no trace (weights, optimizer state and
+    # BatchNorm statistics as before it). A device bool, the same on every process: reading it synchronises.
+    skipped: torch.Tensor
     # The gradients' total norm before clipping (trainer.clip_grad_norm; None when off), on the device.
     # DDP has averaged the gradients, so it is the same on every process.
     grad_norm: torch.Tensor | None = None
@@ -113,13 +123,48 @@ def build_lr_schedule(cfg: DictConfig) -> Callable[[int], float]:
     return lr_at
 
 
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a training forward pass changes: BatchNorm's running mean, variance and batch count."""
+    return [buffer for module in model.modules() if isinstance(module, _NormBase) and module.track_running_stats
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked) if buffer is not None]
+
+
+def masks_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` can be skipped by a device flag: PyTorch's fused updates take GradScaler's
+    `found_inf` and leave parameters and state (step counts included) untouched where it is set."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def start_momentum(optimizer: torch.optim.Optimizer) -> bool:
+    """Before the first step: zero momentum buffers for SGD, so that a masked first step leaves a defined state.
+
+    Fused SGD allocates its buffers uninitialised at the first step and fills them there; a masked first
+    step would leave them so. With dampening 0 a zero buffer gives the same first update bit for bit
+    (momentum * 0 + grad). False when that does not hold (dampening > 0): the caller decides on the host.
+    """
+    if not isinstance(optimizer, torch.optim.SGD) or optimizer.state:
+        return True
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        if group["dampening"] != 0:
+            return False
+        for param in group["params"]:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return True
+
+
 class TrainStep:
     """One optimizer step: `step(iteration, batches)` with one (images, masks) pair per accumulation pass."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: SegmentationLoss,
                  lr_at: Callable[[int], float], ctx: DistContext, runtime: Runtime, nan_policy: str = "stop",
-                 clip_grad_norm: float | None = None) -> None:
+                 clip_grad_norm: float | None = None,
+                 normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         self.model, self.optimizer, self.loss, self.lr_at, self.ctx = model, optimizer, loss, lr_at, ctx
+        # (mean, std) for uint8 batches (segtrain.data.normalization.normalize_images); float batches are used as
+        # they are (normalised already).
+        self.normalize = normalize
         self.device, self.amp, self.nan_policy = runtime.device, runtime.amp, nan_policy
         self.clip_grad_norm = clip_grad_norm
         self.memory_format = runtime.memory_format
@@ -133,6 +178,10 @@ class TrainStep:
                                                else None, find_unused_parameters=unused)
             network = self.ddp
         self.forward: Callable = network
+        # nan_policy=skip: the BatchNorm statistics and their copy from before the step's forward passes.
+        self.statistics = running_statistics(model) if nan_policy == "skip" else []
+        self.saved_statistics = [buffer.clone() for buffer in self.statistics]
+        self.never_skipped = torch.zeros((), dtype=torch.bool, device=self.device)
         self.regions: RegionalCompile | None = None
         if runtime.compile:
             self.forward, self.regions = compile_regions(model, network)
@@ -151,8 +200,17 @@ class TrainStep:
             group["lr"] = base * group.get("lr_scale", 1.0)
 
     def to_device(self, batches: Sequence[Batch]) -> list[Batch]:
-        return [(images.to(self.device, non_blocking=True, memory_format=self.memory_format),
-                 masks.to(self.device, non_blocking=True)) for images, masks in batches]
+        """Compact batches (uint8 images, uint8/int16 masks) copied as they are, then converted on the device:
+        normalised float images in the model's memory format, int64 class indices."""
+        on_device = []
+        for images, masks in batches:
+            if images.dtype == torch.uint8 and self.normalize is None:
+                raise ValueError("TrainStep got uint8 images but no normalize=(mean, std) to convert them with")
+            images = images.to(self.device, non_blocking=True)
+            images = normalize_images(images, *self.normalize, self.memory_format) if self.normalize else \
+                images.contiguous(memory_format=self.memory_format)
+            on_device.append((images, masks.to(self.device, non_blocking=True).long()))
+        return on_device
 
     def backward(self, batches: list[Batch]) -> torch.Tensor:
         """Forward and backward over every pass; the loss is normalised over the global batch."""
@@ -182,22 +240,50 @@ class TrainStep:
         self.scaler.unscale_(self.optimizer)
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm).detach()
 
-    def update(self, finite: torch.Tensor) -> bool:
-        """Apply the gradients; False if they were dropped (nan_policy=skip and a non-finite loss)."""
-        if self.nan_policy == "skip" and not bool(all_reduce_sum(finite.float(), self.ctx) == self.ctx.world_size):
+    def update(self, finite: torch.Tensor) -> torch.Tensor:
+        """Apply the gradients; the device flag of a skipped step (nan_policy=skip, a non-finite loss anywhere)."""
+        if self.nan_policy != "skip":
+            self.apply(None)
+            return self.never_skipped
+        skipped = all_reduce_sum(finite.float(), self.ctx) < self.ctx.world_size
+        if self.scaler.is_enabled():
+            # fp16: NaN gradients make the scaler skip the update (on the device with a fused optimizer) and
+            # halve its scale, as for any overflow.
+            start_momentum(self.optimizer)
+            poison = torch.where(skipped, float("nan"), 0.0)
+            torch._foreach_add_([p.grad for p in self.model.parameters() if p.grad is not None], poison)
+            self.apply(None)
+        elif masks_on_device(self.optimizer) and start_momentum(self.optimizer):
+            self.apply(skipped)
+        elif bool(skipped):  # an optimizer without the fused update: decided on the host
             self.optimizer.zero_grad(set_to_none=True)
-            return False
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        else:
+            self.apply(None)
+        for statistic, saved in zip(self.statistics, self.saved_statistics):
+            torch.where(skipped, saved, statistic, out=statistic)
+        return skipped
+
+    def apply(self, skipped: torch.Tensor | None) -> None:
+        """The optimizer step, masked by the device flag `skipped` when given; then the gradients are dropped."""
+        if skipped is None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skipped.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        return True
 
     def __call__(self, iteration: int, batches: Sequence[Batch]) -> StepResult:
         self.set_lr(iteration)
+        if self.statistics:
+            torch._foreach_copy_(self.saved_statistics, self.statistics)
         total = self.backward(self.to_device(batches))
         finite = torch.isfinite(total)
         grad_norm = self.clip()
-        return StepResult(total, finite, skipped=not self.update(finite), grad_norm=grad_norm)
+        return StepResult(total, finite, skipped=self.update(finite), grad_norm=grad_norm)
 
 
 def check_aux_weight(model: nn.Module, given: set[str]) -> None:
@@ -221,4 +307,5 @@ def build_train_step(cfg: DictConfig, model: nn.Module, ctx: DistContext, runtim
     loss = build_loss(cfg, num_classes, int(cfg.dataset.ignore_index)).to(ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model)
     return TrainStep(model, optimizer, loss, build_lr_schedule(cfg), ctx, runtime,
-                     nan_policy=str(cfg.trainer.nan_policy), clip_grad_norm=clip_limit(cfg.trainer))
+                     nan_policy=str(cfg.trainer.nan_policy), clip_grad_norm=clip_limit(cfg.trainer),
+                     normalize=normalization(cfg))

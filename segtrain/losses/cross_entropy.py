@@ -69,14 +69,20 @@ class OhemCrossEntropy(CrossEntropy):
         self.min_kept = min_kept
 
     def hard_pixels(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of the kept pixels (no host synchronisation: sizes stay on the device)."""
+        """Boolean mask of the kept pixels, found on the device: no host read, no sort of every pixel.
+
+        The reference sorts the labelled pixels' probabilities and takes the one at min(min_kept, labelled - 1).
+        Only the min_kept + 1 smallest can be that one: `topk` selects them (a partial selection), and the
+        position, a device number, picks one of them with `gather`.
+        """
         labelled = target != self.ignore_index
         safe_target = torch.where(labelled, target, torch.zeros_like(target))
         prob = logits.detach().float().softmax(dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
-        # Unlabelled pixels sort last: probabilities are <= 1.
-        ranked = torch.where(labelled, prob, torch.full_like(prob, 2.0)).flatten().sort().values
-        count = labelled.sum()
-        kth = ranked[torch.clamp(torch.minimum(count - 1, count.new_tensor(self.min_kept)), min=0)]
+        # Unlabelled pixels rank last: probabilities are <= 1.
+        ranked = torch.where(labelled, prob, torch.full_like(prob, 2.0)).flatten()
+        smallest = ranked.topk(min(self.min_kept + 1, ranked.numel()), largest=False, sorted=True).values
+        position = (labelled.sum() - 1).clamp(min=0, max=min(self.min_kept, smallest.numel() - 1))
+        kth = smallest.gather(0, position.reshape(1)).squeeze(0)
         cutoff = torch.clamp(kth, min=self.threshold)
         return labelled & (prob < cutoff)
 

@@ -11,5 +11,5 @@ class EmaUpdate(Callback):
     """`run.ema` (segtrain.engine.ema.WeightEma) follows the weights; a skipped step leaves it alone."""
 
     def on_step_end(self, run: Run, result: StepResult) -> None:
-        if run.ema is not None and not result.skipped:
-            run.ema.update(run.model)
+        if run.ema is not None:
+            run.ema.update(run.model, result.skipped)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from segtrain.display import percent
@@ -134,6 +135,6 @@ class ValidateAndKeepBest(Callback):
             return
         palette = make_palette(run.cfg.dataset.palette, len(run.class_names))
         for k, (image, mask, pred) in enumerate(validation.examples):
-            rgb = denormalize(image, *run.normalize)
+            rgb = image.transpose(1, 2, 0) if image.dtype == np.uint8 else denormalize(image, *run.normalize)
             run.records.writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, palette, run.class_names), iteration,
                                          dataformats="HWC")
