@@ -75,7 +75,8 @@ class ValidateAndKeepBest(Callback):
             run.val_model.load_state_dict(evaluated.state_dict())
             model = run.val_model
         settings = InferenceSettings.from_config(run.cfg.eval, run.cfg.dataset.augment.crop_size)
-        num_images = run.cfg.logging.num_images if show_images and run.ctx.is_main else 0
+        drawn = show_images and run.ctx.is_main and run.records.takes_images  # no tracker takes images: none
+        num_images = run.cfg.logging.num_images if drawn else 0
         with run.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
             result = evaluate(model, run.val_loader, len(run.class_names), run.runtime.device, run.runtime.amp,
                               run.cfg.dataset.ignore_index, settings, num_examples=num_images)

@@ -36,7 +36,7 @@ class WandbTracker(Tracker):
     extra = "wandb"
 
     def __init__(self, project: str = "segtrain", entity: str | None = None, run_name: str | None = None,
-                 mode: str | None = None, dir: str | None = None, log_best_checkpoint: bool = False) -> None:  # noqa: A002
+                 mode: str | None = None, dir: str | None = None, log_best_checkpoint: bool = False) -> None:
         super().__init__()
         if mode is not None and mode not in MODES:
             raise ConfigError(f"{self.key}.mode={mode!r}: choose one of {', '.join(MODES)} (or null: W&B's own "
