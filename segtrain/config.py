@@ -212,6 +212,8 @@ class TrainAppConfig(CommonConfig):
     # The user's own training-loop callbacks: name -> `_target_` node of a segtrain.engine.callbacks.Callback
     # (run after segtrain's own, in this order; null switches one off).
     callbacks: dict[str, Any] = field(default_factory=dict)
+    # Experiment trackers (conf/logger/): name -> `_target_` node of a segtrain.engine.callbacks.Tracker.
+    logger: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

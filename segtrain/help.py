@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 # Groups only `train` composes (conf/train.yaml's defaults).
-TRAIN_ONLY_GROUPS = ("callbacks", "debug")
+TRAIN_ONLY_GROUPS = ("callbacks", "debug", "logger")
 # Groups a checkpoint fixes (eval, predict, export): the network and everything only training reads.
 FROM_CHECKPOINT = ("model", "backbone", "loss", "optimizer", "schedule", "experiment", *TRAIN_ONLY_GROUPS)
 INFERENCE_KEYS = ("ckpt", "dataset", "eval", "data", "logging.progress", "logging.tensorboard", "trainer.device",

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.errors import ConfigError
 
 # Sections only training reads; the trainer keys inference does read (eval, predict, export, info).
-TRAINING_ONLY = ("loss", "optimizer", "schedule", "callbacks", "debug")
+TRAINING_ONLY = ("loss", "optimizer", "schedule", "callbacks", "debug", "logger")
 INFERENCE_TRAINER_KEYS = ("trainer.device", "trainer.amp")
 
 
@@ -106,8 +106,8 @@ def check_added_key(key: str, cfg: DictConfig) -> None:
     """A key added with `+` (absent from `cfg`, the config composed without it) must be an argument
     that a `_target_` node above it passes to its function or class; anything else is unread."""
     parts = key.split(".")
-    if parts[0] == "callbacks" and len(parts) > 1:
-        return  # a callback node the user adds: its keys are checked against its class when it is built
+    if parts[0] in ("callbacks", "logger") and len(parts) > 1:
+        return  # a callback or tracker node the user adds: its keys are checked against its class when built
     depth, node, exists = _target_ancestor(cfg, parts)
     if exists:
         return  # Hydra itself refuses to add a key that is already there

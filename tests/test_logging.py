@@ -199,7 +199,7 @@ def test_a_resumed_run_drops_the_lines_after_its_checkpoint(tmp_path):
 
 
 def test_nan_is_written_as_null(tmp_path):
-    records = logger_module.RunLogger(tmp_path, enabled=True, tensorboard=False)
+    records = logger_module.RunLogger(tmp_path, enabled=True)
     records.open(0)
     records.scalars(1, {"val/mIoU": math.nan, "train/loss": 0.5})
     records.close()

@@ -1,10 +1,12 @@
 """What a training run records, and how its log lines share the console with the progress bar.
 
-`RunLogger` is the one place scalars are written: each goes to TensorBoard and to `metrics.jsonl`
-(one JSON object per logged iteration: `iteration`, `time` and every tag logged at it), so the two
-never disagree. It also writes the run's hyper-parameters for TensorBoard's HParams tab into the
-run's own event file (not a sub-run, as `SummaryWriter.add_hparams` would) and the composed config
-as text. Only rank 0 writes; on other ranks every method is a no-op.
+`RunLogger` is the one place scalars are written: each goes into `metrics.jsonl` (one JSON object per
+logged iteration: `iteration`, `time` and every tag logged at it, always written) and to every
+experiment tracker of the run (the `logger` config group: TensorBoard, CSV, MLflow, W&B; each a
+callback, segtrain.engine.callbacks.tracker), so the records never disagree. Validation images, the
+run's hyper-parameters and the composed config go to the trackers the same way. A tracker that fails
+while training is warned about once and left out; training goes on. Only rank 0 writes; on other
+ranks every method is a no-op.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+log = logging.getLogger("segtrain.train")
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -60,40 +64,59 @@ def tensorboard_logdir(run_dir: Path) -> Path:
 
 
 class RunLogger:
-    """`open(start_iteration)` before the first write; `scalars()` during the step; `end_step()` after it."""
+    """`open(start_iteration)` before the first write; `scalars()` during the step; `end_step()` after it.
+    Trackers join with `attach()` (in their on_fit_start, before `open`)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
-        self.run_dir, self.enabled, self.tensorboard = Path(run_dir), enabled, tensorboard
-        self.writer: Any = None  # torch.utils.tensorboard.SummaryWriter once open, when tensorboard is on
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.trackers: list[Any] = []  # segtrain.engine.callbacks.tracker.Tracker, in the config's order
         self.file: Any = None
         self.pending: dict[str, Any] | None = None
 
+    def attach(self, tracker: Any) -> None:
+        if self.enabled and tracker not in self.trackers:
+            self.trackers.append(tracker)
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether any tracker records validation images (else none are drawn)."""
+        return any(tracker.records_images for tracker in self.trackers)
+
+    def _each(self, method: str, *args: Any) -> None:
+        """`method` of every tracker; a tracker that fails is warned about and left out, training goes on."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - a tracker never stops training once it has started
+                self.trackers.remove(tracker)
+                log.warning("%s stopped recording (%s: %s); training goes on, metrics.jsonl has every value",
+                            tracker.key, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+
     def open(self, start_iteration: int) -> None:
-        """A resumed run continues both records from `start_iteration`: TensorBoard hides the events
-        after it (purge_step) and metrics.jsonl loses its lines after it."""
+        """A resumed run continues metrics.jsonl from `start_iteration`: its lines after it are dropped."""
         if not self.enabled or self.file is not None:
             return
         path = self.run_dir / METRICS_FILE
         keep_until(path, start_iteration)
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run, closed in close()
-        if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir), purge_step=start_iteration + 1)
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
-        """Every value to TensorBoard now and into this iteration's metrics.jsonl line."""
+        """Every value to the trackers now and into this iteration's metrics.jsonl line."""
         if not self.enabled:
             return
         if self.pending is not None and self.pending["iteration"] != iteration:
             self.end_step()
         if self.pending is None:
             self.pending = {"iteration": iteration, "time": round(time.time(), 3)}
+        values = {tag: float(value) for tag, value in values.items()}
         for tag, value in values.items():
-            value = float(value)
             self.pending[tag] = _json_number(value)
-            if self.writer is not None:
-                self.writer.add_scalar(tag, value, iteration)
+        self._each("log_scalars", iteration, values)
+
+    def image(self, tag: str, image: Any, iteration: int) -> None:
+        """An HxWx3 uint8 image (a validation panel with its legend) to the trackers that take images."""
+        if self.enabled:
+            self._each("log_image", tag, image, iteration)
 
     def end_step(self) -> None:
         """Write the iteration's line (if anything was logged at it); flushed, so `tail -f` follows it."""
@@ -106,30 +129,20 @@ class RunLogger:
 
     def start_session(self, hparams: dict[str, float | str], metric_tags: list[str], config_yaml: str,
                       iteration: int) -> None:
-        """The HParams entry (hyper-parameters and the tags of its metrics) and the config as text."""
-        if self.writer is None:
-            return
-        from torch.utils.tensorboard.summary import hparams as hparams_summaries
-
-        experiment, session_start, self.session_end = hparams_summaries(hparams, dict.fromkeys(metric_tags, 0.0))
-        for summary in (experiment, session_start):
-            self.writer.file_writer.add_summary(summary, iteration)
-        self.writer.add_text("config", "    " + config_yaml.replace("\n", "\n    "), iteration)
+        """The hyper-parameters (with the tags of the metrics runs are compared by) and the config."""
+        if self.enabled:
+            self._each("log_run_info", hparams, metric_tags, config_yaml, iteration)
 
     def end_session(self, iteration: int) -> None:
-        """Marks the HParams session as finished (a run stopped early shows as unfinished)."""
-        if self.writer is not None and getattr(self, "session_end", None) is not None:
-            self.writer.file_writer.add_summary(self.session_end, iteration)
-            self.session_end = None
+        """The run reached its end (a run stopped early shows as unfinished in TensorBoard's HParams)."""
+        if self.enabled:
+            self._each("log_session_end", iteration)
 
     def close(self) -> None:
         self.end_step()
         if self.file is not None:
             self.file.close()
             self.file = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 class Throughput:

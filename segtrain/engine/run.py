@@ -1,9 +1,9 @@
 """What a training run is made of: `Run`, the one object the loop and its callbacks share.
 
 `build_run(cfg, run_dir)` makes it: the process group and the runtime, the datasets, the network
-(with its EMA copy and validation copy), the training step, and the records (TensorBoard and
-metrics.jsonl). Everything a callback may read or change is a field here; nothing lives in
-closures or in attributes created later.
+(with its EMA copy and validation copy), the training step, and the records (metrics.jsonl and the
+experiment trackers, which join them when they start). Everything a callback may read or change is a
+field here; nothing lives in closures or in attributes created later.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Validation:
 
     iteration: int
     metrics: dict[str, Any]
-    examples: list = field(default_factory=list)  # (image, mask, prediction) arrays for TensorBoard
+    examples: list = field(default_factory=list)  # (image, mask, prediction) arrays for the trackers
     skipped: list[str] = field(default_factory=list)  # problems of unusable samples left out (data.on_error=skip)
 
 
@@ -211,7 +211,7 @@ def build_run(cfg: DictConfig, run_dir: Path, ctx: DistContext, info: RunInfo) -
         ema=WeightEma(model, decay) if decay is not None else None,
         val_model=_validation_network(cfg, len(class_names), runtime),
         step=build_train_step(cfg, model, ctx, runtime, len(class_names), given_keys(info.overrides)),
-        records=RunLogger(run_dir, ctx.is_main, cfg.logging.tensorboard), init_report=init_report,
+        records=RunLogger(run_dir, ctx.is_main), init_report=init_report,
     )
 
 

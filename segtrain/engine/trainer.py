@@ -28,7 +28,13 @@ from torch import nn
 
 from segtrain.data.loading import eval_loader, train_loader
 from segtrain.display import percent
-from segtrain.engine.callbacks import Callback, CallbackList, configured_callbacks, default_callbacks
+from segtrain.engine.callbacks import (
+    Callback,
+    CallbackList,
+    configured_callbacks,
+    configured_trackers,
+    default_callbacks,
+)
 from segtrain.engine.distributed import barrier, broadcast_object, init_distributed
 from segtrain.engine.hparams import RunInfo
 from segtrain.engine.lock import RunLock
@@ -84,9 +90,11 @@ class Trainer:
             self.lock = RunLock(self.run_dir)
             self.lock.acquire()
             log.info("run directory %s (checkpoints, train.log, config)", self.run_dir)
-            if self.cfg.logging.tensorboard:
-                log.info("watch it: tensorboard --logdir %s", tensorboard_logdir(self.run_dir))
-        self.callbacks = CallbackList([*default_callbacks(), *configured_callbacks(self.cfg), *self.extra_callbacks])
+        trackers = configured_trackers(self.cfg)  # a missing package is said before any work
+        if ctx.is_main and any(tracker.name == "tensorboard" for tracker in trackers):
+            log.info("watch it: tensorboard --logdir %s", tensorboard_logdir(self.run_dir))
+        self.callbacks = CallbackList([*default_callbacks(trackers), *configured_callbacks(self.cfg),
+                                       *self.extra_callbacks])
         self.run = build_run(self.cfg, self.run_dir, ctx, self.info)
         self.run.callbacks = self.callbacks
         return self.run

@@ -1,7 +1,8 @@
-"""The run's records: metrics.jsonl and TensorBoard (`run.records`, segtrain.engine.logger.RunLogger).
+"""The run's records: metrics.jsonl and the trackers (`run.records`, segtrain.engine.logger.RunLogger).
 
 Callbacks put scalars into `run.records` as they produce them; this callback opens the records at
-the start iteration (a resumed run cuts both back to it), writes the HParams entry and the config,
+the start iteration (a resumed run cuts metrics.jsonl back to it; the trackers, started just before,
+continue their own runs), gives the trackers the hyper-parameters and the config,
 ends each iteration's metrics.jsonl line before a checkpoint can be taken of that iteration, and
 writes result.json (what a sweep summary and the Optuna sweeper read) at the end.
 """

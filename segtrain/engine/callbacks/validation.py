@@ -1,4 +1,4 @@
-"""Validation at the protocol of `eval.*`, its report (log, TensorBoard, metrics.jsonl) and best.pt.
+"""Validation at the protocol of `eval.*`, its report (log, the trackers, metrics.jsonl) and best.pt.
 
 The measured network is the averaged one when EMA is on, at eval.output_stride when that differs
 from training's (a copy that takes the current weights). best.pt is replaced only by a better
@@ -102,7 +102,8 @@ class ValidateAndKeepBest(Callback):
             model = run.val_model
         settings = InferenceSettings.from_config(run.cfg.eval, run.cfg.dataset.augment.crop_size,
                                                  run.cfg.dataset.get("flip_pairs"))
-        num_images = run.cfg.logging.num_images if show_images and run.ctx.is_main else 0
+        drawn = show_images and run.ctx.is_main and run.records.takes_images  # no tracker takes images: none
+        num_images = run.cfg.logging.num_images if drawn else 0
         log.info("iter %d: validating on %d images (scales %s, flip %s)", run.state.iteration, len(run.val_set),
                  list(settings.scales), settings.flip)
         with run.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
@@ -131,10 +132,9 @@ class ValidateAndKeepBest(Callback):
         values["val/best_mIoU"] = max(run.state.best_miou, m["miou"])
         values.update({f"val_iou/{name}": iou for name, iou in zip(run.class_names, m["iou"]) if not math.isnan(iou)})
         run.records.scalars(iteration, values)
-        if run.records.writer is None or not validation.examples:
+        if not run.records.takes_images or not validation.examples:
             return
         palette = make_palette(run.cfg.dataset.palette, len(run.class_names))
         for k, (image, mask, pred) in enumerate(validation.examples):
             rgb = image.transpose(1, 2, 0) if image.dtype == np.uint8 else denormalize(image, *run.normalize)
-            run.records.writer.add_image(f"val_images/{k}", panel(rgb, mask, pred, palette, run.class_names), iteration,
-                                         dataformats="HWC")
+            run.records.image(f"val_images/{k}", panel(rgb, mask, pred, palette, run.class_names), iteration)
