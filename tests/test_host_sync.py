@@ -161,6 +161,7 @@ class CountingLoader(list):
     def __init__(self, batches: list, reads: HostReads) -> None:
         super().__init__(batches)
         self.dataset, self.reads = [s for batch in batches for s in batch], reads
+        self.sampler = range(len(self.dataset))  # evaluate's progress counts the sampler's (this shard's) images
 
     def __iter__(self):
         for batch in list.__iter__(self):

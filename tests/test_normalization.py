@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import compose_config
 from segtrain.cli import config_dir
 from segtrain.data.loading import build_dataset
-from segtrain.data.normalization import normalization
+from segtrain.data.normalization import normalization, normalize_images
 from segtrain.engine.resume import check_same_normalization
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
@@ -69,7 +69,8 @@ def test_the_tensor_reaching_the_xception65_backbone_lies_in_minus_one_to_one(tm
                                    "dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]",
                                    "dataset.source.val_ratio=0.5", "dataset.augment.crop_size=[64,64]"])
     dataset = build_dataset(cfg.dataset, "train", train=True, normalize=normalization(cfg))
-    batch = torch.stack([dataset[(0, seed)]["image"] for seed in range(4)])
+    batch = torch.stack([dataset[(0, seed)]["image"] for seed in range(4)])  # uint8: normalised as the step does
+    batch = normalize_images(batch, *dataset.normalization)
     model = build_model(cfg.model, cfg.backbone, 2).eval()
     seen = []
     model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))

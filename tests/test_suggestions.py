@@ -9,7 +9,7 @@ from segtrain.composition import closest_option, missing_option_message
 
 @pytest.mark.parametrize("args,message", [
     (["model=deeplab"], "model=deeplab: no option 'deeplab' in group 'model'; did you mean model=deeplabv3? "
-                        "Options: deeplabv3, deeplabv3plus, dla_up, drnseg, hrnetv2, pspnet"),
+                        "Options: deeplabv3, deeplabv3plus, dla_up, drnseg, hrnet_ocr, hrnetv2, pspnet"),
     (["experiment=quickstrat"], "did you mean experiment=quickstart?"),
     (["backbone=xceptoin"], "did you mean backbone=xception?"),
     (["schedule=linear"], "schedule=linear: no option 'linear' in group 'schedule'; options: cosine, poly, "
