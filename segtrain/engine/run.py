@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,9 @@ class Run:
     # the loop checkpoints the iteration, logs the reason and runs on_fit_end (early stopping).
     stop_reason: str | None = None
     callbacks: Any = None  # the loop's CallbackList (set by the Trainer): their states go into checkpoints
+    # Written into every checkpoint: pruning and resume=auto touch only this run's files. A resumed run
+    # takes its checkpoint's.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -226,6 +230,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "check the data with `segtrain data check`"
         )
     return {
+        "run_id": run.run_id,
         "model": weights,
         **({"ema": averaged} if run.ema is not None else {}),
         "optimizer": run.step.optimizer.state_dict(),

@@ -32,7 +32,7 @@ from segtrain.engine.distributed import barrier, broadcast_object, init_distribu
 from segtrain.engine.hparams import RunInfo
 from segtrain.engine.lock import RunLock
 from segtrain.engine.logger import tensorboard_logdir
-from segtrain.engine.resume_run import resume_run
+from segtrain.engine.resume_run import prepare_run_directory, resume_run
 from segtrain.engine.run import Run, build_run, describe, set_train_mode
 from segtrain.engine.step import Batch, StepResult
 from segtrain.errors import Preempted, TrainingStopped
@@ -82,6 +82,7 @@ class Trainer:
         if ctx.is_main:  # before anything is written into the run directory
             self.lock = RunLock(self.run_dir)
             self.lock.acquire()
+            prepare_run_directory(self.run_dir, self.cfg.get("resume"))
             log.info("run directory %s (checkpoints, train.log, config)", self.run_dir)
             if self.cfg.logging.tensorboard:
                 log.info("watch it: tensorboard --logdir %s", tensorboard_logdir(self.run_dir))
