@@ -16,10 +16,10 @@ from segtrain.data.normalization import normalization
 from segtrain.engine.checkpoint import recorded_train_state
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
-from segtrain.engine.lock import refuse_used_eval_dir
+from segtrain.engine.lock import RunLock, refuse_used_eval_dir
 from segtrain.engine.report import class_table, format_table, write_metrics
 from segtrain.engine.restore import load_for_inference
-from segtrain.engine.resume import data_fingerprint
+from segtrain.engine.resume import data_fingerprint, same_data
 from segtrain.engine.runtime import resolve_amp
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
 
@@ -75,12 +75,13 @@ def events_dir(ckpt: Path, run_dir: Path, name: str) -> Path:
 
 def recorded_miou_note(state: dict, evaluated: dict) -> str:
     """The checkpoint's recorded val mIoU next to this evaluation's, only when it was measured on the
-    same images (the same validation fingerprint: file names relative to the dataset root); else why not."""
+    same images (the same validation fingerprint: file names relative to the dataset root, sampled contents);
+    else why not."""
     logged = recorded_train_state(state).get("best_miou")
     if not isinstance(logged, float) or logged < 0:
         return ""
     saved = state.get("val_data_fingerprint")
-    if saved == evaluated:
+    if isinstance(saved, dict) and same_data(saved, evaluated):
         return f" (checkpoint's recorded val mIoU {logged:.4f}, on the same images)"
     if not isinstance(saved, dict):
         return (f" (not compared with the checkpoint's recorded val mIoU {logged:.4f}: the checkpoint does not record "
@@ -91,7 +92,17 @@ def recorded_miou_note(state: dict, evaluated: dict) -> str:
 
 
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
+    """Evaluate with the run directory's lock held (segtrain.engine.lock): no other command writes there meanwhile."""
     refuse_used_eval_dir(run_dir)
+    lock = RunLock(run_dir, "eval")
+    lock.acquire()
+    try:
+        return _evaluate_into(composed, overrides, run_dir)
+    finally:
+        lock.release()
+
+
+def _evaluate_into(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     loaded = load_for_inference(composed, overrides)
     cfg, class_names = loaded.cfg, loaded.class_names
     recorded = recorded_train_state(loaded.state)
