@@ -96,6 +96,17 @@ def _load_update_state(run: Run, saved: dict, stored: DictConfig) -> None:
         run.step.scaler.load_state_dict(saved["scaler"])
 
 
+def _refuse_finished(iteration: object, run: Run, path: Path) -> None:
+    """A run already past trainer.max_iters has nothing to train; going on would report iteration N of a
+    smaller M (result.json included). At exactly max_iters the finished run reports itself again."""
+    if isinstance(iteration, int) and not isinstance(iteration, bool) and iteration > run.max_iters:
+        raise ConfigError(
+            f"trainer.max_iters={run.max_iters}: the run in {run.run_dir} already finished {iteration} iterations "
+            f"({path}); nothing to train. Give trainer.max_iters above {iteration} to continue it, or choose a new "
+            "directory"
+        )
+
+
 def resume_run(run: Run) -> None:
     """Restore `run` from `resume` (auto: this run directory's newest usable checkpoint, or a path)."""
     found = find_checkpoint(run)
@@ -110,6 +121,7 @@ def resume_run(run: Run) -> None:
     check_same_network(stored, run.cfg, str(path))
     check_same_normalization(stored, run.cfg, str(path))
     check_same_data(saved.get("data_fingerprint"), run.fingerprint, str(path))
+    _refuse_finished(saved["train_state"].get("iteration"), run, path)
     run.model.load_state_dict(saved["model"])
     if isinstance(saved.get("run_id"), str):  # a checkpoint from before run ids: the run takes a new one
         run.run_id = saved["run_id"]

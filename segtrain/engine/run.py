@@ -27,7 +27,7 @@ from segtrain.engine.ema import WeightEma, ema_decay
 from segtrain.engine.hparams import RunInfo
 from segtrain.engine.init_from import InitReport, load_init_weights
 from segtrain.engine.logger import RunLogger, Throughput
-from segtrain.engine.resume import data_fingerprint
+from segtrain.engine.resume import data_fingerprint, recorded_fingerprint
 from segtrain.engine.runtime import Runtime, resolve_runtime, seed_everything
 from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError, TrainingStopped
@@ -239,8 +239,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "callbacks": run.callbacks.state_dict() if run.callbacks is not None else {},
         "rng": rng_state(),
         "class_names": run.class_names,
-        "data_fingerprint": run.fingerprint,
-        "val_data_fingerprint": run.val_fingerprint,
+        "data_fingerprint": recorded_fingerprint(run.fingerprint),
+        "val_data_fingerprint": recorded_fingerprint(run.val_fingerprint),
         "config": OmegaConf.to_yaml(run.cfg, resolve=True),
     }
 
