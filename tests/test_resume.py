@@ -59,7 +59,8 @@ def test_a_different_backbone_or_model_is_refused_naming_what_the_checkpoint_hol
 def test_a_different_training_set_is_refused(tmp_path, shapes_root):
     _run(shapes_root, tmp_path, **{"trainer.max_iters": 2})
     with pytest.raises(ConfigError, match="was trained on a different training set .* start a new run directory"):
-        _run(shapes_root, tmp_path, "resume=auto", **{"dataset.source.num_train": 12})
+        _run(shapes_root, tmp_path, "resume=auto",
+             **{"dataset.root": tmp_path / "data12", "dataset.source.num_train": 12})
 
 
 def test_a_checkpoint_without_a_data_fingerprint_is_not_resumed():
