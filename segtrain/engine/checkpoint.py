@@ -290,6 +290,8 @@ def inference_checkpoint(given: str | Path) -> Path:
         chosen, which = best, "its best validation mIoU"
     else:
         candidates = resume_candidates(run_dir)
+        if not any(recorded(path) for path in candidates):  # none loads: the newest by name, whose error says why
+            candidates = sorted((run_dir / CHECKPOINT_DIR).glob("iter_*.pt"), reverse=True) + candidates
         if not candidates:
             raise WeightsError(f"ckpt={given}: no checkpoint in this directory (no best.pt, iter_*.pt or last.pt in "
                                f"{run_dir / CHECKPOINT_DIR}); give a checkpoint file or a training run's directory")
