@@ -247,7 +247,7 @@ def explicit_run_dir(overrides: list[str]) -> Path | None:
 def precheck(config_name: str, args: list[str]) -> Prechecked:
     """Compose the config with the given overrides (first value of any sweep); ConfigError in one line."""
     from segtrain.engine.distributed import process_rank
-    from segtrain.engine.lock import refuse_used_run_dir
+    from segtrain.engine.lock import refuse_if_held, refuse_used_run_dir
     from segtrain.flags import parse_command_line
 
     command = config_name.replace("_", " ")
@@ -259,8 +259,11 @@ def precheck(config_name: str, args: list[str]) -> Prechecked:
     if config_name in CHECKPOINT_COMMANDS:
         refuse_training_keys(command, overrides)
     run_dir = explicit_run_dir(overrides)
-    if run_dir is not None and (config_name == "eval" or (config_name == "train" and process_rank() == 0)):
+    if run_dir is not None and (config_name != "train" or process_rank() == 0):
         refuse_used_run_dir(command, run_dir)
+    predict_output = [text.split("=", 1)[1] for text in overrides if text.startswith("output=")]
+    if config_name == "predict" and predict_output and predict_output[-1] not in ("", "null"):
+        refuse_if_held(Path(predict_output[-1]), "output")  # its run directory: Hydra's predict.log goes there
     try:
         cfg = compose_checked(config_name, overrides)
     except SegtrainError:

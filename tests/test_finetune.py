@@ -169,7 +169,7 @@ def test_refusals_at_resume_point_to_init_from(tmp_path, shapes_root, shapes_che
         train(compose_config("train", folder_overrides(shapes_root, root, f"resume={shapes_checkpoint}")),
               tmp_path / "a")
     with pytest.raises(ConfigError, match=f"different training set .* with init_from={shapes_checkpoint} to start"):
-        train(compose_config("train", tiny_overrides(shapes_root, **{"dataset.source.num_train": 12}) + [
+        train(compose_config("train", tiny_overrides(tmp_path / "data12", **{"dataset.source.num_train": 12}) + [
             f"resume={shapes_checkpoint}"]), tmp_path / "b")
 
 

@@ -18,11 +18,11 @@ from segtrain.engine.checkpoint import recorded_train_state
 from segtrain.engine.distributed import DistContext, broadcast_object, init_distributed
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
-from segtrain.engine.lock import refuse_used_eval_dir
+from segtrain.engine.lock import RunLock, refuse_used_eval_dir
 from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.report import class_table, format_table, write_metrics
 from segtrain.engine.restore import load_for_inference
-from segtrain.engine.resume import data_fingerprint
+from segtrain.engine.resume import data_fingerprint, same_data
 from segtrain.engine.runtime import resolve_amp
 from segtrain.errors import Preempted
 from segtrain.visualize import colorize, confusion_matrix_image, make_palette
@@ -79,13 +79,14 @@ def events_dir(ckpt: Path, run_dir: Path, name: str) -> Path:
 
 def recorded_miou_note(state: dict, evaluated: dict) -> str:
     """The checkpoint's recorded val mIoU next to this evaluation's, only when it was measured on the
-    same images (the same validation fingerprint: file names relative to the dataset root); else why not."""
+    same images (the same validation fingerprint: file names relative to the dataset root, sampled contents);
+    else why not."""
     logged = recorded_train_state(state).get("best_miou")
     if not isinstance(logged, float) or logged < 0:
         return ""
     recorded = f"the checkpoint's recorded val mIoU {percent(logged)}%"
     saved = state.get("val_data_fingerprint")
-    if saved == evaluated:
+    if isinstance(saved, dict) and same_data(saved, evaluated):
         return f" ({recorded}, on the same images)"
     if not isinstance(saved, dict):
         return (f" (not compared with {recorded}: the checkpoint does not record "
@@ -106,7 +107,17 @@ def _join_processes(loaded, run_dir: Path) -> tuple[DistContext, Path]:
 
 
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
+    """Evaluate with the run directory's lock held (segtrain.engine.lock): no other command writes there meanwhile."""
     refuse_used_eval_dir(run_dir)
+    lock = RunLock(run_dir, "eval")
+    lock.acquire()
+    try:
+        return _evaluate_into(composed, overrides, run_dir)
+    finally:
+        lock.release()
+
+
+def _evaluate_into(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     loaded = load_for_inference(composed, overrides)
     ctx, run_dir = _join_processes(loaded, run_dir)
     cfg, class_names = loaded.cfg, loaded.class_names

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -177,25 +180,61 @@ def verify(module: nn.Module, path: Path, export_format: str, size: list[int], g
     return worst
 
 
+def output_files(path: Path, export_format: str) -> list[Path]:
+    """The files an export may write: the model, and for ONNX its external weights beside it."""
+    return [path, path.with_name(path.name + ".data")] if export_format == "onnx" else [path]
+
+
+def refuse_existing_output(path: Path, export_format: str) -> None:
+    """export never replaces a file (the checkpoint it reads included)."""
+    for target in output_files(path, export_format):
+        if target.exists() or target.is_symlink():
+            raise ConfigError(f"export.output={path}: {target} already exists and export never replaces a file; "
+                              "choose a new export.output, or move that file away first")
+
+
+def publish(staged: Path, target: Path) -> Path:
+    """Move a finished file to its name without ever replacing a file there (a hard link fails on an
+    existing name; where links are not supported, a rename after a last check)."""
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        raise ConfigError(f"{target} appeared while exporting; export never replaces a file: choose a new "
+                          "export.output") from None
+    except OSError:
+        refuse_existing_output(target, "torchscript")
+        os.replace(staged, target)
+    return target
+
+
 def run_export(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     if composed.format not in FORMATS:
         raise ConfigError(f"format must be one of {sorted(FORMATS)}, got {composed.format!r}")
     size = [int(v) for v in composed.export.input_size]
     if len(size) != 2 or min(size) < 32:
         raise ConfigError(f"export.input_size must be [H, W] with both >= 32, got {size}")
+    path = Path(composed.export.output) if composed.export.output else run_dir / f"model{FORMATS[composed.format]}"
+    refuse_existing_output(path, composed.format)  # before the model loads: fail in a second
     loaded = load_for_inference(composed, overrides)
     module = LogitsOnly(loaded.model.cpu().float()).eval()  # exported graphs are device-neutral float32
     metadata = export_metadata(loaded)
-    path = Path(composed.export.output) if composed.export.output else run_dir / f"model{FORMATS[composed.format]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(1, 3, *size, generator=generator)
-    with library_output_to_log("segtrain.export"):
-        if composed.format == "onnx":
-            written = export_onnx(module, example, path, metadata)
-        else:
-            written = export_torchscript(module, example, path, metadata)
-    worst = verify(module, path, composed.format, size, generator)
+    # Written and verified in a folder of its own beside the output (the ONNX file names its `.data` file,
+    # so the files keep their final names there), then moved into place: no partial file under the name.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        staged = staging / path.name
+        with library_output_to_log("segtrain.export"):
+            if composed.format == "onnx":
+                written = export_onnx(module, example, staged, metadata)
+            else:
+                written = export_torchscript(module, example, staged, metadata)
+        worst = verify(module, staged, composed.format, size, generator)
+        written = [publish(file, path.parent / file.name) for file in reversed(written)][::-1]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if len(written) > 1:
         print(f"wrote {path} and its weights {written[1]} (onnx, dynamic input size, max difference {worst:.3g}): "
               f"the weights are above {SINGLE_FILE_LIMIT / 2**30:.1f} GiB, so keep both files together")

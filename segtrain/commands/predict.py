@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from PIL import Image
 from segtrain.data.dataset import decode_image
 from segtrain.data.normalization import normalization, normalize_images
 from segtrain.engine.inference import InferenceSettings, infer
+from segtrain.engine.lock import RunLock
 from segtrain.engine.restore import load_for_inference
 from segtrain.engine.runtime import autocast, cudnn_autotuning, resolve_amp
 from segtrain.errors import ConfigError, DataError
@@ -33,6 +35,7 @@ from segtrain.visualize import colorize, make_palette, overlay
 log = logging.getLogger("segtrain.predict")
 
 OUTPUT_SUFFIXES = (".png", "_color.png", "_overlay.png")
+LEFTOVER = re.compile(r"\..+\.\d+\.tmp\.png")  # atomic_save's temporary name
 
 
 def input_files(spec: str) -> list[Path]:
@@ -114,6 +117,27 @@ def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None
     out = Path(composed.output) if composed.output is not None else Path(run_dir)
     names = output_names(files)
     check_output_folder(str(composed.input), out, files, names)  # before the model: fail in a second
+    lock = RunLock(out, "predict", "output")  # one writer per output folder: a second predict into it is refused
+    lock.acquire()
+    try:
+        remove_leftovers(out)
+        check_output_folder(str(composed.input), out, files, names)  # again: a writer may have finished meanwhile
+        return _predict_into(composed, overrides, files, names, out)
+    finally:
+        lock.release()
+
+
+def remove_leftovers(out: Path) -> None:
+    """Partial images of a killed predict (`.<name>.<pid>.tmp.png`, atomic_save); the folder's lock is
+    held, so no live writer owns them."""
+    for leftover in out.glob(".*.tmp.png"):
+        if LEFTOVER.fullmatch(leftover.name):
+            leftover.unlink(missing_ok=True)
+
+
+def _predict_into(composed: DictConfig, overrides: list[str], files: list[Path], names: dict[Path, str],
+                  out: Path) -> dict:
+    alpha = float(composed.predict.alpha)
     loaded = load_for_inference(composed, overrides)
     cfg = loaded.cfg
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size, cfg.dataset.get("flip_pairs"))

@@ -8,9 +8,12 @@ labelled 255 (ignore) as in PASCAL VOC.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -92,9 +95,10 @@ def render_sample(rng: np.random.Generator, height: int, width: int) -> tuple[np
 def generate_shapes(
     root: Path, num_train: int, num_val: int, image_size: tuple[int, int], seed: int
 ) -> None:
-    """Write the dataset to `root` atomically: a partial tree never appears under that name."""
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the dataset to `root` (missing or an empty folder) atomically: a partial tree never appears
+    under that name, and nothing already there is deleted."""
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover only (the name holds its PID)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (tmp / sub).mkdir(parents=True)
     palette = make_palette(None, len(CLASS_NAMES)).flatten().tolist()
@@ -118,28 +122,68 @@ def generate_shapes(
         (tmp / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     meta = {"num_train": num_train, "num_val": num_val, "image_size": list(image_size), "seed": seed}
     (tmp / _META).write_text(json.dumps(meta))
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp.rename(root)
-    except OSError:  # another process finished first; its identical copy stands
+        tmp.rename(root)  # replaces an empty folder, never one with files in it
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"dataset.root={root}: could not put the generated shapes dataset in place ({exc}); "
+                        "point dataset.root at an empty or new folder") from None
+
+
+@contextlib.contextmanager
+def generation_lock(root: Path) -> Iterator[None]:
+    """One generating process per dataset folder (`.<name>.lock` beside it, kept: an empty file)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(f".{root.name}.lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _read_meta(meta_file: Path) -> dict | None:
+    try:
+        return json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _refuse_other_dataset(root: Path, found: dict | None, wanted: dict) -> None:
+    """An existing folder is never deleted nor regenerated: a running job may be reading it."""
+    if found == wanted:
+        return
+    if found is None:
+        if root.exists() and any(root.iterdir()):
+            raise DataError(f"dataset.root={root} exists but is not a generated shapes dataset (no {_META}); "
+                            "point dataset.root at an empty or new folder")
+        return
+    differs = [key for key in wanted if (found or {}).get(key) != wanted[key]]
+    shown = ", ".join(f"dataset.source.{key}={(found or {}).get(key)}" for key in differs)
+    raise DataError(
+        f"dataset.root={root} holds a shapes dataset generated with {shown or 'other settings'} (its {_META}); "
+        f"segtrain never deletes a dataset: use those values, or a new dataset.root for "
+        + ", ".join(f"dataset.source.{key}={wanted[key]}" for key in differs)
+    )
 
 
 def ensure_shapes(root: str | Path, num_train: int, num_val: int, image_size: list[int], seed: int) -> Path:
+    """The dataset at `root`, generated if the folder is missing or empty; a folder holding anything
+    else (another size or seed included) is refused, never replaced."""
     root = Path(root)
     meta = {"num_train": num_train, "num_val": num_val, "image_size": list(image_size), "seed": seed}
     meta_file = root / _META
-    if meta_file.is_file():
-        if json.loads(meta_file.read_text()) == meta:
-            return root
-    elif root.exists() and any(root.iterdir()):
-        raise DataError(
-            f"dataset.root={root} exists but is not a generated shapes dataset (no {_META}); "
-            "point dataset.root at an empty or new folder"
-        )
-    generate_shapes(root, num_train, num_val, (int(image_size[0]), int(image_size[1])), seed)
+    found = _read_meta(meta_file)
+    _refuse_other_dataset(root, found, meta)
+    if found == meta:
+        return root
+    with generation_lock(root):
+        found = _read_meta(meta_file)  # another process may have generated it while this one waited
+        _refuse_other_dataset(root, found, meta)
+        if found is None:
+            generate_shapes(root, num_train, num_val, (int(image_size[0]), int(image_size[1])), seed)
     return root
 
 

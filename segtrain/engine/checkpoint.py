@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +135,66 @@ def periodic_checkpoint_path(ckpt_dir: Path, iteration: int) -> Path:
     return ckpt_dir / f"iter_{iteration:07d}.pt"
 
 
-def _periodic(ckpt_dir: Path) -> list[Path]:
-    """Periodic checkpoints, newest first (by the iteration in the name, not by file times)."""
-    return sorted(ckpt_dir.glob("iter_*.pt"), reverse=True)
+@dataclass(frozen=True)
+class Recorded:
+    """A periodic checkpoint as recorded inside it: the run that wrote it and the iteration it holds."""
+
+    path: Path
+    run_id: str | None  # None: written before checkpoints carried a run id
+    iteration: int
+
+
+_recorded_cache: dict[tuple[str, int, int, int], Recorded | None] = {}
+
+
+def recorded(path: Path) -> Recorded | None:
+    """The run id and iteration stored in a checkpoint, read without its tensors (memory-mapped: the
+    pickled structure only); None when the file does not load (empty, cut short, not a checkpoint)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _recorded_cache:
+        _recorded_cache[key] = _read_record(path)
+    return _recorded_cache[key]
+
+
+def _read_record(path: Path) -> Recorded | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an unloadable file in any way is "does not load"
+        return None
+    train_state = state.get("train_state") if isinstance(state, dict) and "model" in state else None
+    iteration = train_state.get("iteration") if isinstance(train_state, dict) else None
+    if isinstance(iteration, bool) or not isinstance(iteration, int):
+        return None
+    run_id = state.get("run_id")
+    return Recorded(path, run_id if isinstance(run_id, str) else None, iteration)
+
+
+def _periodic(ckpt_dir: Path) -> tuple[list[Recorded], list[Path]]:
+    """Periodic checkpoints that load, newest first by the iteration stored inside (file names can be
+    another run's), and the ones that do not load."""
+    loadable, broken = [], []
+    for path in sorted(ckpt_dir.glob("iter_*.pt"), reverse=True):  # broken ones: newest name first
+        found = recorded(path)
+        if found is None:
+            broken.append(path)
+        else:
+            loadable.append(found)
+    loadable.sort(key=lambda r: (r.iteration, r.path.name), reverse=True)
+    return loadable, broken
+
+
+def directory_owner(ckpt_dir: Path) -> str | None:
+    """The run a checkpoint directory continues: the one that wrote last.pt (the latest writer), else the
+    one of the newest loadable periodic checkpoint."""
+    last = recorded(ckpt_dir / "last.pt")
+    if last is not None:
+        return last.run_id
+    loadable, _ = _periodic(ckpt_dir)
+    return loadable[0].run_id if loadable else None
 
 
 def save_periodic(state: dict[str, Any], ckpt_dir: Path, keep_last: int, iteration: int) -> Path:
@@ -153,27 +211,53 @@ def save_periodic(state: dict[str, Any], ckpt_dir: Path, keep_last: int, iterati
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
     os.replace(tmp, last)
-    for old in _periodic(ckpt_dir)[max(1, keep_last):]:
-        old.unlink(missing_ok=True)
+    prune(ckpt_dir, keep_last, state.get("run_id"), path)
     return path
 
 
+def prune(ckpt_dir: Path, keep_last: int, run_id: str | None, written: Path) -> list[Path]:
+    """Delete this run's periodic checkpoints beyond the newest `keep_last` (by the iteration inside).
+
+    Only files this run wrote count: another run's files, and files that do not load, are never
+    deleted nor counted, so a broken file never displaces a loadable one. Returns what was deleted.
+    """
+    loadable, broken = _periodic(ckpt_dir)
+    ours = [r.path for r in loadable if r.run_id == run_id and run_id is not None]
+    if broken:
+        log.warning("checkpoints that do not load are kept, not counted among trainer.keep_last: %s",
+                    ", ".join(p.name for p in broken))
+    removed = [path for path in ours[max(1, keep_last):] if path != written]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def remove_temporary_files(ckpt_dir: Path) -> None:
-    """Partial writes of a killed run (`.<name>.<random>.tmp`); never a complete checkpoint."""
+    """Partial writes of a killed run (`.<name>.<random>.tmp`); never a complete checkpoint. Called
+    with the run directory's lock held: no live writer owns them."""
     for leftover in ckpt_dir.glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
 
 
 def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint of a run directory that loads, by the iteration in its name.
+    """The newest checkpoint of this run directory's run that loads, by the iteration stored inside.
 
-    `last.pt` is a link to the newest `iter_N.pt`; it is read only when no periodic checkpoint loads
-    (a kill between writing `iter_N.pt` and re-linking leaves a stale `last.pt`). When checkpoints
-    exist but none loads, the error lists what was tried: starting over would overwrite them.
+    The directory's run is the one that wrote last.pt (segtrain.engine.checkpoint.directory_owner);
+    another run's files are never resumed. `last.pt` is a link to the newest `iter_N.pt`; it is read
+    only when no periodic checkpoint loads (a kill between writing `iter_N.pt` and re-linking leaves a
+    stale `last.pt`). When checkpoints exist but none loads, the error lists what was tried: starting
+    over would overwrite them.
     """
     ckpt_dir = run_dir / CHECKPOINT_DIR
     remove_temporary_files(ckpt_dir)
     tried, seen = [], set()
+    for path in _periodic(ckpt_dir)[1]:
+        try:
+            load_checkpoint(path)
+        except WeightsError as exc:
+            log.warning("skipping unusable checkpoint: %s; trying an older one", exc)
+            tried.append(path.name)
+            seen.add((path.stat().st_dev, path.stat().st_ino))
     for path in resume_candidates(run_dir):
         identity = (path.stat().st_dev, path.stat().st_ino)
         if identity in seen:
@@ -206,6 +290,8 @@ def inference_checkpoint(given: str | Path) -> Path:
         chosen, which = best, "its best validation mIoU"
     else:
         candidates = resume_candidates(run_dir)
+        if not any(recorded(path) for path in candidates):  # none loads: the newest by name, whose error says why
+            candidates = sorted((run_dir / CHECKPOINT_DIR).glob("iter_*.pt"), reverse=True) + candidates
         if not candidates:
             raise WeightsError(f"ckpt={given}: no checkpoint in this directory (no best.pt, iter_*.pt or last.pt in "
                                f"{run_dir / CHECKPOINT_DIR}); give a checkpoint file or a training run's directory")
@@ -215,6 +301,15 @@ def inference_checkpoint(given: str | Path) -> Path:
 
 
 def resume_candidates(run_dir: Path) -> list[Path]:
-    """The files `resume=auto` tries, newest first: periodic checkpoints, then last.pt (not best.pt)."""
+    """The files `resume=auto` tries, newest first: the directory's run's periodic checkpoints (by the
+    iteration stored inside), then last.pt (not best.pt)."""
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    return [path for path in [*_periodic(ckpt_dir), ckpt_dir / "last.pt"] if path.is_file()]
+    owner = directory_owner(ckpt_dir)
+    ours = [r.path for r in _periodic(ckpt_dir)[0] if r.run_id == owner]
+    return [path for path in [*ours, ckpt_dir / "last.pt"] if path.is_file()]
+
+
+def held_checkpoints(run_dir: Path) -> list[str]:
+    """Names of the checkpoints in a run directory (any run's, loadable or not)."""
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    return sorted(p.name for p in ckpt_dir.glob("*.pt")) if ckpt_dir.is_dir() else []

@@ -1,7 +1,8 @@
-"""One writer per run directory: `<run dir>/.segtrain.lock` holds the training process's PID and host.
+"""One writer per run directory: `<run dir>/.segtrain.lock` holds the writing process's PID, host and command.
 
 A second `segtrain train` on a live run directory would write over the first one's checkpoints (and
-its `best.pt` with a worse model); it fails at once naming the holder instead. A lock left by a
+its `best.pt` with a worse model); it fails at once naming the holder instead. eval takes the lock of
+its run directory and predict the one of its output folder alike, so no two commands write one folder. A lock left by a
 process that is gone (killed, crashed machine) is taken over with a warning. Under torchrun only
 rank 0 holds it. In a submitit (SLURM) job the lock names the job too: a requeued job, perhaps on
 another node, takes over the lock of its own earlier start.
@@ -59,21 +60,25 @@ def live_holder(run_dir: Path) -> dict[str, Any] | None:
     return holder if isinstance(pid, int) and pid != os.getpid() and _alive(pid) else None
 
 
-def refuse_if_held(run_dir: Path) -> None:
+def refuse_if_held(run_dir: Path, setting: str = "hydra.run.dir") -> None:
+    """`setting`: the key that named the folder, for the message (predict's is `output`)."""
     holder = live_holder(run_dir)
     if holder is None:
         return
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
     where = "" if holder.get("host") == socket.gethostname() else (
         f" on another host (if that process is gone, delete {Path(run_dir) / LOCK_NAME})")
+    command = holder.get("command", "train")
     raise ConfigError(
-        f"run directory {run_dir} is in use by segtrain train (pid {holder.get('pid')}, host {holder.get('host')}, "
-        f"since {since}){where}; wait for it to finish, or choose another hydra.run.dir"
+        f"{'run directory' if setting == 'hydra.run.dir' else setting + ' folder'} {run_dir} is in use by segtrain "
+        f"{command} (pid {holder.get('pid')}, host {holder.get('host')}, since {since}){where}; wait for it to "
+        f"finish, or choose another {setting}"
     )
 
 
 # Outputs of an evaluation or a training run: an evaluation never shares a directory with them.
-RUN_OUTPUTS = ("metrics.json", "per_class_iou.csv", "confusion_matrix.png", "predictions", "checkpoints")
+RUN_OUTPUTS = ("metrics.json", "per_class_iou.csv", "confusion_matrix.png", "predictions", "checkpoints",
+               "metrics.jsonl")
 
 
 def refuse_used_eval_dir(run_dir: Path) -> None:
@@ -86,35 +91,35 @@ def refuse_used_eval_dir(run_dir: Path) -> None:
 
 
 def refuse_used_run_dir(command: str, run_dir: Path) -> None:
-    """Before Hydra writes its files into an explicit hydra.run.dir: train refuses one a live run holds,
-    eval one that holds another run's outputs."""
-    if command == "train":
-        refuse_if_held(run_dir)
-    else:
+    """Before Hydra writes its files into an explicit hydra.run.dir: every command refuses one a live
+    command holds; eval also one that holds another run's outputs."""
+    refuse_if_held(run_dir)
+    if command == "eval":
         refuse_used_eval_dir(run_dir)
 
 
 class RunLock:
     """Acquire with `acquire()`, give back with `release()` (also safe when never acquired)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, command: str = "train", setting: str = "hydra.run.dir") -> None:
         self.path = Path(run_dir) / LOCK_NAME
+        self.command, self.setting = command, setting
         self.held = False
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                             "job": launcher_job_id()})
+                             "job": launcher_job_id(), "command": self.command})
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            refuse_if_held(self.path.parent)
+            refuse_if_held(self.path.parent, self.setting)
             log.warning("taking over %s from a process that is gone (%s)", self.path, read_lock(self.path.parent))
             tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
             tmp.write_text(record)
             os.replace(tmp, self.path)
             if read_lock(self.path.parent).get("pid") != os.getpid():  # another process took it over first
-                refuse_if_held(self.path.parent)
+                refuse_if_held(self.path.parent, self.setting)
         else:
             with os.fdopen(fd, "w") as handle:
                 handle.write(record)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.errors import ConfigError, WeightsError
@@ -127,14 +129,42 @@ def log_changes(stored: DictConfig, cfg: DictConfig, iteration: int) -> list[str
     return changes
 
 
+# What of each file the fingerprint reads: its size, and its first and last bytes (a different image
+# under the same name differs there). Two small reads per file keep it to seconds for 100k files, and
+# unlike modification times it survives copying the dataset elsewhere.
+SAMPLED_BYTES = 4096
+DIGEST_BYTES = 8  # per file, in the checkpoint: names the changed file at resume
+
+
+def sampled_digest(path: str | Path) -> bytes:
+    """Size and first/last SAMPLED_BYTES of a file, hashed; a file that cannot be read digests as such."""
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            digest.update(size.to_bytes(8, "little"))
+            digest.update(handle.read(SAMPLED_BYTES))
+            if size > SAMPLED_BYTES:
+                digest.update(os.pread(handle.fileno(), SAMPLED_BYTES, max(SAMPLED_BYTES, size - SAMPLED_BYTES)))
+    except (OSError, TypeError):
+        digest.update(b"unreadable")
+    return digest.digest()
+
+
 def data_fingerprint(samples: Iterable[tuple], root: str | Path) -> dict[str, Any]:
-    """The training set as its sorted file list relative to the dataset root (moving the root is fine)."""
+    """The training set: its sorted file list relative to the dataset root (moving the root is fine) and
+    each file's sampled content (`sampled_digest`), so other images under the same names are told apart.
+
+    `files` holds one digest per file (image, then mask, in the order of the sorted names): a resume on
+    changed data names the first file that differs."""
     base = Path(root)
-    names = []
-    for image, mask, *_ in samples:
-        names.append(f"{_relative(image, base)}\t{_relative(mask, base)}")
-    names.sort()
-    return {"count": len(names), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    rows = sorted((f"{_relative(image, base)}\t{_relative(mask, base)}", image, mask) for image, mask, *_ in samples)
+    names = [name for name, _, _ in rows]
+    digests = b"".join(sampled_digest(image) + sampled_digest(mask) for _, image, mask in rows)
+    return {"count": len(names), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+            "content_sha256": hashlib.sha256(digests).hexdigest(),
+            "files": torch.frombuffer(bytearray(digests), dtype=torch.uint8).view(-1, 2, DIGEST_BYTES).clone(),
+            "names": names}
 
 
 def _relative(path: str | Path, base: Path) -> str:
@@ -144,16 +174,46 @@ def _relative(path: str | Path, base: Path) -> str:
         return str(path)
 
 
+def recorded_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint stores of a fingerprint: everything but the names (the count and hash stand for them)."""
+    return {key: value for key, value in fingerprint.items() if key != "names"}
+
+
+def same_data(saved: dict, current: dict) -> bool:
+    """The same files by name, and by sampled content where the checkpoint records it (older ones do not)."""
+    if saved.get("count") != current.get("count") or saved.get("sha256") != current.get("sha256"):
+        return False
+    return "content_sha256" not in saved or saved.get("content_sha256") == current.get("content_sha256")
+
+
+def changed_file(saved: dict, current: dict) -> str | None:
+    """The first file whose recorded digest differs (names equal), or None when the record does not say."""
+    recorded, now = saved.get("files"), current.get("files")
+    if not isinstance(recorded, torch.Tensor) or not isinstance(now, torch.Tensor) or recorded.shape != now.shape:
+        return None
+    differs = (recorded != now).any(dim=2).nonzero()
+    if not len(differs):
+        return None
+    row, column = (int(v) for v in differs[0])
+    return current["names"][row].split("\t")[column]
+
+
 def check_same_data(saved: dict | None, current: dict, source: str) -> None:
     """`saved`: the checkpoint's `data_fingerprint`; every training checkpoint records one."""
     if not isinstance(saved, dict):
         raise WeightsError(f"{source} cannot be resumed: it records no training set ('data_fingerprint'); start a "
                            f"new run directory, with init_from={source} to start from its weights")
-    if saved == current:
+    if same_data(saved, current):
         return
+    restart = (f"resume continues a run on its own data: to train on this data, start a new run directory, with "
+               f"init_from={source} to start from its weights")
+    if saved.get("sha256") == current["sha256"]:
+        changed = changed_file(saved, current)
+        what = f"{changed} changed" if changed else "some files changed"
+        raise ConfigError(f"{source} was trained on other contents of the same {current['count']} files: {what} "
+                          f"since (size or bytes differ from the checkpoint's record); {restart}")
     raise ConfigError(
         f"{source} was trained on a different training set ({saved.get('count')} samples, fingerprint "
         f"{str(saved.get('sha256'))[:12]}) than the configured one ({current['count']} samples, "
-        f"{current['sha256'][:12]}); resume continues a run on its own data: to train on this data, start a new run "
-        f"directory, with init_from={source} to start from its weights"
+        f"{current['sha256'][:12]}); {restart}"
     )

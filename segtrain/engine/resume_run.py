@@ -10,7 +10,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain.engine.checkpoint import find_resume_checkpoint, load_checkpoint, restore_rng_state
+from segtrain.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    find_resume_checkpoint,
+    held_checkpoints,
+    load_checkpoint,
+    remove_temporary_files,
+    restore_rng_state,
+)
 from segtrain.engine.optim import load_optimizer_state
 from segtrain.engine.resume import (
     check_same_data,
@@ -32,6 +39,20 @@ def _check_same_classes(state: dict, class_names: list[str], path: Path) -> None
             f"checkpoint {path} was trained for {len(saved)} classes {saved[:6]}..., but dataset "
             f"{len(class_names)} classes {class_names[:6]}...; resume with the dataset it was trained on, or start a "
             f"new run directory with init_from={path} to fine-tune its weights on this dataset"
+        )
+
+
+def prepare_run_directory(run_dir: Path, resume: Any) -> None:
+    """With the run directory's lock held, before anything (data included) is touched: remove what
+    killed writers left (partial checkpoint writes), and refuse a new run (resume=null) in a directory
+    that holds another run's checkpoints, which the new run's would be mixed with."""
+    remove_temporary_files(run_dir / CHECKPOINT_DIR)
+    held = held_checkpoints(run_dir)
+    if resume in (None, "", False) and held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} holds another run's checkpoints ({shown}) and resume=null starts a new run: "
+            "continue that run with resume=auto, or choose a new directory (hydra.run.dir)"
         )
 
 
@@ -75,6 +96,17 @@ def _load_update_state(run: Run, saved: dict, stored: DictConfig) -> None:
         run.step.scaler.load_state_dict(saved["scaler"])
 
 
+def _refuse_finished(iteration: object, run: Run, path: Path) -> None:
+    """A run already past trainer.max_iters has nothing to train; going on would report iteration N of a
+    smaller M (result.json included). At exactly max_iters the finished run reports itself again."""
+    if isinstance(iteration, int) and not isinstance(iteration, bool) and iteration > run.max_iters:
+        raise ConfigError(
+            f"trainer.max_iters={run.max_iters}: the run in {run.run_dir} already finished {iteration} iterations "
+            f"({path}); nothing to train. Give trainer.max_iters above {iteration} to continue it, or choose a new "
+            "directory"
+        )
+
+
 def resume_run(run: Run) -> None:
     """Restore `run` from `resume` (auto: this run directory's newest usable checkpoint, or a path)."""
     found = find_checkpoint(run)
@@ -89,7 +121,10 @@ def resume_run(run: Run) -> None:
     check_same_network(stored, run.cfg, str(path))
     check_same_normalization(stored, run.cfg, str(path))
     check_same_data(saved.get("data_fingerprint"), run.fingerprint, str(path))
+    _refuse_finished(saved["train_state"].get("iteration"), run, path)
     run.model.load_state_dict(saved["model"])
+    if isinstance(saved.get("run_id"), str):  # a checkpoint from before run ids: the run takes a new one
+        run.run_id = saved["run_id"]
     _load_ema(run, saved, path)
     _load_update_state(run, saved, stored)
     restore_rng_state(saved["rng"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from segtrain.engine.hparams import RunInfo
 from segtrain.engine.init_from import InitReport, load_init_weights
 from segtrain.engine.logger import RunLogger, Throughput
 from segtrain.engine.preemption import PreemptionHandler
-from segtrain.engine.resume import data_fingerprint
+from segtrain.engine.resume import data_fingerprint, recorded_fingerprint
 from segtrain.engine.runtime import Runtime, resolve_runtime, seed_everything
 from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError, TrainingStopped
@@ -109,6 +110,9 @@ class Run:
     # the loop checkpoints the iteration, logs the reason and runs on_fit_end (early stopping).
     stop_reason: str | None = None
     callbacks: Any = None  # the loop's CallbackList (set by the Trainer): their states go into checkpoints
+    # Written into every checkpoint: pruning and resume=auto touch only this run's files. A resumed run
+    # takes its checkpoint's.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -231,6 +235,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "check the data with `segtrain data check`"
         )
     return {
+        "run_id": run.run_id,
         "model": weights,
         **({"ema": averaged} if run.ema is not None else {}),
         "optimizer": run.step.optimizer.state_dict(),
@@ -239,8 +244,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "callbacks": run.callbacks.state_dict() if run.callbacks is not None else {},
         "rng": rng_state(),
         "class_names": run.class_names,
-        "data_fingerprint": run.fingerprint,
-        "val_data_fingerprint": run.val_fingerprint,
+        "data_fingerprint": recorded_fingerprint(run.fingerprint),
+        "val_data_fingerprint": recorded_fingerprint(run.val_fingerprint),
         "config": OmegaConf.to_yaml(run.cfg, resolve=True),
     }
 

@@ -39,7 +39,7 @@ from segtrain.engine.distributed import barrier, broadcast_object, init_distribu
 from segtrain.engine.hparams import RunInfo
 from segtrain.engine.lock import RunLock
 from segtrain.engine.logger import tensorboard_logdir
-from segtrain.engine.resume_run import resume_run
+from segtrain.engine.resume_run import prepare_run_directory, resume_run
 from segtrain.engine.run import Run, build_run, describe, set_train_mode
 from segtrain.engine.step import Batch, StepResult
 from segtrain.errors import Preempted, TrainingStopped
@@ -89,6 +89,7 @@ class Trainer:
         if ctx.is_main:  # before anything is written into the run directory
             self.lock = RunLock(self.run_dir)
             self.lock.acquire()
+            prepare_run_directory(self.run_dir, self.cfg.get("resume"))
             log.info("run directory %s (checkpoints, train.log, config)", self.run_dir)
         trackers = configured_trackers(self.cfg)  # a missing package is said before any work
         if ctx.is_main and any(tracker.name == "tensorboard" for tracker in trackers):
