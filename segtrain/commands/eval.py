@@ -91,6 +91,8 @@ def recorded_miou_note(state: dict, evaluated: dict) -> str:
 
 
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
+    """Score the checkpoint; write metrics.json, per_class_iou.csv, confusion_matrix.png (and TensorBoard
+    events); return what metrics.json holds."""
     refuse_used_eval_dir(run_dir)
     loaded = load_for_inference(composed, overrides)
     cfg, class_names = loaded.cfg, loaded.class_names
@@ -130,7 +132,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
         "seconds_per_image": result.seconds_per_image,
         "skipped_samples": result.skipped,
     }
-    write_metrics(run_dir, metrics, class_names, extra)
+    written = write_metrics(run_dir, metrics, class_names, extra)
     matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
     cv2.imwrite(str(run_dir / "confusion_matrix.png"), cv2.cvtColor(matrix_image, cv2.COLOR_RGB2BGR))
     table = format_table(metrics, class_names)  # TensorBoard's text tab holds the full table at any length
@@ -157,4 +159,4 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     print(f"mIoU {metrics['miou']:.4f} on {cfg.dataset.name}/{cfg.eval.split}{note}; "
           f"{result.seconds_per_image * 1000:.1f} ms per image")
     print(f"wrote {run_dir / 'metrics.json'}, per_class_iou.csv and confusion_matrix.png")
-    return metrics
+    return written

@@ -17,18 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-import numpy as np
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from segtrain.api import Segmenter
 from segtrain.data.dataset import decode_image
-from segtrain.data.normalization import normalization
-from segtrain.engine.inference import InferenceSettings, infer
 from segtrain.engine.restore import load_for_inference
-from segtrain.engine.runtime import autocast, cudnn_autotuning, resolve_amp
 from segtrain.errors import ConfigError, DataError
-from segtrain.visualize import colorize, make_palette, overlay
+from segtrain.visualize import colorize, overlay
 
 log = logging.getLogger("segtrain.predict")
 
@@ -95,11 +91,6 @@ def atomic_save(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def normalise(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    array = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-
-
 def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None = None) -> dict:
     if composed.input is None:
         raise ConfigError("predict needs input=FILE|DIR|GLOB (and optionally output=DIR; default: the run directory)")
@@ -112,25 +103,20 @@ def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None
     out = Path(composed.output) if composed.output is not None else Path(run_dir)
     names = output_names(files)
     check_output_folder(str(composed.input), out, files, names)  # before the model: fail in a second
-    loaded = load_for_inference(composed, overrides)
-    cfg = loaded.cfg
-    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
-    amp = resolve_amp(cfg.trainer.amp, loaded.device)
-    mean_std = normalization(cfg)  # as the checkpoint was trained (its stored dataset/backbone config)
-    palette = make_palette(cfg.dataset.palette, len(loaded.class_names))
+    # The Python API's Segmenter: the checkpoint's normalisation, protocol (with the overrides) and palette.
+    segmenter = Segmenter(load_for_inference(composed, overrides))
+    palette = segmenter.palette
     flat_palette = palette.flatten().tolist()
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, []
     for path in files:
         try:
-            image, _ = decode_image(path, int(cfg.data.max_image_pixels))
+            image, _ = decode_image(path, segmenter.max_pixels)
         except DataError as exc:
             log.warning("skipping %s: %s", path, exc)
             skipped.append((path, str(exc)))
             continue
-        tensor = normalise(image, *mean_std)[None].to(loaded.device)
-        with autocast(loaded.device, amp), cudnn_autotuning(False):  # images of varying size
-            prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        prediction = segmenter.predict(image)
         index_png = Image.fromarray(prediction, mode="P")
         index_png.putpalette(flat_palette)
         name = names[path]

@@ -11,10 +11,14 @@ normalise identically. Precedence, per statistic:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from segtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 TIMM_TARGET = "segtrain.models.backbones.timm_encoder.TimmBackbone"
 
@@ -63,3 +67,13 @@ def normalization(cfg: Mapping) -> tuple[list[float], list[float]]:
         mean = backbone_mean if mean is None else mean
         std = backbone_std if std is None else std
     return _checked("dataset.mean", mean, False), _checked("dataset.std", std, True)
+
+
+def normalise_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB uint8 HxWx3 -> float32 CHW tensor, (image / 255 - mean) / std: the one normalisation of
+    evaluation and inference."""
+    import numpy as np
+    import torch
+
+    array = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

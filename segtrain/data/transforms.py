@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from segtrain.config import AugmentConfig
+from segtrain.data.normalization import normalise_image
 from segtrain.errors import ConfigError
 
 
@@ -151,6 +152,17 @@ def train_transform(
     return SeededTransform(A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST))
 
 
-def eval_transform(mean: Sequence[float], std: Sequence[float]) -> SeededTransform:
+class EvalTransform:
+    """Normalisation only (segtrain.data.normalization.normalise_image, as predict's): validation images
+    keep their full original size, never cropped."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalise_image(image, self.mean, self.std), torch.from_numpy(np.ascontiguousarray(mask)).long()
+
+
+def eval_transform(mean: Sequence[float], std: Sequence[float]) -> EvalTransform:
     """Normalisation only: validation images keep their full original size, never cropped."""
-    return SeededTransform(A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0)]))
+    return EvalTransform(mean, std)
