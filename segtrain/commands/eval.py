@@ -37,6 +37,11 @@ def training_run_of(ckpt: Path) -> Path | None:
     return run
 
 
+def _listed(pair: tuple[int, int] | None) -> list[int] | None:
+    """A window as metrics.json has it (and segtrain.evaluate returns it): a list."""
+    return None if pair is None else list(pair)
+
+
 def _number(value: float) -> str:
     return f"{value:g}"
 
@@ -126,8 +131,8 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
         "dataset": cfg.dataset.name,
         "split": cfg.eval.split,
         "num_images": len(dataset),
-        "protocol": {"mode": settings.mode, "crop_size": settings.crop_size, "stride": settings.stride,
-                     "scales": list(settings.scales), "flip": settings.flip,
+        "protocol": {"mode": settings.mode, "crop_size": _listed(settings.crop_size),
+                     "stride": _listed(settings.stride), "scales": list(settings.scales), "flip": settings.flip,
                      "output_stride": cfg.eval.output_stride},
         "seconds_per_image": result.seconds_per_image,
         "skipped_samples": result.skipped,
