@@ -6,12 +6,12 @@
     result = segtrain.train(["experiment=quickstart"])
     metrics = segtrain.evaluate(result.best_checkpoint)
 
-The commands are this module's code: `segtrain predict` segments each image with `Segmenter.predict`,
-`segtrain train` and `segtrain eval` run `run_training` / `run_evaluation` as the Hydra job that `train`
-and `evaluate` run here. The overrides go through the command line's checks (segtrain.composition) and
-Hydra's composition, so a mistake is the same one-line `ConfigError`, raised instead of printed; a
-training or evaluation gets the run directory, log file and `.hydra/` files the command would write.
-Heavy modules (torch, the engine) are imported when a function is called: `import segtrain` stays quick.
+The commands run this module's code: `segtrain predict` segments with `Segmenter`'s inference
+(segtrain.engine.predictor), `segtrain train` and `segtrain eval` run `run_training` / `run_evaluation` as
+the Hydra job (`job`) that `train` and `evaluate` run here. The overrides go through the command line's
+checks (segtrain.composition) and Hydra's composition, so a mistake is the same one-line `ConfigError`,
+raised instead of printed; a training or evaluation gets the run directory, log file and `.hydra/` files
+the command would write. `import segtrain` stays quick: this module is imported on first use.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segtrain.engine.predictor import Predictor
 
 if TYPE_CHECKING:
-    import numpy as np
-    import torch
     from omegaconf import DictConfig
-    from PIL import Image
 
     from segtrain.composition import Prechecked
     from segtrain.engine.inference import InferenceSettings
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["Segmenter", "evaluate", "load", "run_evaluation", "run_training", "train"]
 
 # What `predict` accepts: a file, a PIL image, an RGB HxWx3 uint8 array or a CHW tensor (uint8, or float in [0, 1]).
-ImageInput = Union[str, Path, "Image.Image", "np.ndarray", "torch.Tensor"]
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 # A protocol: a name from conf/protocol (`"flip"`), or eval keys ({"scales": [0.75, 1, 1.25], "flip": True}).
 ProtocolChoice = str | Mapping[str, Any] | None
 
@@ -177,10 +180,6 @@ def load(ckpt: str | Path, device: str | torch.device | None = None, overrides: 
 
 def as_rgb(image: ImageInput, max_pixels: int) -> np.ndarray:
     """Any accepted input as RGB uint8 HxWx3; a file is read as `segtrain predict` reads it."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
     from segtrain.data.dataset import decode_image
     from segtrain.errors import DataError
 
@@ -206,31 +205,14 @@ def as_rgb(image: ImageInput, max_pixels: int) -> np.ndarray:
                     "or a CHW tensor")
 
 
-class Segmenter:
-    """A trained network ready to segment images of any size (the checkpoint's normalisation, protocol and
-    palette): `predict`, `predict_batch`, `colorize`, `overlay`."""
+class Segmenter(Predictor):
+    """A trained network ready to segment images of any size, with the checkpoint's normalisation, test-time
+    protocol and palette (segtrain.engine.predictor, `segtrain predict`'s inference): `predict`,
+    `predict_batch`, `colorize`, `overlay`; `class_names`, `palette`, `mean`/`std`, `model`, `device`."""
 
     def __init__(self, loaded: LoadedModel) -> None:
-        from segtrain.data.normalization import normalization
-        from segtrain.engine.inference import InferenceSettings
-        from segtrain.engine.runtime import resolve_amp
-        from segtrain.visualize import make_palette
-
-        self.cfg: DictConfig = loaded.cfg  # the checkpoint's config with the load overrides applied
-        self.model = loaded.model
-        self.device = loaded.device
-        self.checkpoint = loaded.path
-        self.class_names: list[str] = list(loaded.class_names)
-        self.palette = make_palette(self.cfg.dataset.palette, len(self.class_names))  # num_classes x 3 uint8
-        self.mean, self.std = normalization(self.cfg)
-        self.amp = resolve_amp(self.cfg.trainer.amp, self.device)
-        self.max_pixels = int(self.cfg.data.max_image_pixels)
-        self.settings = InferenceSettings.from_config(self.cfg.eval, self.cfg.dataset.augment.crop_size)
+        super().__init__(loaded)
         self._protocols: dict[str, InferenceSettings] = {}
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def __repr__(self) -> str:
         return (f"Segmenter({self.checkpoint}, {self.num_classes} classes of {self.cfg.dataset.name}, "
@@ -266,13 +248,15 @@ class Segmenter:
         pre = _checked("predict", overrides)
         cfg = apply_overrides(OmegaConf.create(OmegaConf.to_container(self.cfg)), pre.cfg, pre.overrides)
         if cfg.eval.output_stride != self.cfg.eval.output_stride:
-            raise ConfigError(f"protocol {protocol!r} sets eval.output_stride={cfg.eval.output_stride}, which rebuilds "
-                              f"the network: load it so, segtrain.load(ckpt, overrides=['protocol=...'])")
+            stride = cfg.eval.output_stride
+            given = f"protocol={protocol}" if isinstance(protocol, str) else f"eval.output_stride={stride}"
+            raise ConfigError(f"protocol {protocol!r} sets eval.output_stride={stride}, which rebuilds "
+                              f"the network: give it when loading, segtrain.load(ckpt, overrides=['{given}'])")
         return InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
 
     def predict(self, image: ImageInput, protocol: ProtocolChoice = None) -> np.ndarray:
         """H x W class indices (uint8; int64 beyond 256 classes) at the image's own resolution."""
-        return self._segment([as_rgb(image, self.max_pixels)], self.protocol_settings(protocol))[0]
+        return self.segment([as_rgb(image, self.max_pixels)], self.protocol_settings(protocol))[0]
 
     def predict_batch(self, images: Sequence[ImageInput], protocol: ProtocolChoice = None, batch_size: int = 8
                       ) -> list[np.ndarray]:
@@ -283,26 +267,12 @@ class Segmenter:
         group: list[np.ndarray] = []
         for array in arrays:
             if group and (array.shape != group[0].shape or len(group) == batch_size):
-                masks += self._segment(group, settings)
+                masks += self.segment(group, settings)
                 group = []
             group.append(array)
         if group:
-            masks += self._segment(group, settings)
+            masks += self.segment(group, settings)
         return masks
-
-    def _segment(self, arrays: list[np.ndarray], settings: InferenceSettings) -> list[np.ndarray]:
-        """The inference of `segtrain predict` and the API: RGB uint8 images of one size -> class indices."""
-        import torch
-
-        from segtrain.data.normalization import normalise_image
-        from segtrain.engine.inference import infer
-        from segtrain.engine.runtime import autocast, cudnn_autotuning
-
-        batch = torch.stack([normalise_image(a, self.mean, self.std) for a in arrays]).to(self.device)
-        dtype = torch.uint8 if self.num_classes <= 256 else torch.int64
-        with torch.no_grad(), autocast(self.device, self.amp), cudnn_autotuning(False):  # images vary in size
-            prediction = infer(self.model, batch, settings).argmax(1).to(dtype).cpu().numpy()
-        return list(prediction)
 
     def colorize(self, mask: np.ndarray) -> np.ndarray:
         """Class indices -> RGB uint8 HxWx3 in the checkpoint's palette (the colours of predict's _color.png)."""

@@ -106,6 +106,8 @@ def test_protocols_by_name_by_mapping_and_at_load(varied_checkpoint, images):
     assert segmenter.overlay(path, by_mapping, 0.5).shape == (*SIZES[1], 3)
     with pytest.raises(ConfigError, match="protocol key 'flipp': a protocol sets mode, crop_size"):
         segmenter.predict(path, protocol={"flipp": True})
+    with pytest.raises(ConfigError, match=r"rebuilds the network: .*overrides=\['eval.output_stride=8'\]"):
+        segmenter.predict(path, protocol={"output_stride": 8})
     with pytest.raises(ConfigError, match="did you mean protocol=flip"):
         segmenter.predict(path, protocol="flp")
     with pytest.raises(DataError, match="RGB uint8 HxWx3"):

@@ -20,8 +20,8 @@ import cv2
 from omegaconf import DictConfig
 from PIL import Image
 
-from segtrain.api import Segmenter
 from segtrain.data.dataset import decode_image
+from segtrain.engine.predictor import Predictor
 from segtrain.engine.restore import load_for_inference
 from segtrain.errors import ConfigError, DataError
 from segtrain.visualize import colorize, overlay
@@ -103,20 +103,21 @@ def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None
     out = Path(composed.output) if composed.output is not None else Path(run_dir)
     names = output_names(files)
     check_output_folder(str(composed.input), out, files, names)  # before the model: fail in a second
-    # The Python API's Segmenter: the checkpoint's normalisation, protocol (with the overrides) and palette.
-    segmenter = Segmenter(load_for_inference(composed, overrides))
-    palette = segmenter.palette
+    # The inference of the Python API's Segmenter: the checkpoint's normalisation, protocol (with the
+    # overrides) and palette.
+    predictor = Predictor(load_for_inference(composed, overrides))
+    palette = predictor.palette
     flat_palette = palette.flatten().tolist()
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, []
     for path in files:
         try:
-            image, _ = decode_image(path, segmenter.max_pixels)
+            image, _ = decode_image(path, predictor.max_pixels)
         except DataError as exc:
             log.warning("skipping %s: %s", path, exc)
             skipped.append((path, str(exc)))
             continue
-        prediction = segmenter.predict(image)
+        prediction = predictor.segment([image])[0]
         index_png = Image.fromarray(prediction, mode="P")
         index_png.putpalette(flat_palette)
         name = names[path]
