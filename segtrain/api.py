@@ -121,9 +121,11 @@ def run_evaluation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def _run_job(command: str, overrides: list[str], body: Callable[[DictConfig, Path], Any]) -> Any:
     """`body` as the Hydra job `segtrain <command> OVERRIDES` runs, in this process; its value returned and its
-    exception raised. Hydra points the root logger at the run's log file; that is undone afterwards."""
+    exception raised. Hydra points the root logger at the run's log file; that is undone afterwards, and
+    Hydra's state cleared."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     from segtrain.composition import config_dir, register
 
@@ -138,6 +140,7 @@ def _run_job(command: str, overrides: list[str], body: Callable[[DictConfig, Pat
             return hydra.run(config_name=command, task_function=job(body), overrides=overrides).return_value
     finally:
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # the job is over: nothing later reads its Hydra state as running
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
             handler.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
 import segtrain
@@ -121,6 +122,7 @@ def test_train_gives_a_best_checkpoint_evaluate_scores_the_same(trained, tmp_pat
     # Hydra's log file handler belongs to the run: the API leaves the root logger as it found it.
     files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     assert not [name for name in files if name.startswith(str(trained.run_dir))]
+    assert not HydraConfig.initialized()  # nor Hydra's state of a job that is over
     metrics = segtrain.evaluate(trained.best_checkpoint, [f"hydra.run.dir={tmp_path / 'eval'}"])
     assert metrics["miou"] == trained.best_miou == load_checkpoint(trained.best_checkpoint)["train_state"]["best_miou"]
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
