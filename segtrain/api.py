@@ -163,8 +163,10 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """`segtrain eval ckpt=CKPT OVERRIDES` in this process (`ckpt`: a checkpoint or a training run's
     directory): the metrics it writes to metrics.json (miou, pixel_acc, mean_acc, per_class, protocol, ...)
     and `run_dir`, the evaluation's directory."""
+    from segtrain.engine.distributed import rank_scratch_overrides
+
     pre = _checked("eval", [f"ckpt={override_value(str(ckpt))}", *overrides])
-    return _run_job("eval", pre.overrides, run_evaluation)
+    return _run_job("eval", [*pre.overrides, *rank_scratch_overrides()], run_evaluation)  # torchrun: rank 0 writes
 
 
 def load(ckpt: str | Path, device: str | torch.device | None = None, overrides: Sequence[str] = ()) -> Segmenter:
@@ -255,7 +257,7 @@ class Segmenter(Predictor):
             given = f"protocol={protocol}" if isinstance(protocol, str) else f"eval.output_stride={stride}"
             raise ConfigError(f"protocol {protocol!r} sets eval.output_stride={stride}, which rebuilds "
                               f"the network: give it when loading, segtrain.load(ckpt, overrides=['{given}'])")
-        return InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
+        return InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size, cfg.dataset.get("flip_pairs"))
 
     def predict(self, image: ImageInput, protocol: ProtocolChoice = None) -> np.ndarray:
         """H x W class indices (uint8; int64 beyond 256 classes) at the image's own resolution."""

@@ -32,7 +32,7 @@ COMMANDS = {
     "predict": "segment images: segtrain predict ckpt=PATH input=FILE|DIR|GLOB [output=DIR]",
     "export": "export for deployment: segtrain export ckpt=PATH format=onnx|torchscript",
     "bench": "speed and memory: segtrain bench model=NAME backbone=NAME [bench.batch_size=N bench.crop_size=[H,W]]",
-    "data": "datasets: segtrain data prepare voc|cityscapes --root DIR ... ; segtrain data check dataset=NAME",
+    "data": "datasets: segtrain data prepare DATASET --root DIR ... ; segtrain data check dataset=NAME",
 }
 
 USAGE = "usage: segtrain <command> [Hydra overrides]   (segtrain <command> --help for its options)"
@@ -72,6 +72,9 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         except Preempted as exc:
             _to_log_file(f"segtrain {command}: {exc}")
             print(f"segtrain {command}: {exc}", file=sys.stderr)
+            from segtrain.engine.preemption import hand_over_to_launcher
+
+            hand_over_to_launcher(exc.signum)  # a submitit job: submitit requeues it (rank 0) and exits
             raise SystemExit(exc.exit_code) from None
         except SegtrainError as exc:
             _to_log_file(f"segtrain {command}: error: {user_message(exc)}")
@@ -145,7 +148,8 @@ TASKS = {"bench": _bench, "train": _train, "eval": _eval, "info": _info, "data_c
 
 def _data(args: list[str]) -> None:
     """`segtrain data prepare ...` is a plain argparse tool; `segtrain data check` a Hydra app."""
-    usage = "usage: segtrain data prepare {voc,cityscapes} [options] | segtrain data check dataset=NAME [data.split=S]"
+    usage = ("usage: segtrain data prepare {voc,cityscapes,ade20k,pascal_context,coco_stuff164k,camvid,lip} "
+             "[options] | segtrain data check dataset=NAME [data.split=S]")
     if not args or args[0] in ("-h", "--help"):
         print(usage)
         return
@@ -186,7 +190,7 @@ def _hydra_app(command: str, rest: list[str]) -> None:
         _command_help(command, rest)
         return
     _checked(command, rest)
-    if command == "train":
+    if command in ("train", "eval"):
         from segtrain.engine.distributed import rank_scratch_overrides
 
         rest = [*rest, *rank_scratch_overrides()]  # under torchrun only rank 0 writes
@@ -216,7 +220,9 @@ def _usage() -> str:
     lines += [f"  {name:<8}{text}" for name, text in COMMANDS.items()]
     lines += ["", "Examples:", "  segtrain train experiment=quickstart",
               "  segtrain train model=deeplabv3plus backbone=xception", "  segtrain train -m optimizer.lr=0.01,0.007",
-              "  segtrain eval ckpt=outputs/<run>/checkpoints/best.pt", "", "segtrain --version prints the version."]
+              "  segtrain eval ckpt=outputs/<run>/checkpoints/best.pt", "",
+              "segtrain --version prints the version; eval \"$(segtrain -sc install=bash)\" completes commands, "
+              "groups and keys (bash, zsh)."]
     return "\n".join(lines)
 
 
@@ -233,6 +239,22 @@ def _command_help(command: str, rest: list[str]) -> None:
     print(render(command, config_dir(), cfg))
 
 
+def _completion(args: list[str]) -> None:
+    """`segtrain --complete` (asked by the shell on TAB) and `segtrain [command] -sc install=bash|zsh`."""
+    from segtrain.completion import complete_from_environment, shell_completion
+
+    if args[0] == "--complete":
+        print("\n".join(complete_from_environment()))
+        return
+    flag = "-sc" if "-sc" in args else "--shell-completion"
+    index = args.index(flag)
+    try:
+        print(shell_completion(args[index + 1] if index + 1 < len(args) else None), end="")
+    except SegtrainError as exc:
+        print(f"segtrain: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -243,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args[0] in ("-V", "--version"):
         print(f"segtrain {version()}")
+        return
+    if args[0] == "--complete" or "-sc" in args or "--shell-completion" in args:
+        _completion(args)
         return
     command, rest = args[0], args[1:]
     if command == "data":

@@ -100,7 +100,10 @@ def missing_option_message(exc: BaseException) -> str | None:
     inside = f" (in {where.group(1)})" if named and not (config_dir() / f"{where.group(1)}.yaml").is_file() else ""
     close = closest_option(option, options)
     hint = f"; did you mean {group}={close}? Options" if close else "; options"
-    return f"{group}={option}: no option '{option}' in group '{group}'{inside}{hint}: {', '.join(options)}"
+    message = f"{group}={option}: no option '{option}' in group '{group}'{inside}{hint}: {', '.join(options)}"
+    if group == "hydra/launcher" and option.startswith("submitit") and option not in options:
+        message += " (submitit_slurm and submitit_local come with pip install 'segtrain-dilated[slurm]')"
+    return message
 
 
 def one_line(exc: BaseException, known: Callable[[str], set[str]] | None = None) -> str:
@@ -148,6 +151,18 @@ def _first_value(override: Any) -> str:
     if override.is_interval_sweep():
         return str(override.value().start)
     return next(iter(override.sweep_string_iterator()))
+
+
+def refuse_launcher_without_multirun(command: str, parsed: argparse.Namespace) -> None:
+    """Hydra hands jobs to hydra/launcher in a multirun only: without -m the choice would be ignored (`--cfg`,
+    which runs nothing, shows it)."""
+    if parsed.multirun or parsed.cfg:
+        return
+    for text in parsed.overrides:
+        key, _, value = text.partition("=")
+        if key.lstrip("+~") == "hydra/launcher" and value not in ("", "basic", "null"):
+            raise ConfigError(f"{text} takes effect with -m only (Hydra launches the jobs of a multirun): "
+                              f"segtrain {command} -m {text} ...; one job per sweep point, one job without a sweep")
 
 
 def first_values(parsed: argparse.Namespace) -> list[str]:
@@ -246,6 +261,7 @@ def precheck(config_name: str, args: list[str]) -> Prechecked:
     parsed = parse_command_line(config_name, args)
     if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
         return Prechecked(parsed, [], None)
+    refuse_launcher_without_multirun(command, parsed)
     overrides = first_values(parsed)
     if config_name in CHECKPOINT_COMMANDS:
         refuse_training_keys(command, overrides)

@@ -153,6 +153,9 @@ class DatasetConfig:
     mean: Any = None
     std: Any = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Class pairs whose labels swap under a horizontal flip ([[left_arm, right_arm], ...], LIP): the training flip
+    # swaps them in the mask and flip test-time augmentation swaps their score channels; [] for most datasets.
+    flip_pairs: Any = field(default_factory=list)
     # `_target_` of a function (root, split, **kwargs) -> list of (image_path, mask_path) pairs.
     source: Any = MISSING
 

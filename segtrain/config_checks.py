@@ -173,6 +173,26 @@ def _check_class_names(cfg: DictConfig) -> None:
                       "is its class index (the mask value)")
 
 
+def _check_flip_pairs(cfg: DictConfig) -> None:
+    """dataset.flip_pairs: pairs of two different class indices, each class in one pair at most."""
+    dataset = _section(cfg, "dataset")
+    pairs = dataset.get("flip_pairs") if dataset is not None else None
+    if not pairs:
+        return
+    count = None if OmegaConf.is_missing(dataset, "class_names") else len(dataset.class_names)
+    seen: set[int] = set()
+    for pair in pairs:
+        values = list(pair) if OmegaConf.is_list(pair) or isinstance(pair, (list, tuple)) else [pair]
+        if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values) \
+                or values[0] == values[1] or min(values) < 0 or (count is not None and max(values) >= count):
+            raise ConfigError(f"dataset.flip_pairs: {list(values)} is not a pair of two different class indices "
+                              f"(0..{(count or 1) - 1}); give e.g. [[14,15],[16,17]] (left, right), or [] for none")
+        if seen & set(values):
+            raise ConfigError(f"dataset.flip_pairs: class {sorted(seen & set(values))[0]} is in two pairs; "
+                              "each class swaps with one other class at most")
+        seen |= set(values)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse a value out of range, outside its options, or in a contradictory combination (ConfigError,
     one line); rewrite trainer.amp, trainer.sync_bn and trainer.channels_last to their canonical strings."""
@@ -190,3 +210,4 @@ def check_config(cfg: DictConfig) -> None:
             check(section)
     _check_start(cfg)
     _check_class_names(cfg)
+    _check_flip_pairs(cfg)

@@ -28,6 +28,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain.display import percent
+
 SWEPT_KEYS_ENV = "SEGTRAIN_SWEPT_KEYS"  # set for the jobs (and launcher processes) of a running sweep
 MAX_NAME = 120
 UNSAFE = re.compile(r"[^A-Za-z0-9._+@%-]")
@@ -138,20 +140,16 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: (row["job"] is None, row["job"] or 0, row["run_dir"]))
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
     best = max((r["best_miou"] for r in rows if r["best_miou"] is not None), default=None)
-    lines = ["| job | overrides | best mIoU | best iteration | final mIoU | iterations | run dir |",
+    lines = ["| job | overrides | best mIoU % | best iteration | final mIoU % | iterations | run dir |",
              "| ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        score = _pct(r["best_miou"])
+        score = percent(r["best_miou"])
         if best is not None and r["best_miou"] == best:
             score = f"**{score}**"
         lines.append(f"| {r['job']} | {r['overrides'] or '-'} | {score} | {r['best_iteration']} | "
-                     f"{_pct(r['final_miou'])} | {r['iterations']} | {r['run_dir']} |")
+                     f"{percent(r['final_miou'])} | {r['iterations']} | {r['run_dir']} |")
     return "\n".join(lines)
 
 
@@ -174,8 +172,11 @@ class SweepSummary(Callback):
         os.environ[SWEPT_KEYS_ENV] = json.dumps(swept_keys_of(config))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        # After every job, so a sweep stopped by a failed job still has the rows of the finished ones.
-        if str(OmegaConf.select(config, "hydra.mode", default="")).endswith("MULTIRUN"):
+        # After every job, so a sweep stopped by a failed job still has the rows of the finished ones. In a
+        # multi-task job of the submitit launcher every task ends the job: rank 0 writes.
+        from segtrain.engine.distributed import process_rank
+
+        if process_rank() == 0 and str(OmegaConf.select(config, "hydra.mode", default="")).endswith("MULTIRUN"):
             write_summary(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -105,6 +105,10 @@ def test_discrete_scales_are_deeplabs_steps():
     ("deeplabv3plus_xception65_voc", {"scale_step": 0.25, "rotate": 0.0}),
     ("deeplabv3plus_r101_voc", {"scale_step": 0.25, "rotate": 0.0}),
     ("hrnetv2_w48_cityscapes", {"scale_step": None, "rotate": 0.0, "gaussian_blur": 0.0}),
+    ("pspnet_r101_ade20k", {"rotate": 10, "rotate_prob": 0.5, "gaussian_blur": 0.5}),
+    ("deeplabv3plus_xception65_ade20k", {"scale_step": 0.25, "rotate": 0.0}),
+    ("hrnetv2_w48_pascal_context59", {"scale_range": [0.5, 2.0], "rotate": 0.0, "gaussian_blur": 0.0}),
+    ("hrnetv2_w48_lip", {"scale_range": [0.5, 1.5], "rotate": 0.0, "hflip": True}),
 ])
 def test_each_experiment_sets_its_papers_augmentations(experiment, expected):
     augment = compose_config("train", [f"experiment={experiment}"]).dataset.augment

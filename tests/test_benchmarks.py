@@ -121,3 +121,7 @@ def test_bench_reports_startup_compile_and_memory_keys(tmp_path: Path) -> None:
     assert report["peak_memory_kind"] == "process peak RSS"
     for row in ("first training step", "start-up (warm-up - steady)", "compile time"):
         assert row in result.stdout, row
+    # It says what it is doing while it runs: one line per phase, in order, on stderr.
+    phases = [line for line in result.stderr.splitlines() if line.startswith("bench ")]
+    assert [line.split(":")[0] for line in phases] == [f"bench {n}/4" for n in range(1, 5)], result.stderr
+    assert "training steps: 1 warm-up + 2 timed" in phases[1] and "inference passes" in phases[2]

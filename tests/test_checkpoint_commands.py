@@ -65,7 +65,7 @@ def test_a_layer_changing_model_key_is_one_line(checkpoint):
 def test_info_reports_the_checkpoints_model(tmp_path, checkpoint):
     result = run_cli("info", f"ckpt={checkpoint}", "info.input_size=[64,64]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert f"checkpoint  {checkpoint} (iteration 6, best val mIoU 0.2500)" in result.stdout
+    assert f"checkpoint  {checkpoint} (iteration 6, best val mIoU 25.00%)" in result.stdout
     assert "DeepLabV3Plus + resnet18 (5 classes, dataset shapes)" in result.stdout and "64x64" in result.stdout
 
 

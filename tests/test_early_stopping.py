@@ -27,8 +27,8 @@ def test_patience_counts_validations_without_an_improvement_of_more_than_min_del
         assert run.stop_reason is None
         _validate(callback, run, miou)
     assert callback.state_dict() == {"best": 0.25, "bad_validations": 2}
-    assert run.stop_reason == ("early stopping: 2 validations without an mIoU improvement of more than 0.01 over "
-                               "the best, 0.2500 (callbacks.early_stopping.patience=2)")
+    assert run.stop_reason == ("early stopping: 2 validations without an mIoU improvement of more than 1.00 points "
+                               "(min_delta=0.01) over the best, 25.00% (callbacks.early_stopping.patience=2)")
 
 
 def test_the_state_round_trips_and_a_run_resumed_where_it_stopped_stays_stopped():

@@ -83,11 +83,11 @@ SAME = {"count": 4, "sha256": "a" * 64}
 
 
 @pytest.mark.parametrize("saved,expected", [
-    (SAME, " (checkpoint's recorded val mIoU 0.2500, on the same images)"),
-    ({"count": 100, "sha256": "b" * 64}, " (not compared with the checkpoint's recorded val mIoU 0.2500: that was "
+    (SAME, " (the checkpoint's recorded val mIoU 25.00%, on the same images)"),
+    ({"count": 100, "sha256": "b" * 64}, " (not compared with the checkpoint's recorded val mIoU 25.00%: that was "
                                          "measured on other images, 100 validation images with fingerprint "
                                          "bbbbbbbbbbbb, here 4 with aaaaaaaaaaaa)"),
-    (None, " (not compared with the checkpoint's recorded val mIoU 0.2500: the checkpoint does not record which "
+    (None, " (not compared with the checkpoint's recorded val mIoU 25.00%: the checkpoint does not record which "
            "images it was validated on)"),
 ])
 def test_the_recorded_miou_is_compared_only_on_the_same_images(saved, expected):
@@ -106,7 +106,7 @@ def test_eval_of_a_run_directory_on_its_own_and_on_other_data(tmp_path):
     assert torch.load(best, weights_only=True)["val_data_fingerprint"]["count"] == 4
     result = run_cli("eval", f"ckpt={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'ev1'}", cwd=tmp_path, check=True)
     assert f"using {best} (its best validation mIoU)" in result.stdout  # Hydra logs to stdout
-    assert "(checkpoint's recorded val mIoU" in result.stdout and ", on the same images)" in result.stdout
+    assert "(the checkpoint's recorded val mIoU" in result.stdout and ", on the same images)" in result.stdout
     # The same files under another root are the same images; other validation images are not.
     shutil.copytree(data, tmp_path / "moved")
     result = run_cli("eval", f"ckpt={tmp_path / 'run'}", f"dataset.root={tmp_path / 'moved'}",

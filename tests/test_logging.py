@@ -206,3 +206,25 @@ def test_nan_is_written_as_null(tmp_path):
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert line.pop("time") > 0
     assert line == {"iteration": 1, "val/mIoU": None, "train/loss": 0.5}
+
+
+def test_the_eta_counts_the_validations_and_checkpoints_still_due(monkeypatch):
+    """100 iterations at 2 it/s, validation every 20 (4 s each), checkpoint every 50 (1 s each)."""
+    from segtrain.engine.logger import due_count, format_remaining, remaining_seconds
+
+    assert [due_count(i, 100, 20) for i in (0, 15, 20, 99, 100)] == [5, 5, 4, 1, 0]
+    assert [due_count(i, 90, 20) for i in (0, 80, 85)] == [5, 1, 1]  # 20, 40, 60, 80 and the last, 90
+    clock = iter([0.0, 10.0, 14.0, 20.0, 21.0])
+    monkeypatch.setattr(logger_module.time, "perf_counter", lambda: next(clock))
+    speed = Throughput(0)  # 0
+    intervals = {"validation": 20, "checkpoint": 50}
+    seconds, unmeasured = remaining_seconds(15, 100, 2.0, intervals, speed)
+    assert seconds == pytest.approx(42.5) and unmeasured == {"validation": 5, "checkpoint": 2}
+    assert format_remaining(seconds, unmeasured) == "0:00:42 + 5 validations + 2 checkpoints"
+    with speed.excluded("validation"):  # 10 -> 14
+        pass
+    with speed.excluded("checkpoint"):  # 20 -> 21
+        pass
+    seconds, unmeasured = remaining_seconds(20, 100, 2.0, intervals, speed)
+    assert unmeasured == {} and seconds == pytest.approx(80 / 2 + 4 * 4.0 + 2 * 1.0)
+    assert format_remaining(seconds, unmeasured) == "0:00:58"

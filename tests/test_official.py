@@ -1,4 +1,4 @@
-"""Official segmentation checkpoints (DRNSeg, DLA-Up, HRNetV2) load into segtrain's models; HRNet's fuse
+"""Official segmentation checkpoints (DRNSeg, DLA-Up, HRNetV2, HRNetV2 + OCR) load into segtrain's models; HRNet's fuse
 layers upsample bilinearly; `model.bn_momentum`; the DRN weight host.
 
 The files the tests write are in the official layouts: `to_official` below renames a segtrain state dict
@@ -110,7 +110,39 @@ def _hrnet_official(state: dict, backbone: nn.Module) -> dict:
     return full
 
 
-TO_OFFICIAL = {"drnseg": _drnseg_official, "dla_up": _dla_up_official, "hrnetv2": _hrnet_official}
+def _ocr_head_official(key: str) -> str:
+    """seg_hrnet_ocr.py's name of a head tensor of segtrain's HRNetOCR."""
+    block = "ocr_distri_head.object_context_block"
+    bn_relu = {"0.0": "0", "0.1": "1.0", "1.0": "2", "1.1": "3.0"}  # conv, BNReLU, conv, BNReLU
+    part, _, rest = key.partition(".")
+    if part == "pixels":
+        return "conv3x3_ocr." + rest
+    if part == "classifier":
+        return "cls_head." + rest
+    if part == "aux_head":
+        return key
+    if part == "fuse":  # fuse.0 = (conv, BN, ReLU), then Dropout2d
+        index, _, tail = rest.removeprefix("0.").partition(".")
+        return f"ocr_distri_head.conv_bn_dropout.{'0' if index == '0' else '1.0'}.{tail}"
+    branch, _, rest = rest.partition(".")  # attention.<branch>.<place>.<tensor>
+    if branch in ("query", "key"):
+        place, tail = rest[:3], rest[4:]
+        return f"{block}.{'f_pixel' if branch == 'query' else 'f_object'}.{bn_relu[place]}.{tail}"
+    index, _, tail = rest.partition(".")
+    return f"{block}.{'f_down' if branch == 'value' else 'f_up'}.{'0' if index == '0' else '1.0'}.{tail}"
+
+
+def _hrnet_ocr_official(state: dict, backbone: nn.Module) -> dict:
+    """The FullModel file of the HRNet-OCR branch's train.py: `model.` + the network, the loss's class weights."""
+    out = {key.removeprefix("backbone.net.") if key.startswith("backbone.net.") else _ocr_head_official(key): value
+           for key, value in state.items()}
+    full = {"model." + k: v for k, v in out.items()}
+    full["loss.criterion.weight"] = torch.rand(19)
+    return full
+
+
+TO_OFFICIAL = {"drnseg": _drnseg_official, "dla_up": _dla_up_official, "hrnetv2": _hrnet_official,
+               "hrnet_ocr": _hrnet_ocr_official}
 
 
 def to_official(model_name: str, model: nn.Module) -> dict:
@@ -132,6 +164,8 @@ LAYOUT_CASES = [
     ("dla_up", "dla34", {"down_ratio": 4}, "dla_up/dla34/down4/19"),
     ("hrnetv2", "hrnet_w18", {}, "hrnetv2/w18/19"),
     ("hrnetv2", "hrnet_w48", {}, "hrnetv2/w48/19"),
+    ("hrnet_ocr", "hrnet_w18", {}, "hrnet_ocr/w18/19"),
+    ("hrnet_ocr", "hrnet_w48", {}, "hrnet_ocr/w48/19"),
 ]
 
 
@@ -143,7 +177,7 @@ def test_written_files_have_the_official_key_layout(model_name, backbone_name, e
 
 
 LOAD_CASES = [("drnseg", "drn_d_22", {}), ("drnseg", "drn_c_26", {}), ("dla_up", "dla34", {}),
-              ("dla_up", "dla34", {"down_ratio": 4}), ("hrnetv2", "hrnet_w18", {})]
+              ("dla_up", "dla34", {"down_ratio": 4}), ("hrnetv2", "hrnet_w18", {}), ("hrnet_ocr", "hrnet_w18", {})]
 
 
 @pytest.mark.parametrize("model_name,backbone_name,extra", LOAD_CASES,
@@ -210,7 +244,7 @@ def test_official_file_of_another_family_or_shape_is_refused_naming_file_and_key
 
 
 @pytest.mark.parametrize("model_name,backbone_name", [("drnseg", "drn_c_26"), ("dla_up", "dla34"),
-                                                      ("hrnetv2", "hrnet_w18")])
+                                                      ("hrnetv2", "hrnet_w18"), ("hrnet_ocr", "hrnet_w18")])
 def test_backbone_weights_take_the_backbone_part_of_an_official_model(tmp_path, model_name, backbone_name):
     source = _model(model_name, backbone_name, seed=5)
     path = tmp_path / "cityscapes_model.pth"

@@ -2,6 +2,7 @@
 
 import csv
 import math
+from pathlib import Path
 
 from segtrain.engine.report import class_table, format_table, write_class_csv, write_metrics
 
@@ -71,3 +72,16 @@ def test_write_metrics_writes_the_same_csv(tmp_path):
     same = write_class_csv(tmp_path / "x.csv", metrics, names)
     assert (tmp_path / "per_class_iou.csv").read_text() == same.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "per_class_iou.csv", "x.csv"]
+
+
+def test_one_mIoU_format_everywhere_a_person_reads_it():
+    """Percent with two decimals in log lines, tables, eval's line, info and the sweep summary; files keep fractions."""
+    from segtrain.display import percent
+
+    assert [percent(v) for v in (0.5679, 1.0, 0.0, math.nan, None, -1.0)] == ["56.79", "100.00", "0.00", "n/a", "n/a",
+                                                                               "n/a"]
+    sources = Path(__file__).resolve().parents[1] / "segtrain"
+    for path in sources.rglob("*.py"):  # no mIoU formatted as a fraction (%.4f / :.4f) next to the word mIoU
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "mIoU" in line and (".4f" in line or ".3f" in line):
+                raise AssertionError(f"{path.name}:{number} formats an mIoU as a fraction: {line.strip()}")

@@ -52,7 +52,7 @@ def test_the_summary_has_one_row_per_finished_job_in_job_order(tmp_path, monkeyp
         written = list(csv.DictReader(handle))
     assert [(r["job"], r["best_miou"]) for r in written] == [("0", "0.5"), ("1", ""), ("2", "0.7")]
     table = (tmp_path / "summary.md").read_text()
-    assert "| 2 | optimizer.lr=0.03 | **0.7000** | 6 |" in table and "| 1 | optimizer.lr=0.02 | n/a |" in table
+    assert "| 2 | optimizer.lr=0.03 | **70.00** | 6 |" in table and "| 1 | optimizer.lr=0.02 | n/a |" in table
     assert collect(tmp_path / "missing") == []
 
 

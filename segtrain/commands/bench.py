@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection
@@ -39,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 from torch._dynamo.utils import counters
+from tqdm import tqdm
 
 from segtrain.commands.info import model_complexity
 from segtrain.config import AugmentConfig
@@ -51,6 +53,7 @@ from segtrain.engine.step import TrainStep, build_train_step
 from segtrain.errors import ConfigError
 from segtrain.keys import given_keys
 from segtrain.models import build_model
+from segtrain.progress import progress_enabled
 
 
 def synthetic_voc_images(folder: Path, count: int, size: tuple[int, int] = (375, 500)) -> list[tuple[Path, Path]]:
@@ -143,18 +146,36 @@ class Timing:
     startup_s: float  # warm-up wall time beyond as many steady-state steps
 
 
-def _timed(step: Callable[[int], object], warmup: int, count: int, batch_size: int, device: torch.device) -> Timing:
+class BenchProgress:
+    """What bench is doing while it runs (a first compiled step can take minutes): one line per phase
+    on stderr, with a bar over the phase's steps on a terminal."""
+
+    def __init__(self, phases: int) -> None:
+        self.phases, self.done = phases, 0
+
+    def phase(self, what: str, steps: int | None = None) -> tqdm:
+        self.done += 1
+        print(f"bench {self.done}/{self.phases}: {what}", file=sys.stderr, flush=True)
+        return tqdm(total=steps, desc=f"bench {self.done}/{self.phases}", unit="step", leave=False,
+                    disable=steps is None or not progress_enabled(True), dynamic_ncols=True)
+
+
+def _timed(step: Callable[[int], object], warmup: int, count: int, batch_size: int, device: torch.device,
+           bar: tqdm) -> Timing:
     warm_times = []
-    for n in range(max(warmup, 1)):  # the first call is never steady state: always a warm-up step
-        _sync(device)
+    with bar:
+        for n in range(max(warmup, 1)):  # the first call is never steady state: always a warm-up step
+            _sync(device)
+            start = time.perf_counter()
+            step(n + 1)
+            _sync(device)
+            warm_times.append(time.perf_counter() - start)
+            bar.update(1)
         start = time.perf_counter()
-        step(n + 1)
+        for n in range(count):
+            step(len(warm_times) + n + 1)
+            bar.update(1)
         _sync(device)
-        warm_times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for n in range(count):
-        step(len(warm_times) + n + 1)
-    _sync(device)
     steady = (time.perf_counter() - start) / count
     return Timing(batch_size / steady, warm_times[0], max(0.0, sum(warm_times) - len(warm_times) * steady))
 
@@ -171,11 +192,16 @@ def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
+    progress = BenchProgress(phases=4)
+    progress.phase(f"building {cfg.model._target_.rsplit('.', 1)[-1]} on {device}")
     setup = bench_train_step(cfg, device, given_keys(overrides))
     frames_before = counters["frames"]["total"]
     batches = [(setup.images, setup.masks)]
     setup.model.train()
-    train = _timed(lambda it: setup.step(it, batches), b.warmup, b.steps, b.batch_size, device)
+    warm = max(b.warmup, 1)
+    compiled = " (the first compiles: minutes on a large model)" if t.compile else ""
+    bar = progress.phase(f"training steps: {warm} warm-up + {b.steps} timed{compiled}", warm + b.steps)
+    train = _timed(lambda it: setup.step(it, batches), b.warmup, b.steps, b.batch_size, device, bar)
     train_rate = train.images_per_s
 
     def infer_step(_: int) -> None:
@@ -183,7 +209,8 @@ def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
             setup.step.forward(setup.images)
 
     setup.model.eval()
-    inference = _timed(infer_step, b.warmup, b.steps, b.batch_size, device)
+    bar = progress.phase(f"inference passes: {warm} warm-up + {b.steps} timed", warm + b.steps)
+    inference = _timed(infer_step, b.warmup, b.steps, b.batch_size, device, bar)
     infer_rate = inference.images_per_s
     compile_seconds = train.startup_s + inference.startup_s if t.compile else None
     regions = setup.step.regions
@@ -193,6 +220,7 @@ def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     memory, memory_kind = peak_memory_mb(device)
     allocated, reserved = cuda_memory_mb(device)
     complexity = model_complexity(cfg.model, cfg.backbone, num_classes, tuple(crop))
+    progress.phase(f"data pipeline: {b.data_samples} samples in one process")
     with tempfile.TemporaryDirectory() as tmp:
         samples = synthetic_voc_images(Path(tmp), 32)
         data_rate = data_pipeline_rate(samples, crop, 0, b.data_samples)

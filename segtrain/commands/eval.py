@@ -13,7 +13,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.data.normalization import normalization
+from segtrain.display import percent
 from segtrain.engine.checkpoint import recorded_train_state
+from segtrain.engine.distributed import DistContext, broadcast_object, init_distributed
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import refuse_used_eval_dir
@@ -84,15 +86,26 @@ def recorded_miou_note(state: dict, evaluated: dict) -> str:
     logged = recorded_train_state(state).get("best_miou")
     if not isinstance(logged, float) or logged < 0:
         return ""
+    recorded = f"the checkpoint's recorded val mIoU {percent(logged)}%"
     saved = state.get("val_data_fingerprint")
     if saved == evaluated:
-        return f" (checkpoint's recorded val mIoU {logged:.4f}, on the same images)"
+        return f" ({recorded}, on the same images)"
     if not isinstance(saved, dict):
-        return (f" (not compared with the checkpoint's recorded val mIoU {logged:.4f}: the checkpoint does not record "
+        return (f" (not compared with {recorded}: the checkpoint does not record "
                 "which images it was validated on)")
-    return (f" (not compared with the checkpoint's recorded val mIoU {logged:.4f}: that was measured on other images, "
+    return (f" (not compared with {recorded}: that was measured on other images, "
             f"{saved.get('count')} validation images with fingerprint {str(saved.get('sha256'))[:12]}, here "
             f"{evaluated['count']} with {evaluated['sha256'][:12]})")
+
+
+def _join_processes(loaded, run_dir: Path) -> tuple[DistContext, Path]:
+    """Under torchrun, this process's rank and device (the model moved there) and rank 0's run directory,
+    where the predictions of every shard go; alone, rank 0 of one."""
+    ctx = init_distributed(loaded.device.type)
+    if ctx.enabled and ctx.device != loaded.device:
+        loaded.model.to(ctx.device)
+        loaded.device = ctx.device
+    return ctx, Path(broadcast_object(str(run_dir), ctx))
 
 
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
@@ -100,11 +113,12 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     events); return what metrics.json holds."""
     refuse_used_eval_dir(run_dir)
     loaded = load_for_inference(composed, overrides)
+    ctx, run_dir = _join_processes(loaded, run_dir)
     cfg, class_names = loaded.cfg, loaded.class_names
     recorded = recorded_train_state(loaded.state)
     ckpt = loaded.path
     amp = resolve_amp(cfg.trainer.amp, loaded.device)
-    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size)
+    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size, cfg.dataset.get("flip_pairs"))
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, normalize=normalization(cfg),
                             on_error=cfg.data.on_error, max_pixels=cfg.data.max_image_pixels)
     loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")
@@ -119,11 +133,14 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
                         cv2.cvtColor(colorize(prediction, palette), cv2.COLOR_RGB2BGR))
 
     log.info("evaluating %s (iteration %s) on %s/%s: %d images at full resolution, mode %s, scales %s, "
-             "flip %s%s", ckpt, recorded.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset),
+             "flip %s%s%s", ckpt, recorded.get("iteration"), cfg.dataset.name, cfg.eval.split, len(dataset),
              settings.mode, list(settings.scales), settings.flip,
-             f", output stride {cfg.eval.output_stride}" if cfg.eval.output_stride else "")
+             f", output stride {cfg.eval.output_stride}" if cfg.eval.output_stride else "",
+             f", sharded over {ctx.world_size} processes" if ctx.enabled else "")
     result = evaluate(loaded.model, loader, len(class_names), loaded.device, amp, cfg.dataset.ignore_index,
                       settings, progress=cfg.logging.progress, on_prediction=save)
+    if not ctx.is_main:  # every process holds the summed matrix; rank 0 alone writes and reports
+        return result.metrics
     metrics = result.metrics
     extra = {
         "checkpoint": str(ckpt),
@@ -136,6 +153,9 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
                      "output_stride": cfg.eval.output_stride},
         "seconds_per_image": result.seconds_per_image,
         "skipped_samples": result.skipped,
+        "processes": ctx.world_size,
+        # rows: labelled class, columns: predicted class (pixel counts), summed over every process's shard
+        "confusion_matrix": result.matrix.tolist(),
     }
     written = write_metrics(run_dir, metrics, class_names, extra)
     matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
@@ -161,7 +181,7 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
         log.warning("data.on_error=skip: left out of the metric: %s", problem)
     if result.skipped:
         note += f"; {len(result.skipped)} unusable images left out (data.on_error=skip, listed in metrics.json)"
-    print(f"mIoU {metrics['miou']:.4f} on {cfg.dataset.name}/{cfg.eval.split}{note}; "
+    print(f"mIoU {percent(metrics['miou'])}% on {cfg.dataset.name}/{cfg.eval.split}{note}; "
           f"{result.seconds_per_image * 1000:.1f} ms per image")
     print(f"wrote {run_dir / 'metrics.json'}, per_class_iou.csv and confusion_matrix.png")
     return written

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from segtrain.display import percent
 from segtrain.errors import ConfigError
 from segtrain.models import build_model
 
@@ -79,7 +80,7 @@ def _from_checkpoint(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     merged = checkpoint_config(state, cfg, overrides, str(path))
     train_state = recorded_train_state(state)
     best = train_state.get("best_miou")
-    score = f", best val mIoU {best:.4f}" if isinstance(best, float) and best >= 0 else ""
+    score = f", best val mIoU {percent(best)}%" if isinstance(best, float) and best >= 0 else ""
     print(f"checkpoint  {path} (iteration {train_state.get('iteration')}{score})")
     with open_dict(merged):
         merged.info = cfg.info

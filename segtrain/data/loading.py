@@ -52,7 +52,8 @@ def build_dataset(
     mean, std = list(normalize[0]), list(normalize[1])
     if train:
         augment = OmegaConf.to_object(cfg.augment) if isinstance(cfg, DictConfig) else cfg.augment
-        transform = train_transform(augment, mean, std, cfg.ignore_index)
+        flip_pairs = [list(pair) for pair in getattr(cfg, "flip_pairs", None) or []]
+        transform = train_transform(augment, mean, std, cfg.ignore_index, flip_pairs)
     else:
         transform = eval_transform(mean, std)
     return SegmentationDataset(samples, len(cfg.class_names), transform, cfg.ignore_index, on_error,

@@ -78,6 +78,31 @@ class Blur5x5(A.ImageOnlyTransform):
         return ()
 
 
+def flip_permutation(flip_pairs: Sequence[Sequence[int]], num_classes: int = 256) -> list[int]:
+    """Class index -> its index in the mirrored image: identity except for the swapped pairs (dataset.flip_pairs)."""
+    permutation = list(range(num_classes))
+    for left, right in flip_pairs:
+        permutation[int(left)], permutation[int(right)] = int(right), int(left)
+    return permutation
+
+
+class LabelSwappingHorizontalFlip(A.HorizontalFlip):
+    """A horizontal flip that also relabels the mask through `flip_pairs` (LIP: a left arm seen in the mirror is
+    a right arm), as HRNet-Semantic-Segmentation's LIP dataset does; the image is flipped as by HorizontalFlip."""
+
+    def __init__(self, flip_pairs: Sequence[Sequence[int]], p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.flip_pairs = [tuple(int(v) for v in pair) for pair in flip_pairs]
+        self.table = np.array(flip_permutation(self.flip_pairs), dtype=np.uint8)
+
+    def apply_to_mask(self, mask: np.ndarray, **params: object) -> np.ndarray:
+        flipped = np.ascontiguousarray(mask[:, ::-1])
+        return self.table[flipped] if flipped.dtype == np.uint8 else np.take(self.table, flipped).astype(mask.dtype)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("flip_pairs",)
+
+
 def discrete_scales(low: float, high: float, step: float) -> list[float]:
     """low, low + step, ..., high, as DeepLab's get_random_scale spaces them (linspace over the steps)."""
     if step <= 0:
@@ -131,10 +156,12 @@ def _photometric_steps(augment: AugmentConfig) -> list[A.BasicTransform]:
 
 
 def train_transform(
-    augment: AugmentConfig, mean: Sequence[float], std: Sequence[float], ignore_index: int = 255
+    augment: AugmentConfig, mean: Sequence[float], std: Sequence[float], ignore_index: int = 255,
+    flip_pairs: Sequence[Sequence[int]] = (),
 ) -> SeededTransform:
     """Random scale -> rotate -> blur -> pad to the crop (image: mean or 0, mask: ignore) -> random crop
-    -> flip -> colour jitter -> normalise; the optional steps only where dataset.augment enables them."""
+    -> flip (swapping the labels of `flip_pairs`) -> colour jitter -> normalise; the optional steps only where
+    dataset.augment enables them."""
     crop_h, crop_w = (int(v) for v in augment.crop_size)
     if augment.pad_image_with not in ("mean", "zero"):
         raise ConfigError(f"dataset.augment.pad_image_with must be 'mean' or 'zero', got {augment.pad_image_with!r}")
@@ -146,7 +173,7 @@ def train_transform(
         A.RandomCrop(height=crop_h, width=crop_w),
     ]
     if augment.hflip:
-        steps.append(A.HorizontalFlip(p=0.5))
+        steps.append(LabelSwappingHorizontalFlip(flip_pairs, p=0.5) if flip_pairs else A.HorizontalFlip(p=0.5))
     steps += _photometric_steps(augment)
     steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
     return SeededTransform(A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST))

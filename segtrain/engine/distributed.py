@@ -1,13 +1,19 @@
-"""torch.distributed for single- and multi-node training launched by torchrun (or srun).
+"""torch.distributed for single- and multi-node training launched by torchrun (or srun), or by Hydra's
+submitit launcher (SLURM).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; segtrain joins the process group from them (NCCL on
-CUDA, gloo on CPU). `trainer.batch_size` is the global batch, split evenly over ranks and
-gradient-accumulation steps. Only rank 0 writes logs, TensorBoard events and checkpoints (and only
-rank 0 lets Hydra create the run directory: `rank_scratch_overrides`).
+CUDA, gloo on CPU). Under `hydra/launcher=submitit_slurm` (or submitit_local) the scheduler starts
+every task itself: `adopt_launcher_environment` sets the same variables from submitit's job
+environment, so the rest of segtrain sees one kind of launch.
+
+`trainer.batch_size` is the global batch, split evenly over ranks and gradient-accumulation steps.
+Only rank 0 writes logs, TensorBoard events and checkpoints (and only rank 0 lets Hydra create the
+run directory: `rank_scratch_overrides`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -52,8 +58,50 @@ def rank_scratch_overrides() -> list[str]:
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 
 
+SUBMITIT_EXECUTOR = "SUBMITIT_EXECUTOR"  # set by submitit in every task of its jobs (slurm, local)
+
+
+def in_launcher_job() -> bool:
+    """True in a task started by Hydra's submitit launcher (SLURM or local)."""
+    return bool(os.environ.get(SUBMITIT_EXECUTOR))
+
+
+def launcher_job_id() -> str | None:
+    """The scheduler's id of this submitit job (the same after a requeue); None outside one."""
+    if not in_launcher_job():
+        return None
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+def adopt_launcher_environment() -> bool:
+    """In a submitit task, export torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT) from submitit's job environment: the global rank and the local rank
+    (SLURM_PROCID, SLURM_LOCALID), the task count (SLURM_NTASKS), the first node of the job as the master
+    and a port drawn from the job id (the same after a requeue). Nothing when torchrun's variables are
+    already set (torchrun inside the job) or outside a submitit job. True when it exported them.
+
+    A task of rank > 0 shares rank 0's job directory (the launcher gives every task the same one), so
+    its log file handlers are dropped here: only rank 0 writes train.log, as under torchrun."""
+    if "RANK" in os.environ or not in_launcher_job():
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    os.environ.update({"RANK": str(env.rank), "LOCAL_RANK": str(env.local_rank), "WORLD_SIZE": str(env.world_size),
+                       "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
+                       "MASTER_PORT": str(env.master_port)})
+    if env.rank > 0:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+    return True
+
+
 def init_distributed(requested_device: str) -> DistContext:
-    """Join the process group described by torchrun's environment (or the one already joined)."""
+    """Join the process group described by torchrun's environment, or a submitit job's (or the one
+    already joined)."""
+    adopt_launcher_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():
@@ -64,7 +112,8 @@ def init_distributed(requested_device: str) -> DistContext:
     if device.type == "cuda" and world_size > 1:
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                              "launch at most one process per GPU (torchrun --nproc_per_node)")
+                              "launch at most one process per GPU (torchrun --nproc_per_node; under the submitit "
+                              "launcher hydra.launcher.tasks_per_node at most hydra.launcher.gpus_per_node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

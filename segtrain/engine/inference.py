@@ -26,17 +26,23 @@ class InferenceSettings:
     stride: tuple[int, int] | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    # Score channels swapped in the mirrored pass before it is mirrored back (dataset.flip_pairs: LIP's left and
+    # right arms, legs, shoes), as HRNet-Semantic-Segmentation's LIP flip test does.
+    flip_pairs: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def from_config(cls, eval_cfg, train_crop: Sequence[int] | None = None) -> InferenceSettings:
+    def from_config(cls, eval_cfg, train_crop: Sequence[int] | None = None,
+                    flip_pairs: Sequence[Sequence[int]] | None = None) -> InferenceSettings:
         """From the `eval` section (checked by segtrain.config_checks); the window defaults to the training
-        crop and the step to 2/3 of the window."""
+        crop and the step to 2/3 of the window; `flip_pairs` from dataset.flip_pairs."""
         crop = eval_cfg.crop_size if eval_cfg.crop_size is not None else train_crop
         crop = _pair(crop) if crop is not None else None
         stride = _pair(eval_cfg.stride) if eval_cfg.stride is not None else None
         if crop is not None and stride is None:
             stride = (max(1, math.ceil(crop[0] * 2 / 3)), max(1, math.ceil(crop[1] * 2 / 3)))
-        return cls(str(eval_cfg.mode), crop, stride, tuple(float(s) for s in eval_cfg.scales), bool(eval_cfg.flip))
+        pairs = tuple((int(a), int(b)) for a, b in flip_pairs or ())
+        return cls(str(eval_cfg.mode), crop, stride, tuple(float(s) for s in eval_cfg.scales), bool(eval_cfg.flip),
+                   pairs)
 
     @property
     def plain(self) -> bool:
@@ -80,6 +86,16 @@ def _single_pass(model: nn.Module, image: torch.Tensor, settings: InferenceSetti
     return model(image)["out"]
 
 
+def _swap_channels(scores: torch.Tensor, flip_pairs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The mirrored image's scores for class `left` are the original image's for `right`, and back."""
+    if not flip_pairs:
+        return scores
+    order = list(range(scores.shape[1]))
+    for left, right in flip_pairs:
+        order[left], order[right] = right, left
+    return scores[:, order]
+
+
 @torch.no_grad()
 def infer(model: nn.Module, image: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
     """(N, C, H, W) scores at the input resolution: logits when `settings.plain`, else the mean of
@@ -95,7 +111,7 @@ def infer(model: nn.Module, image: torch.Tensor, settings: InferenceSettings) ->
         for mirrored in (False, True) if settings.flip else (False,):
             logits = _single_pass(model, scaled.flip(-1) if mirrored else scaled, settings)
             if mirrored:
-                logits = logits.flip(-1)
+                logits = _swap_channels(logits, settings.flip_pairs).flip(-1)
             if logits.shape[-2:] != (height, width):
                 logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
             probs = logits.float().softmax(dim=1)

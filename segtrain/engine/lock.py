@@ -3,7 +3,8 @@
 A second `segtrain train` on a live run directory would write over the first one's checkpoints (and
 its `best.pt` with a worse model); it fails at once naming the holder instead. A lock left by a
 process that is gone (killed, crashed machine) is taken over with a warning. Under torchrun only
-rank 0 holds it.
+rank 0 holds it. In a submitit (SLURM) job the lock names the job too: a requeued job, perhaps on
+another node, takes over the lock of its own earlier start.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from segtrain.engine.distributed import launcher_job_id
 from segtrain.errors import ConfigError
 
 log = logging.getLogger("segtrain.train")
@@ -48,6 +50,9 @@ def live_holder(run_dir: Path) -> dict[str, Any] | None:
     holder = read_lock(run_dir)
     if not holder:
         return None
+    job = launcher_job_id()
+    if job is not None and holder.get("job") == job:
+        return None  # this scheduler job's earlier start: the job was requeued, so that process is gone
     if holder.get("host") != socket.gethostname():
         return holder
     pid = holder.get("pid")
@@ -98,7 +103,8 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                             "job": launcher_job_id()})
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

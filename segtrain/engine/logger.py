@@ -134,22 +134,33 @@ class RunLogger:
 
 class Throughput:
     """Iterations per second over the iterations since the last reading, with the time spent in
-    `excluded()` (validation, checkpoints) left out, so a short last window reads right too."""
+    `excluded()` (validation, checkpoints) left out, so a short last window reads right too. The
+    excluded time is also kept per kind over the whole run: `remaining_seconds` adds it to the ETA."""
 
     def __init__(self, iteration: int) -> None:
         self.reset(iteration)
+        self.spent: dict[str, float] = {}  # kind -> seconds, over the run
+        self.occurrences: dict[str, int] = {}
 
     def reset(self, iteration: int, now: float | None = None) -> None:
         self.iteration, self.paused = iteration, 0.0
         self.tic = time.perf_counter() if now is None else now
 
     @contextlib.contextmanager
-    def excluded(self) -> Iterator[None]:
+    def excluded(self, kind: str = "other") -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.paused += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.paused += seconds
+            self.spent[kind] = self.spent.get(kind, 0.0) + seconds
+            self.occurrences[kind] = self.occurrences.get(kind, 0) + 1
+
+    def mean_seconds(self, kind: str) -> float | None:
+        """The mean duration of one `excluded(kind)` so far; None before the first."""
+        count = self.occurrences.get(kind, 0)
+        return self.spent[kind] / count if count else None
 
     def rate(self, iteration: int) -> float:
         now = time.perf_counter()
@@ -157,6 +168,41 @@ class Throughput:
         done = iteration - self.iteration
         self.reset(iteration, now)
         return done / max(elapsed, 1e-9)
+
+
+def due_count(iteration: int, max_iters: int, interval: int) -> int:
+    """How many of the iterations after `iteration` up to `max_iters` run an event due every
+    `interval` iterations and at the last one (the loop's rule for validation and checkpoints)."""
+    if iteration >= max_iters:
+        return 0
+    multiples = max_iters // interval - iteration // interval
+    return multiples + (0 if max_iters % interval == 0 else 1)
+
+
+def remaining_seconds(iteration: int, max_iters: int, rate: float, intervals: dict[str, int],
+                      throughput: Throughput) -> tuple[float, dict[str, int]]:
+    """The time left: the remaining steps at `rate` plus every validation and checkpoint still due,
+    each at its mean duration so far. Returns the seconds and, per kind not measured yet (before
+    the first validation), how many are due, which the ETA names instead of guessing their length."""
+    seconds = (max_iters - iteration) / rate if rate > 0 else math.inf
+    unmeasured = {}
+    for kind, interval in intervals.items():
+        count = due_count(iteration, max_iters, interval)
+        mean = throughput.mean_seconds(kind)
+        if mean is not None:
+            seconds += count * mean
+        elif count:
+            unmeasured[kind] = count
+    return seconds, unmeasured
+
+
+def format_remaining(seconds: float, unmeasured: dict[str, int]) -> str:
+    """`0:04:31`, or `0:00:48 + 3 validations` while their duration is not known yet."""
+    text = format_eta(seconds)
+    plural = {"validation": "validations", "checkpoint": "checkpoints"}
+    for kind, count in unmeasured.items():
+        text += f" + {count} {kind if count == 1 else plural.get(kind, kind + 's')}"
+    return text
 
 
 def format_eta(seconds: float) -> str:

@@ -27,7 +27,8 @@ class Predictor:
         self.mean, self.std = normalization(self.cfg)  # as the checkpoint was trained
         self.amp = resolve_amp(self.cfg.trainer.amp, self.device)
         self.max_pixels = int(self.cfg.data.max_image_pixels)
-        self.settings = InferenceSettings.from_config(self.cfg.eval, self.cfg.dataset.augment.crop_size)
+        self.settings = InferenceSettings.from_config(self.cfg.eval, self.cfg.dataset.augment.crop_size,
+                                                      self.cfg.dataset.get("flip_pairs"))
 
     @property
     def num_classes(self) -> int:

@@ -13,23 +13,25 @@ import math
 import os
 from pathlib import Path
 
+from segtrain.display import percent
+
 SUMMARY_CLASSES = 5  # worst and best classes named in the summary of a long table
 
 
 def format_table(metrics: dict, class_names: list[str]) -> str:
     width = max(12, *(len(n) for n in class_names))
-    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}"]
+    lines = [f"{'class':<{width}}  {'IoU %':>7}  {'Acc %':>7}"]
     for name, iou, acc in zip(class_names, metrics["iou"], metrics["acc"]):
-        lines.append(f"{name:<{width}}  {_pct(iou):>7}  {_pct(acc):>7}")
+        lines.append(f"{name:<{width}}  {percent(iou):>7}  {percent(acc):>7}")
     lines.extend(_totals(metrics, width))
     return "\n".join(lines)
 
 
 def _totals(metrics: dict, width: int) -> list[str]:
     return ["-" * (width + 18),
-            f"{'mIoU':<{width}}  {_pct(metrics['miou']):>7}",
-            f"{'pixel acc':<{width}}  {_pct(metrics['pixel_acc']):>7}",
-            f"{'mean acc':<{width}}  {_pct(metrics['mean_acc']):>7}"]
+            f"{'mIoU':<{width}}  {percent(metrics['miou']):>7}",
+            f"{'pixel acc':<{width}}  {percent(metrics['pixel_acc']):>7}",
+            f"{'mean acc':<{width}}  {percent(metrics['mean_acc']):>7}"]
 
 
 def class_table(metrics: dict, class_names: list[str], max_rows: int = 30, *, csv_path: Path | None = None) -> str:
@@ -44,20 +46,17 @@ def class_table(metrics: dict, class_names: list[str], max_rows: int = 30, *, cs
     best = scored[len(worst):][-SUMMARY_CLASSES:][::-1]
     where = f": full table in {csv_path}" if csv_path is not None else ""
     lines = [f"{len(class_names)} classes, {len(worst)} worst and {len(best)} best by IoU{where}",
-             f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}"]
+             f"{'class':<{width}}  {'IoU %':>7}  {'Acc %':>7}"]
     for label, rows in (("worst", worst), ("best", best)):
         lines.append(f"{label}:")
-        lines.extend(f"{class_names[i]:<{width}}  {_pct(iou):>7}  {_pct(metrics['acc'][i]):>7}" for iou, i in rows)
+        lines.extend(f"{class_names[i]:<{width}}  {percent(iou):>7}  {percent(metrics['acc'][i]):>7}"
+                     for iou, i in rows)
     lines.extend(_totals(metrics, width))
     missing = [name for name, iou in zip(class_names, metrics["iou"]) if math.isnan(iou)]
     if missing:
         named = ", ".join(missing[:SUMMARY_CLASSES]) + (", ..." if len(missing) > SUMMARY_CLASSES else "")
         lines.append(f"{'IoU n/a':<{width}}  {len(missing):>7}  classes with no pixel labelled or predicted: {named}")
     return "\n".join(lines)
-
-
-def _pct(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from segtrain.data.loading import eval_loader, train_loader
+from segtrain.display import percent
 from segtrain.engine.callbacks import Callback, CallbackList, configured_callbacks, default_callbacks
 from segtrain.engine.distributed import barrier, broadcast_object, init_distributed
 from segtrain.engine.hparams import RunInfo
@@ -149,10 +150,11 @@ class Trainer:
                 events.on_step_end(run, result)
                 if _due(iteration, self.cfg.logging.interval, last):
                     events.on_log(run, result)
-                with run.throughput.excluded():  # it/s counts training steps only
-                    if _due(iteration, t.val_interval, last):
+                if _due(iteration, t.val_interval, last):  # it/s counts training steps only; the ETA adds these
+                    with run.throughput.excluded("validation"):
                         events.on_validation(run)
-                    if _due(iteration, t.ckpt_interval, last or run.stop_reason is not None):
+                if _due(iteration, t.ckpt_interval, last or run.stop_reason is not None):
+                    with run.throughput.excluded("checkpoint"):
                         events.on_checkpoint(run)
                 events.on_iteration_end(run)
                 if run.stop_signal is not None and run.stop_reason is None:  # a run that ends anyway just ends
@@ -180,8 +182,8 @@ class Trainer:
 
     def summary(self) -> TrainResult:
         run, s = self.run, self.run.state
-        log.info("done: final val mIoU %.4f, best %.4f at iteration %d; checkpoints in %s", s.last_miou, s.best_miou,
-                 s.best_iteration, run.ckpt_dir)
+        log.info("done: final val mIoU %s%%, best %s%% at iteration %d; checkpoints in %s", percent(s.last_miou),
+                 percent(s.best_miou), s.best_iteration, run.ckpt_dir)
         if run.problems:
             log.warning("%d unusable samples were skipped (%d distinct problems)", s.skipped_samples,
                         len(run.problems))

@@ -1,6 +1,6 @@
 """Whole-model checkpoints of the official segmentation code, in segtrain's key layout.
 
-Three layouts are recognised, each from the code that wrote the released files:
+Four layouts are recognised, each from the code that wrote the released files:
 
 - DRNSeg (fyu/drn segment.py): `base.N.*` (the DRN's children in order, avgpool and fc dropped:
   DRN-C conv1, bn1, relu, layer1..8; DRN-D layer0..8), `seg.*` (1x1 classifier), `up.weight`
@@ -16,6 +16,13 @@ Three layouts are recognised, each from the code that wrote the released files:
   bias, BN, 1x1 classifier). segtrain: `backbone.net.*`, `fuse.{0, 1}` (the conv has no bias: the
   bias is folded into the BN's running mean, which is exact since BN subtracts a mean either way),
   `classifier.*`.
+
+- HRNetV2 + OCR (HRNet-Semantic-Segmentation branch HRNet-OCR, seg_hrnet_ocr.py, saved through
+  FullModel): the HRNet as above, `conv3x3_ocr.{0, 1}` (3x3 conv with bias, BN), `aux_head.{0, 1, 3}`,
+  `ocr_distri_head.object_context_block.{f_pixel, f_object}.{0, 1.0, 2, 3.0}` (conv, BN, conv, BN),
+  `...{f_down, f_up}.{0, 1.0}`, `ocr_distri_head.conv_bn_dropout.{0, 1.0}`, `cls_head`. segtrain:
+  `backbone.net.*`, `pixels.{0, 1}`, `aux_head.*` (the same), `attention.{query, key}.{0, 1}.{0, 1}`,
+  `attention.{value, project}.{0, 1}`, `fuse.0.{0, 1}`, `classifier.*`; every tensor keeps its shape.
 
 A layout is recognised by its distinctive keys; a segtrain state dict never has them.
 """
@@ -38,6 +45,22 @@ DRN_C_CHILDREN = ("conv1", "bn1", "relu") + tuple(f"layer{n}" for n in range(1, 
 DRN_D_CHILDREN = tuple(f"layer{n}" for n in range(0, 9))
 IDA_KEY = re.compile(r"^dla_up\.ida_(\d+)\.(proj|up|node)_(\d+)\.(.+)$")
 HRNET_MARKERS = ("last_layer.3.weight", "stage4.0.fuse_layers.0.1.0.weight")
+OCR_MARKERS = ("cls_head.weight", "ocr_distri_head.object_context_block.f_pixel.0.weight")
+OCR_BLOCK = "ocr_distri_head.object_context_block."
+# Official OCR head prefixes -> segtrain's (HRNetOCR); the longest official prefix that matches wins.
+OCR_HEAD_PREFIXES = {
+    "conv3x3_ocr.": "pixels.",
+    "aux_head.": "aux_head.",
+    "cls_head.": "classifier.",
+    "ocr_distri_head.conv_bn_dropout.0.": "fuse.0.0.",
+    "ocr_distri_head.conv_bn_dropout.1.0.": "fuse.0.1.",
+    **{f"{OCR_BLOCK}{official}.{index}.": f"attention.{ours}.{place}."
+       for official, ours in (("f_pixel", "query"), ("f_object", "key"))
+       for index, place in (("0", "0.0"), ("1.0", "0.1"), ("2", "1.0"), ("3.0", "1.1"))},
+    **{f"{OCR_BLOCK}{official}.{index}.": f"attention.{ours}.{place}."
+       for official, ours in (("f_down", "value"), ("f_up", "project"))
+       for index, place in (("0", "0"), ("1.0", "1"))},
+}
 
 
 def _is_drnseg(state: State) -> bool:
@@ -57,6 +80,22 @@ def _strip_fullmodel(state: State) -> State:
 
 def _is_hrnet(state: State) -> bool:
     return all(k in _strip_fullmodel(state) for k in HRNET_MARKERS)
+
+
+def _is_hrnet_ocr(state: State) -> bool:
+    return all(k in _strip_fullmodel(state) for k in OCR_MARKERS)
+
+
+def _hrnet_ocr_keys(state: State, backbone: nn.Module) -> State:
+    mapped: State = {}
+    prefixes = sorted(OCR_HEAD_PREFIXES, key=len, reverse=True)
+    for key, value in _strip_fullmodel(state).items():
+        official = next((p for p in prefixes if key.startswith(p)), None)
+        if official is None:
+            mapped["backbone.net." + key] = value
+        else:
+            mapped[OCR_HEAD_PREFIXES[official] + key.removeprefix(official)] = value
+    return mapped
 
 
 def _drn_children(backbone: nn.Module) -> tuple[str, ...]:
@@ -157,6 +196,8 @@ LAYOUTS = (
     OfficialLayout("DLA-Up (ucbdrive/dla dla_up.py)", "dla_up.DLAUp", "dla_up", _is_dla_up, _dla_up_keys),
     OfficialLayout("HRNetV2 (HRNet-Semantic-Segmentation seg_hrnet.py)", "hrnet.HRNetV2", "hrnetv2", _is_hrnet,
                    _hrnet_keys),
+    OfficialLayout("HRNetV2 + OCR (HRNet-Semantic-Segmentation seg_hrnet_ocr.py)", "hrnet_ocr.HRNetOCR",
+                   "hrnet_ocr", _is_hrnet_ocr, _hrnet_ocr_keys),
 )
 
 

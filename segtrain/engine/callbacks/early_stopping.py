@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 
+from segtrain.display import percent
 from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.run import Run
 from segtrain.errors import WeightsError
@@ -52,7 +53,8 @@ class EarlyStopping(Callback):
 
     def request_stop(self, run: Run) -> None:
         run.stop_reason = (f"early stopping: {self.bad_validations} validations without an mIoU improvement of "
-                           f"more than {self.min_delta:g} over the best, {self.best:.4f} "
+                           f"more than {percent(self.min_delta)} points (min_delta={self.min_delta:g}) over the best, "
+                           f"{percent(self.best)}% "
                            f"(callbacks.early_stopping.patience={self.patience})")
 
     def state_dict(self) -> dict:

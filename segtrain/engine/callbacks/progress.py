@@ -1,7 +1,9 @@
 """Progress: the bar on a terminal, and a loss / learning-rate / speed line every logging.interval.
 
 The line is the loop's one regular host synchronisation (the loss, and with trainer.clip_grad_norm the
-gradients' norm before clipping, train/grad_norm, are read). It always reaches
+gradients' norm before clipping, train/grad_norm, are read). Its ETA counts the validations and
+checkpoints still due at their mean duration so far (before the first validation it names how many
+are due instead of guessing). It always reaches
 train.log; on the console the bar shows it instead when there is one. Speed counts training steps
 only: the loop leaves validation and checkpoint writing out of `run.throughput`.
 """
@@ -10,13 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 from tqdm import tqdm
 
 from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.distributed import all_reduce_sum
-from segtrain.engine.logger import PROGRESS_RECORD, Throughput, console_above_bar, format_eta
+from segtrain.engine.logger import (
+    PROGRESS_RECORD,
+    Throughput,
+    console_above_bar,
+    format_remaining,
+    remaining_seconds,
+)
 from segtrain.engine.run import Run
 from segtrain.engine.step import StepResult
 from segtrain.progress import progress_enabled
@@ -46,8 +53,9 @@ class ProgressLogger(Callback):
         rate = run.throughput.rate(iteration)  # over the iterations since the last line: the last may be short
         run.state.history.append({"iteration": iteration, "loss": loss, "lr": lr})
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s, eta %s", iteration, max_iters, loss, lr, rate,
-                 format_eta((max_iters - iteration) / rate if rate > 0 else math.inf),
+        intervals = {"validation": run.cfg.trainer.val_interval, "checkpoint": run.cfg.trainer.ckpt_interval}
+        eta = format_remaining(*remaining_seconds(iteration, max_iters, rate, intervals, run.throughput))
+        log.info("iter %d/%d: loss %.4f, lr %.6g, %.2f it/s, eta %s", iteration, max_iters, loss, lr, rate, eta,
                  extra={PROGRESS_RECORD: True})
         values = {"train/loss": loss, "train/lr": lr, "train/iter_per_s": rate}
         if result.grad_norm is not None:  # the same on every process: DDP averaged the gradients

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from segtrain.display import percent
 from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.engine.evaluate import evaluate
@@ -63,7 +64,7 @@ class ValidateAndKeepBest(Callback):
             if run.ctx.is_main and miou > self.best_on_disk:
                 self.best_on_disk = miou
                 save_checkpoint(checkpoint_state(run), run.ckpt_dir / "best.pt")
-                log.info("new best mIoU %.4f at iteration %d: %s", miou, iteration, run.ckpt_dir / "best.pt")
+                log.info("new best mIoU %s%% at iteration %d: %s", percent(miou), iteration, run.ckpt_dir / "best.pt")
 
     def validate(self, run: Run, show_images: bool) -> Validation:
         evaluated = run.evaluated_model
@@ -74,7 +75,8 @@ class ValidateAndKeepBest(Callback):
         if run.val_model is not None:  # the protocol's output stride: a copy of the evaluated weights
             run.val_model.load_state_dict(evaluated.state_dict())
             model = run.val_model
-        settings = InferenceSettings.from_config(run.cfg.eval, run.cfg.dataset.augment.crop_size)
+        settings = InferenceSettings.from_config(run.cfg.eval, run.cfg.dataset.augment.crop_size,
+                                                 run.cfg.dataset.get("flip_pairs"))
         num_images = run.cfg.logging.num_images if show_images and run.ctx.is_main else 0
         with run.step.eager():  # images of varying size: never compile (nor recompile) the training graphs
             result = evaluate(model, run.val_loader, len(run.class_names), run.runtime.device, run.runtime.amp,
@@ -91,8 +93,8 @@ class ValidateAndKeepBest(Callback):
             table_csv = write_class_csv(run.run_dir / VAL_CLASS_CSV, m, run.class_names)
         left_out = (f" ({len(validation.skipped)} unusable samples left out: data.on_error=skip)"
                     if validation.skipped else "")
-        log.info("iter %d: val mIoU %.4f, pixel acc %.4f, mean acc %.4f%s%s\n%s", iteration, m["miou"],
-                 m["pixel_acc"], m["mean_acc"], "" if run.ema is None else " (EMA weights)", left_out,
+        log.info("iter %d: val mIoU %s%%, pixel acc %s%%, mean acc %s%%%s%s\n%s", iteration, percent(m["miou"]),
+                 percent(m["pixel_acc"]), percent(m["mean_acc"]), "" if run.ema is None else " (EMA weights)", left_out,
                  class_table(m, run.class_names, CLASS_ROWS, csv_path=table_csv))
         values = {tag: m[key] for key, tag in (("miou", "val/mIoU"), ("pixel_acc", "val/pixel_acc"),
                                                ("mean_acc", "val/mean_acc"))}

@@ -20,8 +20,9 @@ from segtrain.models.backbones.timm_encoder import TimmBackbone
 FUSE_UPSAMPLE_MODES = ("bilinear", "nearest")
 
 
-def set_fuse_upsampling(net: nn.Module, mode: str) -> int:
-    """Give every upsampling of `net`'s HRNet fuse layers `mode`; returns how many were changed.
+def set_fuse_upsampling(net: nn.Module, mode: str, align_corners: bool = False) -> int:
+    """Give every upsampling of `net`'s HRNet fuse layers `mode` (bilinear with `align_corners`);
+    returns how many were changed.
 
     A fuse layer from branch j to a finer branch i is conv1x1 -> BN -> upsample x2^(j-i). Exact
     2^k factors (inputs padded to the largest stride) make `scale_factor` and the official
@@ -39,7 +40,7 @@ def set_fuse_upsampling(net: nn.Module, mode: str) -> int:
                     continue
                 for index, part in enumerate(layer):
                     if isinstance(part, nn.Upsample):
-                        align = False if mode == "bilinear" else None
+                        align = bool(align_corners) if mode == "bilinear" else None
                         layer[index] = nn.Upsample(scale_factor=part.scale_factor, mode=mode, align_corners=align)
                         changed += 1
     return changed
@@ -49,6 +50,10 @@ class HRNetBackbone(TimmBackbone):
     """timm's HRNet returning the branch outputs, with `fuse_upsample` ("bilinear", as the official
     segmentation code; "nearest", as timm) in every fuse layer.
 
+    `fuse_align_corners` is the bilinear convention of those fuse layers: the official code takes it
+    from MODEL.ALIGN_CORNERS, false in the HRNetV2 Cityscapes configs and left at its default, true,
+    in the HRNet + OCR configs.
+
     The other options are TimmBackbone's; `size_divisor` must be a multiple of the largest stride
     (32), since the fuse layers resample by exact powers of two.
     """
@@ -57,6 +62,7 @@ class HRNetBackbone(TimmBackbone):
         self,
         name: str,
         fuse_upsample: str = "bilinear",
+        fuse_align_corners: bool = False,
         output_stride: int | None = None,
         out_indices: list[int] | None = None,
         pretrained: bool = False,
@@ -67,6 +73,9 @@ class HRNetBackbone(TimmBackbone):
         if fuse_upsample not in FUSE_UPSAMPLE_MODES:
             raise ConfigError(f"backbone.fuse_upsample={fuse_upsample!r}: choose bilinear (the official HRNet "
                               "segmentation code) or nearest (timm's HRNet)")
+        if not isinstance(fuse_align_corners, bool) or (fuse_align_corners and fuse_upsample != "bilinear"):
+            raise ConfigError(f"backbone.fuse_align_corners={fuse_align_corners!r}: true or false, and true only "
+                              "with backbone.fuse_upsample=bilinear")
         if not str(name).split(".")[0].startswith("hrnet"):
             raise ConfigError(f"backbone.name={name!r}: HRNetBackbone builds timm's hrnet_* models; for other timm "
                               "models use backbone=timm")
@@ -75,5 +84,5 @@ class HRNetBackbone(TimmBackbone):
         if self.size_divisor % max(self.strides):
             raise ConfigError(f"backbone.size_divisor={self.size_divisor}: HRNet fuses its branches by exact "
                               f"2x resampling, so inputs must be padded to a multiple of {max(self.strides)}")
-        if set_fuse_upsampling(self.net, fuse_upsample) == 0:
+        if set_fuse_upsampling(self.net, fuse_upsample, fuse_align_corners) == 0:
             raise ConfigError(f"backbone.name={name!r}: found no HRNet fuse layers to set to {fuse_upsample}")
