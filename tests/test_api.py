@@ -80,7 +80,7 @@ def test_predict_matches_the_command_pixel_for_pixel(tmp_path, varied_checkpoint
         assert len(np.unique(want)) > 1  # a comparison of varied masks, not of constant ones
         np.testing.assert_array_equal(mask, want)
         # The same image as a PIL image, an array and a CHW tensor (uint8, and float in [0, 1]).
-        pixels = np.asarray(Image.open(path).convert("RGB"))
+        pixels = np.array(Image.open(path).convert("RGB"))  # writable, as torch.from_numpy wants
         chw = torch.from_numpy(pixels).permute(2, 0, 1)
         for given in (Image.open(path), pixels, chw, chw.float() / 255):
             np.testing.assert_array_equal(segmenter.predict(given, protocol=protocol), want)
