@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from segtrain.composition import checkpoint_cfg_text, config_dir, hydra_run_info, precheck, register
+from segtrain.composition import checkpoint_cfg_text, config_dir, precheck, register
 from segtrain.errors import Preempted, SegtrainError, user_message
 
 __all__ = ["COMMANDS", "config_dir", "main", "version"]  # config_dir: where scripts and tests find conf/
@@ -60,19 +60,15 @@ def _to_log_file(message: str) -> None:
 
 
 def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[[DictConfig], object]:
-    """The Hydra task function; it returns the body's value (train: the best mIoU, which sweepers
-    such as Optuna's optimise)."""
+    """The Hydra task function: the job the Python API runs (segtrain.api.job), with its errors as one line
+    and an exit status; it returns the body's value (train: the best mIoU, which sweepers such as Optuna's
+    optimise)."""
 
     def run(cfg: DictConfig) -> object:
-        from hydra.core.hydra_config import HydraConfig
+        from segtrain.api import job
 
-        from segtrain.config_checks import check_config
-        from segtrain.engine.runtime import stop_worker_processes
-
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            check_config(cfg)  # this job's values (a sweep's later values too); canonical option strings
-            return body(cfg, run_dir)
+            return job(body)(cfg)
         except Preempted as exc:
             _to_log_file(f"segtrain {command}: {exc}")
             print(f"segtrain {command}: {exc}", file=sys.stderr)
@@ -96,25 +92,20 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
             message = f"a data-loader worker failed: {user_message(exc)}"
             _to_log_file(f"segtrain {command}: error: {message}")
             _fail(command, message)
-        finally:
-            stop_worker_processes()
 
     return run
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float:
-    from segtrain.engine.trainer import train
+    from segtrain.api import run_training  # segtrain.train's job
 
-    run_info = hydra_run_info()
-    return float(train(cfg, run_dir, run_info=run_info).best_miou)
+    return float(run_training(cfg, run_dir).best_miou)
 
 
 def _eval(cfg: DictConfig, run_dir: Path) -> None:
-    from hydra.core.hydra_config import HydraConfig
+    from segtrain.api import run_evaluation  # segtrain.evaluate's job
 
-    from segtrain.commands.eval import run_eval
-
-    run_eval(cfg, list(HydraConfig.get().overrides.task), run_dir)
+    run_evaluation(cfg, run_dir)
 
 
 def _info(cfg: DictConfig, run_dir: Path) -> None:

@@ -28,17 +28,19 @@ def unpickling_culprit(exc: Exception) -> str:
     return lines[-1][:200] if lines else "it needs arbitrary unpickling"
 
 
-def load_weights_file(path: str | Path, setting: str | None = None) -> Any:
+def load_weights_file(path: str | Path, setting: str | None = None, mmap: bool = False) -> Any:
     """The unpickled file on the CPU, tensors and plain types only: nothing in it can run code.
 
     `setting`: the config key that named the file (`init_from`), shown with the path in the errors.
+    `mmap`: map the tensors' storage instead of reading it (only the pickled structure is read: cheap
+    for a look at a checkpoint's small entries).
     """
     path = Path(path)
     named = f"{setting}={path}" if setting else str(path)
     if not path.is_file():
         raise WeightsError(f"{named}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise WeightsError(
             f"refusing to load {named}: it is not a plain file of tensors ({unpickling_culprit(exc)}; loading it "

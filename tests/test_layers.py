@@ -10,7 +10,8 @@ from pathlib import Path
 import segtrain
 
 PACKAGE = Path(segtrain.__file__).resolve().parent
-UPPER_LAYERS = ("segtrain.engine", "segtrain.commands", "segtrain.cli", "segtrain.composition", "segtrain.sweep")
+UPPER_LAYERS = ("segtrain.engine", "segtrain.commands", "segtrain.cli", "segtrain.composition", "segtrain.sweep",
+                "segtrain.api")
 LOWER_LAYERS = ("data", "models", "config.py")
 # Hydra's global state: the running job's config (HydraConfig) and the initialised Hydra (GlobalHydra).
 HYDRA_STATE = ("hydra.core.hydra_config", "hydra.core.global_hydra")
@@ -62,6 +63,16 @@ def test_data_models_and_config_do_not_import_the_engine_or_the_commands():
     offending = {
         str(path.relative_to(PACKAGE)): sorted(name for name in imported_modules(path) if within(name, UPPER_LAYERS))
         for path in sources(*LOWER_LAYERS)
+    }
+    assert {path: names for path, names in offending.items() if names} == {}
+
+
+def test_the_python_api_sits_above_the_commands_and_the_engine():
+    """segtrain.api runs the commands' code (cli -> api -> composition, commands -> engine); nothing below calls up."""
+    offending = {
+        str(path.relative_to(PACKAGE)): sorted(n for n in imported_modules(path) if within(n, ("segtrain.api",
+                                                                                                "segtrain.cli")))
+        for path in sources("engine", "commands", "composition.py", "keys.py", "flags.py")
     }
     assert {path: names for path, names in offending.items() if names} == {}
 

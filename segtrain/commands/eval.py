@@ -41,6 +41,11 @@ def training_run_of(ckpt: Path) -> Path | None:
     return run
 
 
+def _listed(pair: tuple[int, int] | None) -> list[int] | None:
+    """A window as metrics.json has it (and segtrain.evaluate returns it): a list."""
+    return None if pair is None else list(pair)
+
+
 def _number(value: float) -> str:
     return f"{value:g}"
 
@@ -107,7 +112,9 @@ def _join_processes(loaded, run_dir: Path) -> tuple[DistContext, Path]:
 
 
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
-    """Evaluate with the run directory's lock held (segtrain.engine.lock): no other command writes there meanwhile."""
+    """Score the checkpoint with the run directory's lock held (segtrain.engine.lock: no other command
+    writes there meanwhile); write metrics.json, per_class_iou.csv, confusion_matrix.png (and TensorBoard
+    events); return what metrics.json holds."""
     refuse_used_eval_dir(run_dir)
     lock = RunLock(run_dir, "eval")
     lock.acquire()
@@ -159,8 +166,8 @@ def _evaluate_into(composed: DictConfig, overrides: list[str], run_dir: Path) ->
         "dataset": cfg.dataset.name,
         "split": cfg.eval.split,
         "num_images": len(dataset),
-        "protocol": {"mode": settings.mode, "crop_size": settings.crop_size, "stride": settings.stride,
-                     "scales": list(settings.scales), "flip": settings.flip,
+        "protocol": {"mode": settings.mode, "crop_size": _listed(settings.crop_size),
+                     "stride": _listed(settings.stride), "scales": list(settings.scales), "flip": settings.flip,
                      "output_stride": cfg.eval.output_stride},
         "seconds_per_image": result.seconds_per_image,
         "skipped_samples": result.skipped,
@@ -168,7 +175,7 @@ def _evaluate_into(composed: DictConfig, overrides: list[str], run_dir: Path) ->
         # rows: labelled class, columns: predicted class (pixel counts), summed over every process's shard
         "confusion_matrix": result.matrix.tolist(),
     }
-    write_metrics(run_dir, metrics, class_names, extra)
+    written = write_metrics(run_dir, metrics, class_names, extra)
     matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
     cv2.imwrite(str(run_dir / "confusion_matrix.png"), cv2.cvtColor(matrix_image, cv2.COLOR_RGB2BGR))
     table = format_table(metrics, class_names)  # TensorBoard's text tab holds the full table at any length
@@ -195,4 +202,4 @@ def _evaluate_into(composed: DictConfig, overrides: list[str], run_dir: Path) ->
     print(f"mIoU {percent(metrics['miou'])}% on {cfg.dataset.name}/{cfg.eval.split}{note}; "
           f"{result.seconds_per_image * 1000:.1f} ms per image")
     print(f"wrote {run_dir / 'metrics.json'}, per_class_iou.csv and confusion_matrix.png")
-    return metrics
+    return written

@@ -18,19 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-import numpy as np
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain.data.dataset import decode_image
-from segtrain.data.normalization import normalization, normalize_images
-from segtrain.engine.inference import InferenceSettings, infer
 from segtrain.engine.lock import RunLock
+from segtrain.engine.predictor import Predictor
 from segtrain.engine.restore import load_for_inference
-from segtrain.engine.runtime import autocast, cudnn_autotuning, resolve_amp
 from segtrain.errors import ConfigError, DataError
-from segtrain.visualize import colorize, make_palette, overlay
+from segtrain.visualize import colorize, overlay
 
 log = logging.getLogger("segtrain.predict")
 
@@ -98,13 +94,6 @@ def atomic_save(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def normalise(image: np.ndarray, mean: list[float], std: list[float], device: torch.device | str = "cpu"
-              ) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> normalised float CHW on `device` (moved as uint8, normalised there)."""
-    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)
-    return normalize_images(chw, mean, std)
-
-
 def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None = None) -> dict:
     if composed.input is None:
         raise ConfigError("predict needs input=FILE|DIR|GLOB (and optionally output=DIR; default: the run directory)")
@@ -138,25 +127,21 @@ def remove_leftovers(out: Path) -> None:
 def _predict_into(composed: DictConfig, overrides: list[str], files: list[Path], names: dict[Path, str],
                   out: Path) -> dict:
     alpha = float(composed.predict.alpha)
-    loaded = load_for_inference(composed, overrides)
-    cfg = loaded.cfg
-    settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size, cfg.dataset.get("flip_pairs"))
-    amp = resolve_amp(cfg.trainer.amp, loaded.device)
-    mean_std = normalization(cfg)  # as the checkpoint was trained (its stored dataset/backbone config)
-    palette = make_palette(cfg.dataset.palette, len(loaded.class_names))
+    # The inference of the Python API's Segmenter: the checkpoint's normalisation, protocol (with the
+    # overrides) and palette.
+    predictor = Predictor(load_for_inference(composed, overrides))
+    palette = predictor.palette
     flat_palette = palette.flatten().tolist()
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, []
     for path in files:
         try:
-            image, _ = decode_image(path, int(cfg.data.max_image_pixels))
+            image, _ = decode_image(path, predictor.max_pixels)
         except DataError as exc:
             log.warning("skipping %s: %s", path, exc)
             skipped.append((path, str(exc)))
             continue
-        tensor = normalise(image, *mean_std, loaded.device)[None]
-        with autocast(loaded.device, amp), cudnn_autotuning(False):  # images of varying size
-            prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        prediction = predictor.segment([image])[0]
         index_png = Image.fromarray(prediction, mode="P")
         index_png.putpalette(flat_palette)
         name = names[path]

@@ -82,8 +82,9 @@ def _shift_and_scale(mean: tuple[float, ...], std: tuple[float, ...], device: to
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """uint8 RGB images, (N, 3, H, W) or (3, H, W), wherever they are -> float32 (x / 255 - mean) / std there,
-    in `memory_format` (channels_last for a batch). Float images are taken as normalised already (a
-    dataset of one's own that normalises in its workers) and only laid out."""
+    in `memory_format` (channels_last for a batch): the one normalisation of training, evaluation, predict
+    and the Python API. Float images are taken as normalised already (a dataset of one's own that
+    normalises in its workers) and only laid out."""
     batch = images if images.dim() == 4 else images.unsqueeze(0)
     if memory_format != torch.contiguous_format:
         batch = batch.contiguous(memory_format=memory_format)  # on uint8: a quarter of the float's bytes to move

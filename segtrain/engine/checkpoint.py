@@ -162,8 +162,8 @@ def recorded(path: Path) -> Recorded | None:
 
 def _read_record(path: Path) -> Recorded | None:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - an unloadable file in any way is "does not load"
+        state = load_weights_file(path, mmap=True)
+    except WeightsError:  # an unloadable file in any way is "does not load"
         return None
     train_state = state.get("train_state") if isinstance(state, dict) and "model" in state else None
     iteration = train_state.get("iteration") if isinstance(train_state, dict) else None

@@ -86,8 +86,8 @@ def write_class_csv(path: Path, metrics: dict, class_names: list[str]) -> Path:
     return path
 
 
-def write_metrics(run_dir: Path, metrics: dict, class_names: list[str], extra: dict | None = None) -> None:
-    """metrics.json (NaN written as null) and per_class_iou.csv in `run_dir`."""
+def write_metrics(run_dir: Path, metrics: dict, class_names: list[str], extra: dict | None = None) -> dict:
+    """metrics.json (NaN written as null) and per_class_iou.csv in `run_dir`; returns what metrics.json holds."""
     def clean(v: float) -> float | None:
         return None if isinstance(v, float) and math.isnan(v) else v
 
@@ -103,3 +103,4 @@ def write_metrics(run_dir: Path, metrics: dict, class_names: list[str], extra: d
     }
     _write_atomically(run_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
     write_class_csv(run_dir / "per_class_iou.csv", metrics, class_names)
+    return payload
