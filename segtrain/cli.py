@@ -80,6 +80,11 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         except SegtrainError as exc:
             _to_log_file(f"segtrain {command}: error: {user_message(exc)}")
             _fail(command, user_message(exc))
+        except MemoryError:
+            message = ("out of memory (MemoryError): use smaller batches, crops or images, or fewer data-loader "
+                       "workers")
+            _to_log_file(f"segtrain {command}: error: {message}")
+            _fail(command, message)
         except Exception as exc:
             if not from_loader_worker(exc):
                 raise

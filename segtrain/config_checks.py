@@ -247,9 +247,23 @@ def _check_network(cfg: DictConfig) -> None:
             raise ConfigError(f"{section}.dropout must be in [0, 1) (0: off), got {dropout}")
 
 
+def check_weights_path(key: str, value: Any) -> None:
+    """A checkpoint file named by `key` exists and is a file; a folder gets the checkpoints it holds named."""
+    path = Path(str(value))
+    if path.is_dir():
+        found = [p for p in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt", path / "best.pt",
+                             path / "last.pt") if p.is_file()]
+        hint = f", e.g. {key}={found[0]}" if found else " (a run's checkpoints are in <run dir>/checkpoints/)"
+        raise ConfigError(f"{key}={path} is a folder: give a checkpoint file (.pt/.pth){hint}")
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: no such file; give a segtrain checkpoint or a state dict (.pt/.pth)")
+
+
 def _check_start(cfg: DictConfig) -> None:
-    """train: resume= and init_from= are two ways to start; one at a time."""
+    """train: resume= and init_from= are two ways to start; one at a time; init_from names a file."""
     init_from, resume = cfg.get("init_from"), cfg.get("resume")
+    if init_from not in (None, ""):
+        check_weights_path("init_from", init_from)
     if init_from not in (None, "") and resume not in (None, "", False, "auto"):
         raise ConfigError(f"init_from={init_from} and resume={resume}: give one. resume= continues a run "
                           "(weights, optimizer, iteration); init_from= starts a new run from a checkpoint's weights")

@@ -62,6 +62,9 @@ def output_names(files: list[Path]) -> dict[Path, str]:
 
 def check_output_folder(spec: str, out: Path, files: list[Path], names: dict[Path, str]) -> None:
     """Never write over the user's files: not into the input folder, and not over an existing file."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output={out} is a file, not a folder: give a folder (predict writes three images per "
+                          "input into it)")
     resolved = out.resolve()
     source = Path(spec)
     folders = {source.resolve()} if source.is_dir() else {f.parent.resolve() for f in files}
@@ -128,9 +131,14 @@ def run_predict(composed: DictConfig, overrides: list[str], run_dir: Path | None
             log.warning("skipping %s: %s", path, exc)
             skipped.append((path, str(exc)))
             continue
-        tensor = normalise(image, *mean_std)[None].to(loaded.device)
-        with autocast(loaded.device, amp), cudnn_autotuning(False):  # images of varying size
-            prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        try:
+            tensor = normalise(image, *mean_std)[None].to(loaded.device)
+            with autocast(loaded.device, amp), cudnn_autotuning(False):  # images of varying size
+                prediction = infer(loaded.model, tensor, settings).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        except (MemoryError, torch.OutOfMemoryError):
+            raise DataError(f"out of memory segmenting {path} ({image.shape[1]}x{image.shape[0]} pixels, eval.scales="
+                            f"{list(settings.scales)}): use eval.mode=slide, fewer eval.scales, or a smaller "
+                            "image") from None
         index_png = Image.fromarray(prediction, mode="P")
         index_png.putpalette(flat_palette)
         name = names[path]
