@@ -244,3 +244,72 @@ def test_skipped_validation_samples_reach_the_summary_and_result_json(tmp_path, 
     written = json.loads((tmp_path / "run" / "result.json").read_text())
     assert written["skipped_val_samples"] == 1 and written["skipped_samples"] == 0
     assert "1 validation samples left out of the final mIoU" in caplog.text
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _long_run(tmp_path: Path) -> list[str]:
+    return tiny_overrides(tmp_path / "shapes", **{"trainer.max_iters": 400, "trainer.val_interval": 1000,
+                                                   "trainer.ckpt_interval": 5, "hydra.run.dir": tmp_path / "run"})
+
+
+def _wait_for_iteration(run_dir: Path, iteration: int, processes: list, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    log = run_dir / "train.log"
+    while not (log.is_file() and f"iter {iteration}/" in log.read_text()):
+        assert all(p.poll() is None for p in processes), [p.communicate()[1][-2000:] for p in processes]
+        assert time.monotonic() < deadline, "the run did not get going"
+        time.sleep(0.5)
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_a_dead_peer_is_one_line_on_the_surviving_rank(tmp_path):
+    from conftest import start_cli
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    ranks = [start_cli("train", *_long_run(tmp_path), cwd=tmp_path, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in (0, 1)]
+    try:
+        _wait_for_iteration(tmp_path / "run", 8, ranks)
+        ranks[1].kill()
+        _, err = ranks[0].communicate(timeout=60)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    assert ranks[0].returncode == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("segtrain train: error: another training process of this job died")
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import checkout_env
+
+    command = [sys.executable, "-m", "segtrain.launch", "--standalone", "--nproc_per_node=2", "-m", "segtrain",
+               "train", *_long_run(tmp_path)]
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=checkout_env({"OMP_NUM_THREADS": "1"}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_iteration(tmp_path / "run", 8, [launcher])
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=90)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert launcher.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("segtrain.launch: stopped by SIGTERM")
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert "stopped by SIGTERM after iteration" in err
