@@ -85,7 +85,18 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         except SegtrainError as exc:
             _to_log_file(f"segtrain {command}: error: {user_message(exc)}")
             _fail(command, user_message(exc))
+        except MemoryError:
+            message = ("out of memory (MemoryError): use smaller batches, crops or images, or fewer data-loader "
+                       "workers")
+            _to_log_file(f"segtrain {command}: error: {message}")
+            _fail(command, message)
         except Exception as exc:
+            from segtrain.engine.distributed import peer_failure_message
+
+            peer_gone = peer_failure_message(exc)
+            if peer_gone is not None:
+                _to_log_file(f"segtrain {command}: error: {peer_gone}")
+                _fail(command, peer_gone)
             if not from_loader_worker(exc):
                 raise
             # MemoryError, a bug in a dataset source, ...: re-raised here by the DataLoader.

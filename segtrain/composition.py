@@ -158,6 +158,42 @@ def refuse_launcher_without_multirun(command: str, parsed: argparse.Namespace) -
                               f"segtrain {command} -m {text} ...; one job per sweep point, one job without a sweep")
 
 
+PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.\-/:+]*")
+
+
+def _quoted(item: str) -> str:
+    item = item.strip()
+    if PLAIN_VALUE.fullmatch(item) or item[:1] in ("'", '"'):
+        return item
+    return f"'{item}'" if "'" not in item else f'"{item}"'
+
+
+def unparsable_override_message(text: str, exc: BaseException) -> str:
+    """Hydra's grammar error ("token recognition error at: 'ü'", "mismatched input '='") with the override
+    it is about and the fix: a value holding characters outside letters, digits and `_-./:` needs quotes."""
+    key, _, value = text.partition("=")
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not value:
+        return f"cannot read the override '{text}' ({reason}): write key=value"
+    if value.startswith("[") and value.endswith("]"):  # quote the items, not the list (that would be a string)
+        example = f"{key}=[{','.join(_quoted(item) for item in value[1:-1].split(','))}]"
+    else:
+        example = f"{key}={_quoted(value)}"
+    return (f"cannot read the override '{text}' ({reason}): quote a value that holds spaces, '=', non-ASCII or "
+            f"other special characters, e.g. {example} (in a shell, quote the whole override once more: "
+            f"\"{example}\")")
+
+
+def parse_override(parser: Any, text: str) -> Any:
+    """One command-line override parsed by Hydra; a grammar error is a ConfigError naming it."""
+    from hydra.errors import HydraException
+
+    try:
+        return parser.parse_override(text)
+    except HydraException as exc:
+        raise ConfigError(unparsable_override_message(text, exc)) from None
+
+
 def first_values(parsed: argparse.Namespace) -> list[str]:
     """The command line's overrides with every sweep replaced by its first value (a sweep needs -m)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -166,7 +202,7 @@ def first_values(parsed: argparse.Namespace) -> list[str]:
     parser = OverridesParser.create()
     try:
         for text in parsed.overrides:
-            override = parser.parse_override(text)
+            override = parse_override(parser, text)
             if override.is_sweep_override():
                 if not parsed.multirun:
                     raise ConfigError(f"'{text}' is a sweep: add -m to run one job per value, or quote the "
@@ -238,10 +274,33 @@ def refuse_training_keys(command: str, overrides: list[str]) -> None:
         check_effective(override.key_or_group, command)
 
 
-def explicit_run_dir(overrides: list[str]) -> Path | None:
-    """The run directory given as hydra.run.dir=..., if any (the last one wins, as in Hydra)."""
-    given = [text.split("=", 1)[1] for text in overrides if text.startswith("hydra.run.dir=")]
+def explicit_run_dir(overrides: list[str], key: str = "hydra.run.dir") -> Path | None:
+    """The run directory given as hydra.run.dir=..., if any (the last one wins, as in Hydra); an empty
+    value is refused (Hydra would write into the current directory)."""
+    given = [text.split("=", 1)[1] for text in overrides if text.lstrip("+").startswith(f"{key}=")]
+    if given and not given[-1].strip().strip("'\""):
+        raise ConfigError(f"{key} is empty: give a directory, or leave {key} out for a new one under outputs/")
     return Path(given[-1]) if given else None
+
+
+def check_writable_folder(key: str, folder: Path) -> None:
+    """`folder` can be created and written: its nearest existing parent is a folder we may write into (a
+    read-only file system or a file in the way fails here in one line, not in a traceback later)."""
+    import os
+    import tempfile
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={folder}: {existing} is a file, not a folder; give a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".segtrain-write-check-", dir=existing)
+    except OSError as exc:
+        raise ConfigError(f"{key}={folder}: cannot write into {existing} ({exc.strerror or exc}); give a "
+                          "writable folder") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def precheck(config_name: str, args: list[str]) -> Prechecked:
@@ -259,6 +318,7 @@ def precheck(config_name: str, args: list[str]) -> Prechecked:
     if config_name in CHECKPOINT_COMMANDS:
         refuse_training_keys(command, overrides)
     run_dir = explicit_run_dir(overrides)
+    sweep_dir = explicit_run_dir(overrides, "hydra.sweep.dir")
     if run_dir is not None and (config_name != "train" or process_rank() == 0):
         refuse_used_run_dir(command, run_dir)
     predict_output = [text.split("=", 1)[1] for text in overrides if text.startswith("output=")]
@@ -270,6 +330,12 @@ def precheck(config_name: str, args: list[str]) -> Prechecked:
         raise
     except Exception as exc:  # noqa: BLE001 - any composition failure is a config error to the user
         raise ConfigError(one_line(exc, known_without(config_name, overrides))) from None
+    if parsed.multirun:
+        check_writable_folder("hydra.sweep.dir", sweep_dir or Path("outputs"))
+    elif config_name == "predict" and cfg.get("output") is not None:  # predict's output is its run directory
+        check_writable_folder("output", Path(str(cfg.output)))
+    elif config_name != "info":  # info writes nothing
+        check_writable_folder("hydra.run.dir", run_dir or Path("outputs"))
     return Prechecked(parsed, overrides, cfg)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,14 @@ SYNC_BN_MODES = ("auto", "true", "false")
 CHANNELS_LAST_MODES = ("auto", "true", "false")
 
 AT_LEAST_ONE = ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval", "keep_last")
+# Upper bounds where a typo would otherwise run (or allocate) for ever: a billion steps is months at 30 it/s.
+MAX_ITERS = 10**9
+# numpy's RandomState (dataset workers, augmentation) takes seeds below 2**32.
+SEED_LIMIT = 2**32
+# The largest side of a crop, window or input size: 8192 x 8192 is 0.8 GB per float image in a batch already.
+MAX_SIDE = 8192
+# Class names are printed in tables and drawn into images (the confusion matrix): a name is a word or two.
+MAX_CLASS_NAME = 200
 
 
 def _normalised(value: Any) -> str:
@@ -73,6 +82,10 @@ def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     for key in AT_LEAST_ONE:
         if trainer[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {trainer[key]}")
+    if trainer.max_iters > MAX_ITERS:
+        raise ConfigError(f"trainer.max_iters must be at most {MAX_ITERS:,}, got {trainer.max_iters}")
+    if trainer.seed >= SEED_LIMIT:
+        raise ConfigError(f"trainer.seed must be below 2**32 = {SEED_LIMIT} (numpy's limit), got {trainer.seed}")
     at_least_zero = [("trainer.num_workers", trainer.num_workers), ("trainer.seed", trainer.seed),
                      ("trainer.max_skipped_steps", trainer.max_skipped_steps)]
     evaluation = _section(cfg, "eval")
@@ -95,12 +108,19 @@ def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
 
 def _positive_pair(key: str, value: Any) -> None:
     values = [value] * 2 if isinstance(value, int) else list(value) if OmegaConf.is_list(value) else None
-    if values is None or len(values) != 2 or not all(isinstance(v, int) and v >= 1 for v in values):
-        raise ConfigError(f"{key} must be [H, W] of positive integers, got {value}")
+    if values is None or len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                      for v in values):
+        shown = list(value) if OmegaConf.is_list(value) else value
+        raise ConfigError(f"{key} must be [H, W] of positive integers, e.g. [512,512]; got {shown}")
+    if max(values) > MAX_SIDE:
+        raise ConfigError(f"{key} must be at most {MAX_SIDE} pixels per side, got {list(values)}: a larger size "
+                          "needs tens of GB per image")
 
 
 def _check_eval(evaluation: DictConfig) -> None:
     """The protocol (segtrain.engine.inference reads these as valid)."""
+    if evaluation.batch_size < 1:
+        raise ConfigError(f"eval.batch_size must be >= 1, got {evaluation.batch_size}")
     for key in ("crop_size", "stride"):
         if evaluation[key] is not None:
             _positive_pair(f"eval.{key}", evaluation[key])
@@ -155,13 +175,102 @@ def _check_schedule(schedule: DictConfig, base_lr: float | None) -> None:
 
 
 def _check_bench(bench: DictConfig) -> None:
+    _positive_pair("bench.crop_size", bench.crop_size)
     if bench.batch_size < 2 or bench.steps < 1 or bench.warmup < 0:
         raise ConfigError("bench.batch_size must be >= 2 (BatchNorm), bench.steps >= 1, bench.warmup >= 0")
 
 
+def _check_augment(augment: DictConfig) -> None:
+    """The training augmentation (segtrain.data.transforms builds it later; a bad value fails here first)."""
+    _positive_pair("dataset.augment.crop_size", augment.crop_size)
+    for key in ("color_jitter", "gaussian_blur", "rotate_prob", "rotate", "enhance_jitter"):
+        if not (_is_number(augment[key]) and augment[key] >= 0):
+            raise ConfigError(f"dataset.augment.{key} must be >= 0 (0: off), got {augment[key]}")
+    for key in ("gaussian_blur", "rotate_prob"):
+        if augment[key] > 1:
+            raise ConfigError(f"dataset.augment.{key} is a probability, between 0 and 1; got {augment[key]}")
+    if augment.rotate > 180:
+        raise ConfigError(f"dataset.augment.rotate is the largest angle in degrees (0 < rotate <= 180, or 0 for "
+                          f"none), got {augment.rotate}")
+    if augment.enhance_jitter >= 1:
+        raise ConfigError(f"dataset.augment.enhance_jitter must be in (0, 1) (or 0 for none), got "
+                          f"{augment.enhance_jitter}")
+    scale_range = list(augment.scale_range)
+    if len(scale_range) != 2 or not all(_is_number(v) for v in scale_range) or not 0 < scale_range[0] <= \
+            scale_range[1]:
+        raise ConfigError(f"dataset.augment.scale_range must be [low, high] with 0 < low <= high, got {scale_range}")
+
+
+def check_class_name_values(names: list[Any], key: str = "dataset.class_names") -> None:
+    """At least two names, each one short line: names go into tables, file names and images."""
+    if len(names) < 2:
+        raise ConfigError(f"{key} {'is empty' if not names else f'has only {names[0]!r}'}: name at least 2 "
+                          "classes, the one of mask value 0 first, e.g. [background,crack]")
+    for index, name in enumerate(names):
+        text = str(name)
+        if not text.strip() or len(text) > MAX_CLASS_NAME or not text.isprintable():
+            shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+            raise ConfigError(f"{key}[{index}]={shown!r}: a class name must be 1 to {MAX_CLASS_NAME} printable "
+                              "characters on one line (no newline or tab)")
+
+
+def _check_dataset(dataset: DictConfig) -> None:
+    if not OmegaConf.is_missing(dataset, "class_names"):
+        check_class_name_values(list(dataset.class_names))
+    if not OmegaConf.is_missing(dataset, "root"):
+        root = Path(str(dataset.root))
+        if not str(dataset.root).strip():
+            raise ConfigError("dataset.root is empty: give the folder of the dataset")
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"dataset.root={root} is a file, not a folder: give the folder that holds the dataset")
+    augment = dataset.get("augment")
+    if isinstance(augment, DictConfig):
+        _check_augment(augment)
+
+
+def _channel_counts(node: DictConfig, path: str) -> list[tuple[str, Any]]:
+    """(key, value) of every `channels` / `*_channels` key in a `_target_` node and the nodes inside it."""
+    found = []
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            continue
+        value, where = node[key], f"{path}.{key}"
+        if isinstance(value, DictConfig):
+            found.extend(_channel_counts(value, where))
+        elif str(key) == "channels" or str(key).endswith("_channels"):
+            found.append((where, value))
+    return found
+
+
+def _check_network(cfg: DictConfig) -> None:
+    """Channel counts of the model and backbone: a width of 0 or less fails inside a layer's constructor."""
+    for section in ("model", "backbone"):
+        node = _section(cfg, section)
+        for key, value in _channel_counts(node, section) if node is not None else []:
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ConfigError(f"{key} must be a positive number of channels, got {value}")
+        dropout = node.get("dropout") if node is not None else None
+        if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+            raise ConfigError(f"{section}.dropout must be in [0, 1) (0: off), got {dropout}")
+
+
+def check_weights_path(key: str, value: Any) -> None:
+    """A checkpoint file named by `key` exists and is a file; a folder gets the checkpoints it holds named."""
+    path = Path(str(value))
+    if path.is_dir():
+        found = [p for p in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt", path / "best.pt",
+                             path / "last.pt") if p.is_file()]
+        hint = f", e.g. {key}={found[0]}" if found else " (a run's checkpoints are in <run dir>/checkpoints/)"
+        raise ConfigError(f"{key}={path} is a folder: give a checkpoint file (.pt/.pth){hint}")
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: no such file; give a segtrain checkpoint or a state dict (.pt/.pth)")
+
+
 def _check_start(cfg: DictConfig) -> None:
-    """train: resume= and init_from= are two ways to start; one at a time."""
+    """train: resume= and init_from= are two ways to start; one at a time; init_from names a file."""
     init_from, resume = cfg.get("init_from"), cfg.get("resume")
+    if init_from not in (None, ""):
+        check_weights_path("init_from", init_from)
     if init_from not in (None, "") and resume not in (None, "", False, "auto"):
         raise ConfigError(f"init_from={init_from} and resume={resume}: give one. resume= continues a run "
                           "(weights, optimizer, iteration); init_from= starts a new run from a checkpoint's weights")
@@ -215,6 +324,14 @@ def check_config(cfg: DictConfig) -> None:
         section = _section(cfg, key)
         if section is not None:
             check(section)
+    for section_name in ("export", "info"):
+        section = _section(cfg, section_name)
+        if section is not None:
+            _positive_pair(f"{section_name}.input_size", section.input_size)
     _check_start(cfg)
     _check_class_names(cfg)
+    dataset = _section(cfg, "dataset")
+    if dataset is not None:
+        _check_dataset(dataset)
+    _check_network(cfg)
     _check_flip_pairs(cfg)

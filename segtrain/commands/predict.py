@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
+import torch
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -61,6 +62,9 @@ def output_names(files: list[Path]) -> dict[Path, str]:
 
 def check_output_folder(spec: str, out: Path, files: list[Path], names: dict[Path, str]) -> None:
     """Never write over the user's files: not into the input folder, and not over an existing file."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output={out} is a file, not a folder: give a folder (predict writes three images per "
+                          "input into it)")
     resolved = out.resolve()
     source = Path(spec)
     folders = {source.resolve()} if source.is_dir() else {f.parent.resolve() for f in files}
@@ -141,7 +145,12 @@ def _predict_into(composed: DictConfig, overrides: list[str], files: list[Path],
             log.warning("skipping %s: %s", path, exc)
             skipped.append((path, str(exc)))
             continue
-        prediction = predictor.segment([image])[0]
+        try:
+            prediction = predictor.segment([image])[0]
+        except (MemoryError, torch.OutOfMemoryError):
+            raise DataError(f"out of memory segmenting {path} ({image.shape[1]}x{image.shape[0]} pixels, "
+                            f"eval.scales={list(predictor.settings.scales)}): use eval.mode=slide, fewer "
+                            "eval.scales, or a smaller image") from None
         index_png = Image.fromarray(prediction, mode="P")
         index_png.putpalette(flat_palette)
         name = names[path]

@@ -169,3 +169,21 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+# What gloo and NCCL say when another process of the group is gone (killed, crashed, its node lost).
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
+
+
+def peer_failure_message(exc: BaseException) -> str | None:
+    """One line for a collective that failed because a peer process died; None for any other error."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or any(marker in text for marker in PEER_GONE)):
+        return None
+    reason = next((marker for marker in PEER_GONE if marker in text), type(exc).__name__)
+    return (f"another training process of this job died ({reason}, seen by rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}); its own log says why. This process stops too; restart the job with "
+            "resume=auto (and the same hydra.run.dir) to continue from the last checkpoint")

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from segtrain.errors import WeightsError
+from segtrain.config_checks import check_weights_path
+from segtrain.errors import ConfigError, WeightsError
 from segtrain.models.official import map_official_state_dict
 from segtrain.weights_file import load_weights_file, nonfinite_tensor
 
@@ -72,8 +73,10 @@ def _names(names: list[str]) -> str:
 
 def read_weights_file(path: Path) -> Any:
     """The unpickled file, tensors and plain types only: nothing in it can run code."""
-    if not path.is_file():
-        raise WeightsError(f"init_from={path}: no such file; give a segtrain checkpoint or a state dict (.pt/.pth)")
+    try:
+        check_weights_path("init_from", path)
+    except ConfigError as exc:
+        raise WeightsError(str(exc)) from None
     return load_weights_file(path, setting="init_from")
 
 

@@ -66,8 +66,10 @@ def refuse_if_held(run_dir: Path, setting: str = "hydra.run.dir") -> None:
     if holder is None:
         return
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    # Another host's process cannot be checked from here: the user says it is gone by deleting the lock.
     where = "" if holder.get("host") == socket.gethostname() else (
-        f" on another host (if that process is gone, delete {Path(run_dir) / LOCK_NAME})")
+        f" on another host (if that job no longer runs on {holder.get('host')}, delete {Path(run_dir) / LOCK_NAME} "
+        "to take the directory over)")
     command = holder.get("command", "train")
     raise ConfigError(
         f"{'run directory' if setting == 'hydra.run.dir' else setting + ' folder'} {run_dir} is in use by segtrain "

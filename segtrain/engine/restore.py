@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segtrain.config import CommonConfig
+from segtrain.config_checks import check_class_name_values
 from segtrain.engine.checkpoint import inference_checkpoint, load_checkpoint
 from segtrain.engine.ema import inference_weights
 from segtrain.engine.resume import NOT_ARCHITECTURE, stored_config
@@ -141,6 +142,7 @@ def load_for_inference(composed: DictConfig, overrides: list[str]) -> LoadedMode
     state = load_checkpoint(ckpt)
     cfg = checkpoint_config(state, composed, overrides, str(ckpt))
     class_names = list(cfg.dataset.class_names)
+    check_class_name_values(class_names, f"dataset.class_names of {ckpt}")  # a stranger's: one line, short names
     saved_names = list(state.get("class_names", class_names))
     if saved_names != class_names:
         if len(saved_names) != len(class_names):

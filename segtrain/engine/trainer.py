@@ -59,6 +59,7 @@ class TrainResult:
     model: nn.Module
     skipped: int = 0  # unusable samples skipped (data.on_error=skip), this process
     skipped_steps: int = 0  # steps dropped for a non-finite loss (nan_policy=skip)
+    skipped_val: int = 0  # unusable validation samples the final mIoU leaves out (data.on_error=skip)
     history: list[dict[str, float]] = field(default_factory=list)  # logged iteration, loss and lr
 
 
@@ -196,13 +197,15 @@ class Trainer:
         run, s = self.run, self.run.state
         log.info("done: final val mIoU %s%%, best %s%% at iteration %d; checkpoints in %s", percent(s.last_miou),
                  percent(s.best_miou), s.best_iteration, run.ckpt_dir)
+        skipped_val = len(run.validation.skipped) if run.validation is not None else 0
         if run.problems:
-            log.warning("%d unusable samples were skipped (%d distinct problems)", s.skipped_samples,
-                        len(run.problems))
+            log.warning("%d unusable training samples were skipped, %d validation samples left out of the final mIoU "
+                        "(%d distinct problems; data.on_error=skip)", s.skipped_samples, skipped_val, len(run.problems))
         best = run.ckpt_dir / "best.pt"
         return TrainResult(run_dir=run.run_dir, best_miou=s.best_miou, best_iteration=s.best_iteration,
                            final_miou=s.last_miou, best_checkpoint=best if best.is_file() else None, model=run.model,
-                           skipped=s.skipped_samples, skipped_steps=s.skipped_steps, history=s.history)
+                           skipped=s.skipped_samples, skipped_steps=s.skipped_steps, skipped_val=skipped_val,
+                           history=s.history)
 
 
 def train(cfg: DictConfig, run_dir: Path, *, callbacks: Sequence[Callback] = (), run_info: RunInfo | None = None

@@ -40,7 +40,11 @@ class MetricWriters(Callback):
             write_result(run.run_dir, {
                 "best_miou": s.best_miou, "best_iteration": s.best_iteration, "final_miou": s.last_miou,
                 "iteration": s.iteration, "max_iters": run.max_iters, "job": run.info.job,
-                "overrides": run.info.overrides, "hparams": self.hparams, "run_dir": str(run.run_dir)})
+                "overrides": run.info.overrides, "hparams": self.hparams, "run_dir": str(run.run_dir),
+                # data.on_error=skip: training samples replaced, validation samples the final mIoU leaves out
+                "skipped_samples": s.skipped_samples,
+                "skipped_val_samples": len(run.validation.skipped) if run.validation is not None else 0,
+                "skipped_steps": s.skipped_steps})
 
     def on_close(self, run: Run) -> None:
         run.records.close()  # flushed on any exit
