@@ -75,7 +75,9 @@ class TrainerConfig:
     # Keep BatchNorm layers in eval mode (running statistics frozen), e.g. for tiny batches.
     freeze_bn: bool = False
     channels_last: str = "auto"  # auto (on for CUDA) | true | false
-    compile: bool = False
+    # torch.compile of the training step: off | model (whole network, one graph) | regions (per block); true means
+    # the default mode (segtrain.config_checks.COMPILE_DEFAULT), false off.
+    compile: str = "off"
     # Non-finite loss: stop (name the iteration and the last good checkpoint) or skip the step.
     nan_policy: NanPolicy = NanPolicy.stop  # type: ignore[attr-defined]
     max_skipped_steps: int = 10

@@ -23,6 +23,10 @@ from segtrain.errors import ConfigError
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 SYNC_BN_MODES = ("auto", "true", "false")
 CHANNELS_LAST_MODES = ("auto", "true", "false")
+# trainer.compile: off, the whole training network as one graph, or per block (segtrain.engine.compile). A YAML
+# true (the key was a boolean before the modes) means COMPILE_DEFAULT, false means off.
+COMPILE_MODES = ("off", "model", "regions")
+COMPILE_DEFAULT = "model"
 
 AT_LEAST_ONE = ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval", "keep_last")
 
@@ -48,6 +52,11 @@ def amp_mode(value: Any) -> str:
     return option("trainer.amp", value, AMP_MODES)
 
 
+def compile_mode(value: Any) -> str:
+    mode = _normalised(value)
+    return option("trainer.compile", COMPILE_DEFAULT if mode == "true" else value, COMPILE_MODES)
+
+
 def sync_bn_mode(value: Any) -> str:
     return option("trainer.sync_bn", value, SYNC_BN_MODES)
 
@@ -68,6 +77,7 @@ def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     trainer.amp = amp_mode(trainer.amp)
     trainer.sync_bn = sync_bn_mode(trainer.sync_bn)
     trainer.channels_last = option("trainer.channels_last", trainer.channels_last, CHANNELS_LAST_MODES)
+    trainer.compile = compile_mode(trainer.compile)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(trainer.device)):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {trainer.device!r}")
     for key in AT_LEAST_ONE:
@@ -202,7 +212,8 @@ def _check_flip_pairs(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse a value out of range, outside its options, or in a contradictory combination (ConfigError,
-    one line); rewrite trainer.amp, trainer.sync_bn and trainer.channels_last to their canonical strings."""
+    one line); rewrite trainer.amp, trainer.sync_bn, trainer.channels_last and trainer.compile to their canonical
+    strings."""
     trainer = _section(cfg, "trainer")
     if trainer is not None:
         _check_trainer(cfg, trainer)
