@@ -73,6 +73,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_num_workers(trainer: DictConfig) -> None:
+    """trainer.num_workers: auto (canonical lowercase) or a whole number >= 0 (an int, also when given as "4")."""
+    value = trainer.num_workers
+    if isinstance(value, str) and value.lower() == "auto":
+        trainer.num_workers = "auto"
+        return
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"trainer.num_workers must be auto (the dataset's dataset.workers_per_gpu, capped by the "
+                          f"CPUs) or a whole number >= 0, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"trainer.num_workers must be >= 0, got {value}")
+    trainer.num_workers = value
+
+
 def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     trainer.amp = amp_mode(trainer.amp)
     trainer.sync_bn = sync_bn_mode(trainer.sync_bn)
@@ -83,11 +99,14 @@ def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     for key in AT_LEAST_ONE:
         if trainer[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {trainer[key]}")
-    at_least_zero = [("trainer.num_workers", trainer.num_workers), ("trainer.seed", trainer.seed),
-                     ("trainer.max_skipped_steps", trainer.max_skipped_steps)]
+    _check_num_workers(trainer)
+    at_least_zero = [("trainer.seed", trainer.seed), ("trainer.max_skipped_steps", trainer.max_skipped_steps)]
     evaluation = _section(cfg, "eval")
     if evaluation is not None:
         at_least_zero.append(("eval.num_workers", evaluation.num_workers))
+    dataset = _section(cfg, "dataset")
+    if dataset is not None and "workers_per_gpu" in dataset:
+        at_least_zero.append(("dataset.workers_per_gpu", dataset.workers_per_gpu))
     for key, value in at_least_zero:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
