@@ -70,3 +70,20 @@ def test_gpu_vs_smp_compile_times_both_modes_next_to_eager(traced_backend, monke
     for name in ("segtrain[off]", "segtrain[model]", "segtrain[regions]", "smp"):
         assert re.search(rf"{re.escape(name)}: +[0-9.]+ images/s", out), out
     assert "segtrain[model] / segtrain[off] images/s" in out and "segtrain[regions] / segtrain[off]" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["model", "regions"])
+def test_segtrain_bench_times_each_compile_mode(traced_backend, tmp_path, mode):
+    from conftest import compose_config
+    from segtrain.commands.bench import run_bench
+
+    overrides = ["model=deeplabv3plus", "backbone=resnet18", "backbone.out_indices=[1]", "bench.batch_size=2",
+                 "bench.crop_size=[32,32]", "bench.steps=1", "bench.warmup=1", "bench.data_samples=8",
+                 "trainer.device=cpu", f"trainer.compile={mode}"]
+    report = run_bench(compose_config("bench", overrides), overrides, tmp_path)
+    assert report["compile"] == mode and report["compile_seconds"] is not None and report["compiled_graphs"] > 0
+    # The whole network is one graph for training and one for eval mode; regions are counted with regions only.
+    assert (report["compiled_regions"] is None and report["compiled_graphs"] == 2) if mode == "model" else \
+        report["compiled_regions"] > 0
+    assert (tmp_path / "bench.json").is_file()

@@ -218,9 +218,12 @@ def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     train = _timed(lambda it: setup.step(it, batches), b.warmup, b.steps, b.batch_size, device, bar)
     train_rate = train.images_per_s
 
+    # The model takes normalised float images (the step converts the loader's uint8 ones on the device).
+    inputs = setup.step.to_device(batches)[0][0]
+
     def infer_step(_: int) -> None:
         with torch.no_grad(), autocast(device, amp):
-            setup.step.forward(setup.images)
+            setup.step.forward(inputs)
 
     setup.model.eval()
     bar = progress.phase(f"inference passes: {warm} warm-up + {b.steps} timed", warm + b.steps)
