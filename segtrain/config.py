@@ -65,7 +65,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by segtrain.config_checks)
     # auto: bf16 on CUDA devices that support it, fp16 (+ GradScaler) on older ones, off on CPU.
     amp: str = "auto"  # auto | off | bf16 | fp16 (segtrain.config_checks: YAML reads a bare `off` as false)
-    num_workers: int = 4
+    # Training loader workers per process: auto = the dataset's dataset.workers_per_gpu, capped by this process's
+    # share of the CPUs (one left for the process itself); or a number (capped by the CPUs).
+    num_workers: Any = "auto"
     seed: int = 0
     deterministic: bool = False
     # Periodic checkpoints (iter_XXXXXXX.pt) kept on disk; last.pt always names the newest.
@@ -75,7 +77,9 @@ class TrainerConfig:
     # Keep BatchNorm layers in eval mode (running statistics frozen), e.g. for tiny batches.
     freeze_bn: bool = False
     channels_last: str = "auto"  # auto (on for CUDA) | true | false
-    compile: bool = False
+    # torch.compile of the training step: off | model (whole network, one graph) | regions (per block); true means
+    # the default mode (segtrain.config_checks.COMPILE_DEFAULT), false off.
+    compile: str = "off"
     # Non-finite loss: stop (name the iteration and the last good checkpoint) or skip the step.
     nan_policy: NanPolicy = NanPolicy.stop  # type: ignore[attr-defined]
     max_skipped_steps: int = 10
@@ -183,6 +187,9 @@ class DatasetConfig:
     # Class pairs whose labels swap under a horizontal flip ([[left_arm, right_arm], ...], LIP): the training flip
     # swaps them in the mask and flip test-time augmentation swaps their score channels; [] for most datasets.
     flip_pairs: Any = field(default_factory=list)
+    # Loader workers one training process needs to keep its GPU fed with this dataset's recipe (trainer.num_workers=
+    # auto): decoding and augmentation cost per sample over the training rate, see benchmarks/README.md.
+    workers_per_gpu: int = 4
     # `_target_` of a function (root, split, **kwargs) -> list of (image_path, mask_path) pairs.
     source: Any = MISSING
 

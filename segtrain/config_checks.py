@@ -24,6 +24,10 @@ from segtrain.errors import ConfigError
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 SYNC_BN_MODES = ("auto", "true", "false")
 CHANNELS_LAST_MODES = ("auto", "true", "false")
+# trainer.compile: off, the whole training network as one graph, or per block (segtrain.engine.compile). A YAML
+# true (the key was a boolean before the modes) means COMPILE_DEFAULT, false means off.
+COMPILE_MODES = ("off", "model", "regions")
+COMPILE_DEFAULT = "model"
 
 AT_LEAST_ONE = ("max_iters", "batch_size", "grad_accum_steps", "val_interval", "ckpt_interval", "keep_last")
 # Upper bounds where a typo would otherwise run (or allocate) for ever: a billion steps is months at 30 it/s.
@@ -57,6 +61,11 @@ def amp_mode(value: Any) -> str:
     return option("trainer.amp", value, AMP_MODES)
 
 
+def compile_mode(value: Any) -> str:
+    mode = _normalised(value)
+    return option("trainer.compile", COMPILE_DEFAULT if mode == "true" else value, COMPILE_MODES)
+
+
 def sync_bn_mode(value: Any) -> str:
     return option("trainer.sync_bn", value, SYNC_BN_MODES)
 
@@ -73,10 +82,27 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_num_workers(trainer: DictConfig) -> None:
+    """trainer.num_workers: auto (canonical lowercase) or a whole number >= 0 (an int, also when given as "4")."""
+    value = trainer.num_workers
+    if isinstance(value, str) and value.lower() == "auto":
+        trainer.num_workers = "auto"
+        return
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"trainer.num_workers must be auto (the dataset's dataset.workers_per_gpu, capped by the "
+                          f"CPUs) or a whole number >= 0, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"trainer.num_workers must be >= 0, got {value}")
+    trainer.num_workers = value
+
+
 def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
     trainer.amp = amp_mode(trainer.amp)
     trainer.sync_bn = sync_bn_mode(trainer.sync_bn)
     trainer.channels_last = option("trainer.channels_last", trainer.channels_last, CHANNELS_LAST_MODES)
+    trainer.compile = compile_mode(trainer.compile)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(trainer.device)):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {trainer.device!r}")
     for key in AT_LEAST_ONE:
@@ -86,11 +112,14 @@ def _check_trainer(cfg: DictConfig, trainer: DictConfig) -> None:
         raise ConfigError(f"trainer.max_iters must be at most {MAX_ITERS:,}, got {trainer.max_iters}")
     if trainer.seed >= SEED_LIMIT:
         raise ConfigError(f"trainer.seed must be below 2**32 = {SEED_LIMIT} (numpy's limit), got {trainer.seed}")
-    at_least_zero = [("trainer.num_workers", trainer.num_workers), ("trainer.seed", trainer.seed),
-                     ("trainer.max_skipped_steps", trainer.max_skipped_steps)]
+    _check_num_workers(trainer)
+    at_least_zero = [("trainer.seed", trainer.seed), ("trainer.max_skipped_steps", trainer.max_skipped_steps)]
     evaluation = _section(cfg, "eval")
     if evaluation is not None:
         at_least_zero.append(("eval.num_workers", evaluation.num_workers))
+    dataset = _section(cfg, "dataset")
+    if dataset is not None and "workers_per_gpu" in dataset:
+        at_least_zero.append(("dataset.workers_per_gpu", dataset.workers_per_gpu))
     for key, value in at_least_zero:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -311,7 +340,8 @@ def _check_flip_pairs(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse a value out of range, outside its options, or in a contradictory combination (ConfigError,
-    one line); rewrite trainer.amp, trainer.sync_bn and trainer.channels_last to their canonical strings."""
+    one line); rewrite trainer.amp, trainer.sync_bn, trainer.channels_last and trainer.compile to their canonical
+    strings."""
     trainer = _section(cfg, "trainer")
     if trainer is not None:
         _check_trainer(cfg, trainer)

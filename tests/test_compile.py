@@ -1,5 +1,6 @@
-"""Regional torch.compile: which modules are regions, the first-call fallback, and a compiled training run
-that compiles once and never recompiles (validation included), watched through public torch.compiler APIs."""
+"""torch.compile of the training step (trainer.compile=off|model|regions): the modes and their YAML booleans,
+which modules are regions, the first-call fallback, and compiled training runs in both modes that compile
+once and never recompile (validation included), watched through public torch.compiler APIs."""
 
 from __future__ import annotations
 
@@ -10,11 +11,43 @@ import torch
 from torch import nn
 
 from conftest import compose_config, tiny_overrides
+from segtrain.config_checks import COMPILE_DEFAULT, compile_mode
+from segtrain.engine import step as step_module
 from segtrain.engine.callbacks import Callback
 from segtrain.engine.compile import RegionalCompile, model_regions
+from segtrain.engine.runtime import resolve_runtime
 from segtrain.engine.step import FirstCallFallback
 from segtrain.engine.trainer import train
+from segtrain.errors import ConfigError
 from segtrain.models import build_backbone, build_model
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("off", "off"), ("model", "model"), ("REGIONS", "regions"),
+    # The key was a boolean before the modes: true is the default mode, false (YAML's bare off too) is off.
+    (True, COMPILE_DEFAULT), ("true", COMPILE_DEFAULT), ("True", COMPILE_DEFAULT), (False, "off"), ("False", "off")])
+def test_compile_modes_and_yaml_booleans(value, expected):
+    assert compile_mode(value) == expected
+
+
+def test_compile_mode_is_canonical_after_composition_and_reaches_the_runtime():
+    assert compose_config("train", []).trainer.compile == "off"
+    for given, expected in (("true", COMPILE_DEFAULT), ("false", "off"), ("regions", "regions"), ("model", "model")):
+        trainer = compose_config("train", [f"trainer.compile={given}", "trainer.device=cpu"]).trainer
+        assert trainer.compile == expected and resolve_runtime(trainer).compile == expected
+    with pytest.raises(ConfigError, match="trainer.compile must be one of off, model, regions, got 'graph'"):
+        compose_config("train", ["trainer.compile=graph"])
+
+
+def test_whole_model_compile_falls_back_with_a_message(monkeypatch, caplog):
+    def broken(model, **_):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = nn.Linear(2, 2)
+    with caplog.at_level("WARNING"):
+        assert step_module.compile_network(model) is model
+    assert "trainer.compile=model: torch.compile is unavailable" in caplog.text and "no compiler" in caplog.text
 
 
 def _quickstart(*overrides: str) -> nn.Module:
@@ -76,36 +109,43 @@ def counting_backend():
 
 
 @pytest.mark.slow
-def test_compiled_training_and_validation_never_recompile(tmp_path, shapes_root, counting_backend):
-    """Every region compiles in the first step into one graph (no graph break); later steps and the
-    validations (eager) compile nothing: after step 1 the compiler's stance is fail_on_recompile."""
+@pytest.mark.parametrize("mode", ["regions", "model"])
+def test_compiled_training_and_validation_never_recompile(tmp_path, shapes_root, counting_backend, mode):
+    """Step 1 compiles (each region into one graph, or the whole network into one graph: no graph break);
+    later steps and the validations (eager) compile nothing: after step 1 the stance is fail_on_recompile."""
     graphs_after: dict[int, int] = {}
+    steps = []
 
     class GraphCount(Callback):
         def on_step_end(self, run, result):
             graphs_after[run.state.iteration] = len(counting_backend)
+            steps.append(run.step)
             if run.state.iteration == 1:
                 torch.compiler.set_stance("fail_on_recompile")  # any later compilation raises
 
     cfg = compose_config("train", tiny_overrides(shapes_root, **{
-        "trainer.compile": "true", "trainer.max_iters": 3, "trainer.val_interval": 2, "trainer.ckpt_interval": 3,
+        "trainer.compile": mode, "trainer.max_iters": 3, "trainer.val_interval": 2, "trainer.ckpt_interval": 3,
         # resnet18's first stage only (its two blocks are identical: one graph) and the head.
         "backbone.out_indices": "[1]", "logging.image_interval": 3}))
     start = time.perf_counter()
     result = train(cfg, tmp_path, callbacks=[GraphCount()])
     elapsed = time.perf_counter() - start
     regions = [m for m in result.model.modules() if "forward" in m.__dict__]
-    assert regions, "trainer.compile=true compiled no region"
+    assert steps[0].compiled, f"trainer.compile={mode} compiled nothing"
     # Step 1 compiles; steps 2-3, the validations after steps 2 and 3 and the checkpoints compile nothing.
     assert 0 < graphs_after[1] == graphs_after[2] == graphs_after[3] == len(counting_backend), graphs_after
-    # One graph per outermost region (a region inside another is traced into the outer one's graph): a graph
-    # break would split a region's graph in two.
-    inner = {id(m) for region in regions for m in region.modules() if m is not region}
-    assert len(counting_backend) == len([r for r in regions if id(r) not in inner]), len(counting_backend)
+    if mode == "regions":
+        # One graph per outermost region (a region inside another is traced into the outer one's graph): a graph
+        # break would split a region's graph in two.
+        inner = {id(m) for region in regions for m in region.modules() if m is not region}
+        assert len(counting_backend) == len([r for r in regions if id(r) not in inner]), len(counting_backend)
+    else:
+        # The model itself is untouched (validation, checkpoints and EMA use it eagerly); one graph, no break.
+        assert not regions and steps[0].regions is None and len(counting_backend) == 1, len(counting_backend)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     # The eager path takes any image size without compiling.
     model = result.model.eval()
     with torch.no_grad(), RegionalCompile.eager():
         assert model(torch.randn(1, 3, 37, 51))["out"].shape == (1, 5, 37, 51)
     assert len(counting_backend) == graphs_after[3]
-    print(f"compiled training run: {elapsed:.1f} s, {len(counting_backend)} graphs for {len(regions)} regions")
+    print(f"compiled training run ({mode}): {elapsed:.1f} s, {len(counting_backend)} graphs, {len(regions)} regions")

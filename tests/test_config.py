@@ -130,7 +130,7 @@ def test_speed_defaults_resolve_per_device_and_explicit_values_win(tmp_path, sha
     with caplog.at_level("INFO"):
         train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": 1,
                                                                      "trainer.val_interval": 1})), tmp_path)
-    assert "device cpu, amp off, channels_last False, compile False" in caplog.text
+    assert "device cpu, amp off, channels_last False, compile off" in caplog.text
 
 
 def test_xception_is_an_alias_of_xception65():

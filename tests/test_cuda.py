@@ -54,9 +54,10 @@ def test_mixed_precision_training_resumes_exactly(tmp_path, shapes_root, amp):
         assert load_checkpoint(part / "checkpoints" / "last.pt")["scaler"]["scale"] > 0
 
 
-def test_channels_last_and_compile_train_on_cuda(tmp_path, shapes_root):
+@pytest.mark.parametrize("mode", ["model", "regions"])
+def test_channels_last_and_compile_train_on_cuda(tmp_path, shapes_root, mode):
     result = train(compose_config("train", _cuda(shapes_root, **{
-        "trainer.channels_last": "true", "trainer.compile": "true", "trainer.max_iters": 3,
+        "trainer.channels_last": "true", "trainer.compile": mode, "trainer.max_iters": 3,
         "trainer.val_interval": 3})), tmp_path)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert result.final_miou >= 0

@@ -7,15 +7,17 @@ compared with a large matrix product timed in the same run (the device's practic
 Start-up and compile time. Every warm-up step is timed on its own (synchronised); the first step is
 always a warm-up step, so `bench.warmup=0` runs one untimed step too. "Start-up" is the warm-up's wall
 time minus as many steady-state steps: what the first calls cost beyond a normal step. torch.compile
-compiles lazily at the first call, and again at each recompilation, so with `trainer.compile=true` this
-difference holds the compile time, recompilations during the warm-up included. The compile is regional
-(segtrain.engine.compile): `compiled_regions` modules, each compiled at its first call; the inference
-pass (eval mode, no autograd) compiles each region once more for eval mode, measured the same way, and
-`compiled_graphs` counts the graphs dynamo compiled over both passes. `compile_seconds` is the
-sum of both start-ups with `trainer.compile=true` (null without): an upper bound, since it also holds
+compiles lazily at the first call, and again at each recompilation, so with `trainer.compile=model` or
+`=regions` this difference holds the compile time, recompilations during the warm-up included. With
+`model` the training network is one graph; with `regions` (segtrain.engine.compile) `compiled_regions`
+modules are each compiled at their first call. The inference pass (eval mode, no autograd) runs the
+training step's compiled forward, which compiles once more for eval mode, measured the same way, and
+`compiled_graphs` counts the graphs dynamo compiled over both passes. `compile_seconds` is the sum of
+both start-ups with a compile mode (null with `trainer.compile=off`): an upper bound, since it also holds
 the first-call costs an eager run has (cuDNN autotuning, allocator growth, lazy CUDA set-up); those are
-the start-up figures of the same bench with `trainer.compile=false`. The wall time of the first
-training step is reported too (`first_step_seconds`).
+the start-up figures of the same bench with `trainer.compile=off`. The wall time of the first
+training step is reported too (`first_step_seconds`). To choose a mode, run the bench once per mode
+(or `benchmarks/compile_modes.py`, which alternates the three in one process).
 
 Memory: on CUDA the peak of allocated tensors (torch.cuda.max_memory_allocated) and of what the
 caching allocator reserved from the driver (max_memory_reserved, what the GPU must hold: it also counts
@@ -182,6 +184,15 @@ def _timed(step: Callable[[int], object], warmup: int, count: int, batch_size: i
     return Timing(batch_size / steady, warm_times[0], max(0.0, sum(warm_times) - len(warm_times) * steady))
 
 
+def _compile_row(seconds: float | None, regions: int | None, graphs: int | None) -> str:
+    if seconds is None:
+        return "- (trainer.compile=off)"
+    if graphs is None:
+        return f"{seconds:.2f} s (torch.compile unavailable: eager)"
+    return f"{seconds:.2f} s (train + inference start-up; " + (f"{regions} regions, " if regions is not None else
+                                                                "whole model, ") + f"{graphs} graphs)"
+
+
 def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     """Time training steps and data loading; `overrides`: the command line's (segtrain.config_checks has
     checked the values)."""
@@ -201,23 +212,28 @@ def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     batches = [(setup.images, setup.masks)]
     setup.model.train()
     warm = max(b.warmup, 1)
-    compiled = " (the first compiles: minutes on a large model)" if t.compile else ""
+    compiling = t.compile != "off"
+    compiled = " (the first compiles: minutes on a large model)" if compiling else ""
     bar = progress.phase(f"training steps: {warm} warm-up + {b.steps} timed{compiled}", warm + b.steps)
     train = _timed(lambda it: setup.step(it, batches), b.warmup, b.steps, b.batch_size, device, bar)
     train_rate = train.images_per_s
 
+    # The model takes normalised float images (the step converts the loader's uint8 ones on the device).
+    inputs = setup.step.to_device(batches)[0][0]
+
     def infer_step(_: int) -> None:
         with torch.no_grad(), autocast(device, amp):
-            setup.step.forward(setup.images)
+            setup.step.forward(inputs)
 
     setup.model.eval()
     bar = progress.phase(f"inference passes: {warm} warm-up + {b.steps} timed", warm + b.steps)
     inference = _timed(infer_step, b.warmup, b.steps, b.batch_size, device, bar)
     infer_rate = inference.images_per_s
-    compile_seconds = train.startup_s + inference.startup_s if t.compile else None
+    compile_seconds = train.startup_s + inference.startup_s if compiling else None
     regions = setup.step.regions
     compiled_regions = len(regions.regions) if regions is not None else None
-    compiled_graphs = counters["frames"]["total"] - frames_before if regions is not None else None
+    # None where nothing was compiled: compile off, or torch.compile unavailable (the step fell back to eager).
+    compiled_graphs = counters["frames"]["total"] - frames_before if setup.step.compiled else None
     num_classes = len(cfg.dataset.class_names)
     memory, memory_kind = peak_memory_mb(device)
     allocated, reserved = cuda_memory_mb(device)
@@ -235,7 +251,7 @@ def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
         "crop_size": crop,
         "amp": amp,
         "channels_last": setup.step.memory_format == torch.channels_last,
-        "compile": bool(t.compile),
+        "compile": str(t.compile),
         "train_images_per_s": train_rate,
         "inference_images_per_s": infer_rate,
         "peak_memory_mb": memory,
@@ -270,10 +286,7 @@ def run_bench(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict:
          f"{allocated:.0f} MB allocated, {reserved:.0f} MB reserved (CUDA max)"),
         ("first training step", f"{train.first_step_s:.2f} s"),
         ("start-up (warm-up - steady)", f"train {train.startup_s:.2f} s, inference {inference.startup_s:.2f} s"),
-        ("compile time", f"{compile_seconds:.2f} s (train + inference start-up; {compiled_regions} regions, "
-         f"{compiled_graphs} graphs)" if compile_seconds is not None and compiled_regions is not None
-         else f"{compile_seconds:.2f} s (torch.compile unavailable: eager)" if compile_seconds is not None
-         else "- (trainer.compile=false)"),
+        ("compile time", _compile_row(compile_seconds, compiled_regions, compiled_graphs)),
         ("data pipeline", f"{data_rate:.1f} samples/s per worker (500x375 JPEG -> {crop[0]}x{crop[1]} crop)"),
         ("GFLOPs per image", f"{complexity['gflops']:.2f} (forward; 1 multiply-add = 2 FLOPs)"),
         ("achieved", f"{achieved:.3f} TFLOP/s in training"

@@ -108,15 +108,39 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_count(requested: int, key: str) -> int:
     """Loader workers, never more than the CPUs this process may use (more only add contention)."""
     if requested < 0:
         raise ConfigError(f"{key} must be >= 0, got {requested}")
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    available = available_cpus()
     if requested > available:
         log.info("%s=%d but %d CPUs are available: using %d workers", key, requested, available, available)
         return available
     return requested
+
+
+def train_worker_count(requested: int | str, workers_per_gpu: int) -> int:
+    """trainer.num_workers (canonical: segtrain.config_checks) for this process.
+
+    auto: the dataset's `workers_per_gpu` (what one GPU's training rate needs with its recipe, from
+    benchmarks/data_pipeline.py), capped by this process's share of the CPUs: the node's training processes
+    (torchrun's LOCAL_WORLD_SIZE) split them, and each keeps one for itself (the training loop, the host side
+    of the step). A number is taken as given, capped by the CPUs (`worker_count`).
+    """
+    if requested != "auto":
+        return worker_count(int(requested), "trainer.num_workers")
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = max(0, available_cpus() // local_processes - 1)
+    workers = min(workers_per_gpu, share)
+    log.info("trainer.num_workers=auto: %d loader workers (dataset.workers_per_gpu=%d, %d CPUs for %d process(es) "
+             "on this node, one each for the process itself)", workers, workers_per_gpu, available_cpus(),
+             local_processes)
+    return workers
 
 
 def train_loader(

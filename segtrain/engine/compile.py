@@ -1,10 +1,17 @@
-"""Regional torch.compile (`trainer.compile=true`): the backbone's blocks and the head's modules are
-compiled one by one, in place, instead of the whole model as one graph.
+"""torch.compile of the training network: `trainer.compile=model` (the whole network as one graph) or
+`trainer.compile=regions` (the backbone's blocks and the head's modules compiled one by one, in place).
 
-Why regions. A whole-model graph of a deep CNN takes minutes to compile; a block is small, and the
-many identical blocks of a stage (ResNet's bottlenecks, Xception's middle flow, HRNet's modules) give
-identical graphs, which inductor's graph cache compiles once. The glue between regions (stem
-convolutions, padding, feature taps, the final resize) runs eagerly.
+Whole model (`compile_model`). The training network (the model, or its DDP wrapper) is wrapped by
+torch.compile; the model itself is untouched, so validation, checkpoints and EMA see the eager module and
+compile nothing. One graph: inductor fuses across block boundaries (BatchNorm + ReLU into the next
+layer's input, the decoder's resizes and concatenations) and nothing leaves the graph between blocks.
+Compiled at the first training step with the training crop (dynamic=False); training mode and the crop
+never change, so it is never recompiled.
+
+Regions (`RegionalCompile`). A whole-model graph of a deep CNN takes minutes to compile; a block is
+small, and the many identical blocks of a stage (ResNet's bottlenecks, Xception's middle flow, HRNet's
+modules) give identical graphs, which inductor's graph cache compiles once. The glue between regions
+(stem convolutions, padding, feature taps, the final resize) runs eagerly.
 
 Zero recompilations. Each region gets a code object of its own, so dynamo keeps one cache entry per
 region: compiled at its first call, with the training crop, and never again (no recompile limit shared
@@ -87,6 +94,18 @@ def _own_code(forward: Callable, name: str) -> Callable:
     return region
 
 
+def compile_model(network: nn.Module) -> Callable:
+    """`network` (the model or its DDP wrapper) compiled as one graph, for the training step only."""
+    return torch.compile(network, dynamic=False)
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Run every compiled function eagerly (validation: images of varying size would each compile)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
 class RegionalCompile:
     """The compiled regions of one model; `remove()` restores the eager model, `eager()` runs it eagerly."""
 
@@ -103,9 +122,4 @@ class RegionalCompile:
             module.__dict__.pop("forward", None)
         self.regions = []
 
-    @staticmethod
-    @contextlib.contextmanager
-    def eager() -> Iterator[None]:
-        """Run every compiled region eagerly (validation: images of varying size would each compile)."""
-        with torch.compiler.set_stance("force_eager"):
-            yield
+    eager = staticmethod(eager)

@@ -18,7 +18,7 @@ METRIC_TAGS = ("val/best_mIoU", "val/mIoU")
 # Overrides that change how a run is logged, loaded or saved, not what it learns: left out of the HParams
 # columns (a key and every key under it), so runs compare by what sets them apart.
 NOT_RESULT_KEYS = ("logging", "hydra", "trainer.num_workers", "eval.num_workers", "trainer.ckpt_interval",
-                   "trainer.keep_last", "eval.save_predictions", "data.split", "resume")
+                   "trainer.keep_last", "eval.save_predictions", "data.split", "resume", "dataset.workers_per_gpu")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from segtrain.config_checks import compile_mode
 from segtrain.errors import ConfigError
 
 
@@ -52,7 +53,7 @@ class Runtime:
     device: torch.device
     amp: str  # off | bf16 | fp16
     channels_last: bool
-    compile: bool = False
+    compile: str = "off"  # off | model | regions (canonical: segtrain.config_checks)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -65,7 +66,7 @@ def resolve_runtime(trainer: object, device: torch.device | None = None) -> Runt
     device = resolve_device(str(trainer.device)) if device is None else device  # type: ignore[attr-defined]
     return Runtime(device, resolve_amp(trainer.amp, device),  # type: ignore[attr-defined]
                    resolve_channels_last(trainer.channels_last, device),  # type: ignore[attr-defined]
-                   bool(getattr(trainer, "compile", False)))
+                   compile_mode(getattr(trainer, "compile", "off")))
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
 from segtrain.data.normalization import normalization, normalize_images
-from segtrain.engine.compile import RegionalCompile
+from segtrain.engine.compile import RegionalCompile, compile_model, eager
 from segtrain.engine.distributed import DistContext, all_reduce_sum
 from segtrain.engine.optim import build_optimizer
 from segtrain.engine.runtime import Runtime, autocast
@@ -74,7 +74,7 @@ class FirstCallFallback:
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-            log.warning("trainer.compile=true: compilation failed (%s: %s); training without torch.compile",
+            log.warning("trainer.compile: compilation failed (%s: %s); training without torch.compile",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             if self.on_failure is not None:
                 self.on_failure()
@@ -92,9 +92,21 @@ def compile_regions(model: nn.Module, network: nn.Module) -> tuple[Callable, Reg
     except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
         log.warning("trainer.compile=true: torch.compile is unavailable here (%s); training without it", exc)
         return network, None
-    log.info("trainer.compile=true: %d regions compiled in place (backbone blocks and head); "
+    log.info("trainer.compile=regions: %d regions compiled in place (backbone blocks and head); "
              "validation runs eagerly", len(regions.regions))
     return FirstCallFallback(network, network, on_failure=regions.remove), regions
+
+
+def compile_network(network: nn.Module) -> Callable:
+    """`network` (the model or its DDP wrapper) compiled as one graph behind the first-call fallback; `network`
+    itself where torch.compile is unavailable. The model stays eager for everything but the training step."""
+    try:
+        compiled = compile_model(network)
+    except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
+        log.warning("trainer.compile=model: torch.compile is unavailable here (%s); training without it", exc)
+        return network
+    log.info("trainer.compile=model: the training network is compiled as one graph; validation runs eagerly")
+    return FirstCallFallback(compiled, network)
 
 
 def auxiliary_outputs(model: nn.Module) -> tuple[str, ...]:
@@ -183,12 +195,23 @@ class TrainStep:
         self.saved_statistics = [buffer.clone() for buffer in self.statistics]
         self.never_skipped = torch.zeros((), dtype=torch.bool, device=self.device)
         self.regions: RegionalCompile | None = None
-        if runtime.compile:
+        self.compile = runtime.compile
+        if runtime.compile == "regions":
             self.forward, self.regions = compile_regions(model, network)
+        elif runtime.compile == "model":
+            self.forward = compile_network(network)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the training forward runs compiled (False: compile off, or fallen back to eager)."""
+        if self.regions is not None:
+            return bool(self.regions.regions)  # emptied when the first call fell back
+        return isinstance(self.forward, FirstCallFallback) and self.forward.module is not self.forward.eager
 
     def eager(self) -> contextlib.AbstractContextManager:
-        """Where the model runs outside the training step (validation): compiled regions run eagerly."""
-        return self.regions.eager() if self.regions is not None else contextlib.nullcontext()
+        """Where the model runs outside the training step (validation): anything compiled runs eagerly (the
+        compiled regions; with trainer.compile=model the model is eager already, this guards any other call)."""
+        return eager() if self.compile != "off" else contextlib.nullcontext()
 
     def lr(self, iteration: int) -> float:
         """The base (backbone) learning rate of iteration `iteration` (1-based)."""

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from segtrain.data.loading import eval_loader, train_loader
+from segtrain.data.loading import eval_loader, train_loader, train_worker_count
 from segtrain.display import percent
 from segtrain.engine.callbacks import (
     Callback,
@@ -139,7 +139,8 @@ class Trainer:
         """Loaders start at the resumed position of the training stream; returns its iterator."""
         run, t = self.run, self.cfg.trainer
         pin = run.runtime.device.type == "cuda"
-        run.loader = train_loader(run.train_set, run.micro_batch, t.num_workers, t.seed, run.state.samples_seen,
+        workers = train_worker_count(t.num_workers, int(self.cfg.dataset.get("workers_per_gpu", 4)))
+        run.loader = train_loader(run.train_set, run.micro_batch, workers, t.seed, run.state.samples_seen,
                                   pin_memory=pin, rank=run.ctx.rank, world_size=run.ctx.world_size)
         run.val_loader = eval_loader(run.val_set, self.cfg.eval.batch_size, self.cfg.eval.num_workers, pin)
         return iter(run.loader)
