@@ -167,6 +167,7 @@ def test_a_checkpoint_with_an_overlong_class_name_is_refused(random_checkpoint):
 
 def test_out_of_memory_in_predict_names_the_image(tmp_path, random_checkpoint, monkeypatch):
     from segtrain.commands import predict
+    from segtrain.engine import predictor
 
     path = random_checkpoint()
     (tmp_path / "in").mkdir()
@@ -175,7 +176,7 @@ def test_out_of_memory_in_predict_names_the_image(tmp_path, random_checkpoint, m
     def exhausted(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(predict, "infer", exhausted)
+    monkeypatch.setattr(predictor, "infer", exhausted)
     overrides = [f"ckpt={path}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "trainer.device=cpu"]
     with pytest.raises(DataError, match=r"out of memory segmenting .*a.png \(32x24 pixels, eval.scales=\[1.0\]\): "
                                         "use eval.mode=slide"):
