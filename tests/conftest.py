@@ -113,6 +113,17 @@ def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
     return ["experiment=quickstart", *(f"{k}={v}" for k, v in values.items())]
 
 
+def write_random_checkpoint(cfg: DictConfig, path: Path) -> Path:
+    """A checkpoint of cfg's model with random weights, in the trainer's layout (iteration 6, best mIoU 0.25)."""
+    from segtrain.models import build_model
+
+    model = build_model(cfg.model, cfg.backbone, len(cfg.dataset.class_names))
+    torch.save({"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True),
+                "train_state": {"iteration": 6, "best_miou": 0.25}, "class_names": list(cfg.dataset.class_names)},
+               path)
+    return path
+
+
 def fit_recording_start(cfg: DictConfig, run_dir: Path) -> tuple[object, dict[str, torch.Tensor], dict]:
     """Set up (and resume or init) a Trainer, record the weights it starts from, train; close it always."""
     from segtrain.engine.trainer import Trainer

@@ -118,3 +118,18 @@ def write_folder_dataset(root: Path, count: int, num_classes: int, height: int =
         (root / "masks").mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask, mode="L").save(root / "masks" / f"img{n}.png")
     return root
+
+
+def folder_dataset_with_a_bad_mask(root: Path, bad: int) -> Path:
+    """12 images (train 0-9, val 10-11); image `bad` has an RGB mask, a DataError when read."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 2, (40, 40), dtype=np.uint8)).save(root / "masks" / f"{i}.png")
+    (root / "splits").mkdir()
+    (root / "splits" / "train.txt").write_text("\n".join(str(i) for i in range(10)))
+    (root / "splits" / "val.txt").write_text("10\n11\n")
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8) + 1).save(root / "masks" / f"{bad}.png")
+    return root

@@ -9,11 +9,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-from omegaconf import OmegaConf
+from datasets_builders import folder_dataset_with_a_bad_mask
 from PIL import Image
 
-from conftest import compose_config, run_cli, run_main, tiny_overrides
+from conftest import compose_config, run_cli, run_main, tiny_overrides, write_random_checkpoint
 from segtrain.errors import ConfigError, DataError, WeightsError
 
 LONG_NAME = "x" * 100_000
@@ -141,18 +140,11 @@ def test_bounds_leave_sane_values_alone():
 @pytest.fixture
 def random_checkpoint(tmp_path, shapes_root):
     """A quickstart checkpoint with random weights, written the trainer's way; `names` replaces its classes."""
-    from segtrain.models import build_model
-
     def write(names: list[str] | None = None) -> Path:
         cfg = compose_config("train", tiny_overrides(shapes_root))
         if names is not None:
             cfg.dataset.class_names = names
-        model = build_model(cfg.model, cfg.backbone, len(cfg.dataset.class_names))
-        path = tmp_path / "ckpt.pt"
-        torch.save({"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True),
-                    "train_state": {"iteration": 6, "best_miou": 0.25}, "class_names": list(cfg.dataset.class_names)},
-                   path)
-        return path
+        return write_random_checkpoint(cfg, tmp_path / "ckpt.pt")
 
     return write
 
@@ -214,26 +206,11 @@ def test_a_lock_from_another_host_says_how_to_take_it_over(tmp_path, capsys):
     assert f"if that job no longer runs on elsewhere-node-7, delete {lock} to take the directory over" in err
 
 
-def _folder_with_a_bad_val_mask(root: Path) -> Path:
-    """12 images (train 0-9, val 10-11); validation image 11 has an RGB mask (unusable)."""
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        Image.fromarray(rng.integers(0, 2, (40, 40), dtype=np.uint8)).save(root / "masks" / f"{i}.png")
-    Image.fromarray(np.ones((40, 40, 3), dtype=np.uint8)).save(root / "masks" / "11.png")
-    (root / "splits").mkdir()
-    (root / "splits" / "train.txt").write_text("\n".join(str(i) for i in range(10)))
-    (root / "splits" / "val.txt").write_text("10\n11\n")
-    return root
-
-
 @pytest.mark.slow
 def test_skipped_validation_samples_reach_the_summary_and_result_json(tmp_path, caplog):
     from segtrain.engine.trainer import train
 
-    root = _folder_with_a_bad_val_mask(tmp_path / "data")
+    root = folder_dataset_with_a_bad_mask(tmp_path / "data", 11)
     cfg = compose_config("train", [
         "dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "dataset.source.split_dir=splits",
         "backbone=resnet18", "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0",

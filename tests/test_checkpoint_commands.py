@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_config, run_cli, run_main, tiny_overrides
-from segtrain.models import build_model
+from conftest import compose_config, run_cli, run_main, tiny_overrides, write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +17,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """A quickstart DeepLab v3+ / ResNet-18 checkpoint with random weights, written the trainer's way."""
     folder = tmp_path_factory.mktemp("ckpt")
     cfg = compose_config("train", tiny_overrides(folder / "shapes"))
-    model = build_model(cfg.model, cfg.backbone, len(cfg.dataset.class_names))
-    path = folder / "best.pt"
-    torch.save({"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True),
-                "train_state": {"iteration": 6, "best_miou": 0.25}, "class_names": list(cfg.dataset.class_names)},
-               path)
-    return path
+    return write_random_checkpoint(cfg, folder / "best.pt")
 
 
 def test_eval_cfg_job_prints_the_checkpoints_config_with_the_overrides(tmp_path, monkeypatch, capsys, checkpoint):

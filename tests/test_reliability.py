@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from datasets_builders import folder_dataset_with_a_bad_mask
 
 from conftest import compose_config, run_cli, start_cli, tiny_overrides
 from segtrain.engine import checkpoint as checkpoint_module
@@ -256,29 +257,11 @@ def test_cuda_requested_without_a_gpu_fails_before_any_work(tmp_path, shapes_roo
         train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.device": "cuda"})), tmp_path)
 
 
-def folder_dataset(root: Path, bad: int) -> Path:
-    """12 images (train 0-9, val 10-11); image `bad` has an RGB mask, a DataError when read."""
-    import numpy as np
-    from PIL import Image
-
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        Image.fromarray(rng.integers(0, 2, (40, 40), dtype=np.uint8)).save(root / "masks" / f"{i}.png")
-    (root / "splits").mkdir()
-    (root / "splits" / "train.txt").write_text("\n".join(str(i) for i in range(10)))
-    (root / "splits" / "val.txt").write_text("10\n11\n")
-    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8) + 1).save(root / "masks" / f"{bad}.png")
-    return root
-
-
 @pytest.mark.cli
 @pytest.mark.parametrize("where", ["train", "val"])
 def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
     """Workers ignore SIGTERM (preemption checkpoints first); the error must still end the process."""
-    root = folder_dataset(tmp_path / "data", 3 if where == "train" else 11)
+    root = folder_dataset_with_a_bad_mask(tmp_path / "data", 3 if where == "train" else 11)
     # The start check would stop the run before any worker reads the bad mask: this test is about the workers.
     args = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "data.check_on_start=false",
             "dataset.source.split_dir=splits", "backbone=resnet18",
@@ -390,7 +373,7 @@ def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_r
 
 @pytest.mark.cli
 def test_validation_and_eval_honour_on_error_skip(tmp_path):
-    root = folder_dataset(tmp_path / "data", 11)  # a bad validation mask
+    root = folder_dataset_with_a_bad_mask(tmp_path / "data", 11)  # a bad validation mask
     args = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "dataset.source.split_dir=splits",
             "backbone=resnet18",
             "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0", "eval.num_workers=0",
@@ -424,7 +407,7 @@ def _folder_cli(root: Path, tmp_path: Path, command: str, *extra: str) -> subpro
 
 @pytest.mark.cli
 def test_an_empty_split_is_an_error_for_data_check_and_training_alike(tmp_path):
-    root = folder_dataset(tmp_path / "data", 3)
+    root = folder_dataset_with_a_bad_mask(tmp_path / "data", 3)
     (root / "splits" / "val.txt").write_text("\n\n")
     for command in ("train", "check"):
         result = _folder_cli(root, tmp_path, command)
@@ -434,7 +417,7 @@ def test_an_empty_split_is_an_error_for_data_check_and_training_alike(tmp_path):
 
 @pytest.mark.cli
 def test_oversized_images_are_refused_before_decoding(tmp_path):
-    root = folder_dataset(tmp_path / "data", 3)
+    root = folder_dataset_with_a_bad_mask(tmp_path / "data", 3)
     result = _folder_cli(root, tmp_path, "check", "data.max_image_pixels=1000")
     assert result.returncode == 1
     assert "40x40" in result.stdout and "data.max_image_pixels=1000" in result.stdout
@@ -444,7 +427,7 @@ def test_oversized_images_are_refused_before_decoding(tmp_path):
 def test_split_names_may_hold_spaces_and_symlink_loops_are_reported(tmp_path):
     import shutil as sh
 
-    root = folder_dataset(tmp_path / "data", 3)
+    root = folder_dataset_with_a_bad_mask(tmp_path / "data", 3)
     sh.move(root / "images" / "10.png", root / "images" / "ten a.png")
     sh.move(root / "masks" / "10.png", root / "masks" / "ten a.png")
     (root / "splits" / "val.txt").write_text("ten a\n11\n")
