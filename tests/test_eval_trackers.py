@@ -126,3 +126,25 @@ def test_logger_is_an_eval_key_and_shows_in_its_help(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     status, out, _ = run_main(capsys, "eval", "--help")
     assert status == 0 and "logger: csv, mlflow, tensorboard, wandb" in out and "logger.mlflow" in out
+
+
+@pytest.mark.slow
+def test_eval_logger_wandb_resumes_the_training_runs_wandb_run(tmp_path, shapes_root, monkeypatch):
+    pytest.importorskip("wandb")
+    from test_trackers import wandb_summary
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_dir"), "WANDB_SILENT": "true",
+                        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+                        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    train(compose_config("train", tiny_overrides(shapes_root, **{"trainer.max_iters": ITERS, "logger": "wandb"})), run)
+    result = evaluate(run, ["logger=wandb", f"hydra.run.dir={tmp_path / 'ev'}", "eval.num_workers=0",
+                            "logging.progress=false"])
+    logs = sorted((tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and logs[0].name == logs[1].name, logs  # the training's run id, resumed
+    summary = wandb_summary(logs[1])
+    assert summary[f"eval/{PROTOCOL}/mIoU"] == pytest.approx(result["miou"])
+    assert summary["eval/iteration"] == result["iteration"]  # eval's own x-axis: the checkpoint's iteration
+    assert summary[f"eval/{PROTOCOL}/confusion_matrix/_type"] == "image-file"
