@@ -132,8 +132,10 @@ def check_effective(key: str, command: str = "eval") -> None:
     """eval, predict, export and info read the model, dataset, eval.*, data.* and a few trainer keys;
     a training-only key given to them is refused, and so is an evaluation key given to export or info."""
     section = key.split(".")[0]
-    if command == "eval" and section in EVAL_READS:
-        return
+    if section in EVAL_READS:
+        if command == "eval":
+            return
+        raise ConfigError(f"{key} has no effect on {command}: only train and eval record to the trackers of logger")
     if command in NOT_EVALUATING and section in ("protocol", "eval"):
         raise ConfigError(f"{key} has no effect on {command}, which evaluates nothing; evaluation protocols "
                           "and eval.* keys apply to segtrain eval and segtrain predict")

@@ -118,7 +118,7 @@ def test_a_bad_tracking_uri_stops_eval_before_any_image_naming_the_key(mlflow_ru
 
 def test_logger_is_an_eval_key_and_shows_in_its_help(tmp_path, monkeypatch, capsys):
     check_effective("logger.mlflow.tracking_uri", "eval")
-    with pytest.raises(ConfigError, match="has no effect here"):
+    with pytest.raises(ConfigError, match="logger has no effect on predict: only train and eval record"):
         check_effective("logger", "predict")
     cfg = compose_config("eval", ["ckpt=x.pt", "logger=[tensorboard,csv]"])
     assert list(cfg.logger) == ["tensorboard", "csv"]
