@@ -226,6 +226,8 @@ class TrainAppConfig(CommonConfig):
 @dataclass
 class EvalAppConfig(CommonConfig):
     ckpt: str = MISSING
+    # Experiment trackers recording the scores (conf/logger/; segtrain.engine.eval_tracking), as in TrainAppConfig.
+    logger: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -19,6 +19,8 @@ TRAIN_ONLY_GROUPS = ("callbacks", "debug", "logger")
 FROM_CHECKPOINT = ("model", "backbone", "loss", "optimizer", "schedule", "experiment", *TRAIN_ONLY_GROUPS)
 INFERENCE_KEYS = ("ckpt", "dataset", "eval", "data", "logging.progress", "logging.tensorboard", "trainer.device",
                   "trainer.amp")
+# eval records its scores to the trackers of the `logger` group, as training does.
+EVAL_SKIPS = tuple(group for group in FROM_CHECKPOINT if group != "logger")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,10 @@ HELP = {
          "segtrain eval ckpt=outputs/<run>   (a run directory: its best.pt, else its newest checkpoint)",
          "segtrain eval ckpt=outputs/<run>/checkpoints/best.pt eval.mode=slide eval.scales=[0.75,1.0,1.25] "
          "eval.flip=true",
+         "segtrain eval ckpt=outputs/<run>/checkpoints/best.pt logger=[tensorboard,mlflow] "
+         "logger.mlflow.tracking_uri=sqlite:///mlflow.db   (into the training's MLflow run)",
          "segtrain eval ckpt=outputs/<run>/checkpoints/best.pt --cfg job"),
-        FROM_CHECKPOINT, INFERENCE_KEYS, CHECKPOINT_NOTE),
+        EVAL_SKIPS, (*INFERENCE_KEYS, "logger"), CHECKPOINT_NOTE),
     "predict": CommandHelp(
         "segment images of any size; writes <name>.png, <name>_color.png and <name>_overlay.png per image",
         "segtrain predict ckpt=PATH input=FILE|DIR|GLOB [output=DIR] [key=value ...]",

@@ -20,6 +20,8 @@ from segtrain.errors import ConfigError
 # Sections only training reads; the trainer keys inference does read (eval, predict, export, info).
 TRAINING_ONLY = ("loss", "optimizer", "schedule", "callbacks", "debug", "logger")
 INFERENCE_TRAINER_KEYS = ("trainer.device", "trainer.amp")
+# Training sections eval reads too: the experiment trackers it records its scores to.
+EVAL_READS = ("logger",)
 
 
 def given_keys(overrides: list[str]) -> set[str]:
@@ -130,6 +132,10 @@ def check_effective(key: str, command: str = "eval") -> None:
     """eval, predict, export and info read the model, dataset, eval.*, data.* and a few trainer keys;
     a training-only key given to them is refused, and so is an evaluation key given to export or info."""
     section = key.split(".")[0]
+    if section in EVAL_READS:
+        if command == "eval":
+            return
+        raise ConfigError(f"{key} has no effect on {command}: only train and eval record to the trackers of logger")
     if command in NOT_EVALUATING and section in ("protocol", "eval"):
         raise ConfigError(f"{key} has no effect on {command}, which evaluates nothing; evaluation protocols "
                           "and eval.* keys apply to segtrain eval and segtrain predict")

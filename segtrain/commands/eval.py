@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 from omegaconf import DictConfig
-from torch.utils.tensorboard import SummaryWriter
 
 from segtrain.data.loading import build_dataset, eval_loader
 from segtrain.data.normalization import normalization
 from segtrain.display import percent
 from segtrain.engine.checkpoint import recorded_train_state
 from segtrain.engine.distributed import DistContext, broadcast_object, init_distributed
+from segtrain.engine.eval_tracking import EvalRecorder, EvalScores, Evaluation
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
 from segtrain.engine.lock import RunLock, refuse_used_eval_dir
 from segtrain.engine.preemption import PreemptionHandler
 from segtrain.engine.report import class_table, format_table, write_metrics
-from segtrain.engine.restore import load_for_inference
+from segtrain.engine.restore import LoadedModel, load_for_inference
 from segtrain.engine.resume import data_fingerprint, same_data
 from segtrain.engine.runtime import resolve_amp
 from segtrain.errors import Preempted
@@ -66,22 +65,6 @@ def protocol_name(cfg: DictConfig, settings: InferenceSettings) -> str:
     return "-".join(parts).replace("/", "_").replace(" ", "_")
 
 
-def events_dir(ckpt: Path, run_dir: Path, name: str) -> Path:
-    """Where eval's TensorBoard events go: `<training run>/eval/<name>` when the checkpoint is a training
-    run's, so TensorBoard shows the evaluation next to its training; else the evaluation's own directory.
-    Event files have names of their own (time, host, pid): nothing already there is written over."""
-    run = training_run_of(ckpt)
-    if run is None:
-        return run_dir
-    target = run / "eval" / name
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # read-only run, or a file of the user's where the folder would go
-        log.warning("TensorBoard events stay in %s: %s cannot be created (%s)", run_dir, target, exc)
-        return run_dir
-    return target
-
-
 def recorded_miou_note(state: dict, evaluated: dict) -> str:
     """The checkpoint's recorded val mIoU next to this evaluation's, only when it was measured on the
     same images (the same validation fingerprint: file names relative to the dataset root, sampled contents);
@@ -113,8 +96,9 @@ def _join_processes(loaded, run_dir: Path) -> tuple[DistContext, Path]:
 
 def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     """Score the checkpoint with the run directory's lock held (segtrain.engine.lock: no other command
-    writes there meanwhile); write metrics.json, per_class_iou.csv, confusion_matrix.png (and TensorBoard
-    events); return what metrics.json holds."""
+    writes there meanwhile); write metrics.json, per_class_iou.csv, confusion_matrix.png, and record them to
+    the `logger` trackers (segtrain.engine.eval_tracking; TensorBoard events by default); return what
+    metrics.json holds."""
     refuse_used_eval_dir(run_dir)
     lock = RunLock(run_dir, "eval")
     lock.acquire()
@@ -127,11 +111,21 @@ def run_eval(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
 def _evaluate_into(composed: DictConfig, overrides: list[str], run_dir: Path) -> dict:
     loaded = load_for_inference(composed, overrides)
     ctx, run_dir = _join_processes(loaded, run_dir)
-    cfg, class_names = loaded.cfg, loaded.class_names
-    recorded = recorded_train_state(loaded.state)
-    ckpt = loaded.path
-    amp = resolve_amp(cfg.trainer.amp, loaded.device)
+    cfg = loaded.cfg
     settings = InferenceSettings.from_config(cfg.eval, cfg.dataset.augment.crop_size, cfg.dataset.get("flip_pairs"))
+    evaluation = Evaluation(run_dir, protocol_name(cfg, settings), int(recorded_train_state(loaded.state).get(
+        "iteration") or 0), loaded.path, training_run_of(loaded.path))
+    # The command line's trackers (never the checkpoint's config), started before the first image.
+    with EvalRecorder.from_config(composed, cfg.logging.tensorboard, ctx) as recorder:
+        recorder.start(evaluation, loaded.state)
+        return _score(loaded, ctx, settings, evaluation, recorder)
+
+
+def _score(loaded: LoadedModel, ctx: DistContext, settings: InferenceSettings, evaluation: Evaluation,
+           recorder: EvalRecorder) -> dict:
+    cfg, class_names, run_dir, ckpt = loaded.cfg, loaded.class_names, evaluation.run_dir, loaded.path
+    recorded = recorded_train_state(loaded.state)
+    amp = resolve_amp(cfg.trainer.amp, loaded.device)
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False, normalize=normalization(cfg),
                             on_error=cfg.data.on_error, max_pixels=cfg.data.max_image_pixels)
     loader = eval_loader(dataset, cfg.eval.batch_size, cfg.eval.num_workers, loaded.device.type == "cuda")
@@ -179,20 +173,7 @@ def _evaluate_into(composed: DictConfig, overrides: list[str], run_dir: Path) ->
     matrix_image = confusion_matrix_image(result.matrix.numpy(), class_names)
     cv2.imwrite(str(run_dir / "confusion_matrix.png"), cv2.cvtColor(matrix_image, cv2.COLOR_RGB2BGR))
     table = format_table(metrics, class_names)  # TensorBoard's text tab holds the full table at any length
-    if cfg.logging.tensorboard:
-        events = events_dir(ckpt, run_dir, protocol_name(cfg, settings))
-        if events != run_dir:
-            log.info("TensorBoard events beside the training run: %s", events)
-        with SummaryWriter(str(events)) as writer:
-            step = int(recorded.get("iteration") or 0)
-            # The tags of training's validation (val/mIoU, val_iou/<class>) with eval/ in place of val/.
-            for key, tag in (("miou", "eval/mIoU"), ("pixel_acc", "eval/pixel_acc"), ("mean_acc", "eval/mean_acc")):
-                writer.add_scalar(tag, metrics[key], step)
-            for name, iou in zip(class_names, metrics["iou"]):
-                if not math.isnan(iou):
-                    writer.add_scalar(f"eval_iou/{name}", iou, step)
-            writer.add_text("eval/per_class_iou", "    " + table.replace("\n", "\n    "), step)
-            writer.add_image("eval/confusion_matrix", matrix_image, step, dataformats="HWC")
+    recorder.record(evaluation, EvalScores(metrics, class_names, matrix_image, table, run_dir / "metrics.json"))
     print(class_table(metrics, class_names, csv_path=run_dir / "per_class_iou.csv"))
     note = recorded_miou_note(loaded.state, data_fingerprint(dataset.samples, cfg.dataset.root))
     for problem in result.skipped:

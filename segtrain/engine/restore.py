@@ -30,7 +30,8 @@ GROUPS = ("model", "backbone", "dataset", "loss", "optimizer", "schedule")
 PROTOCOL_KEYS = ("mode", "crop_size", "stride", "scales", "flip", "output_stride", "average", "pad",
                  "resize_long_side")
 # Keys of the command's own config, never taken from (or written into) the training config.
-COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "init_from", "info")
+# `logger`: eval's trackers come from the command line only (a checkpoint's config is untrusted).
+COMMAND_KEYS = ("ckpt", "input", "output", "format", "predict", "export", "resume", "init_from", "info", "logger")
 
 
 def trained_network(stored: DictConfig) -> str:

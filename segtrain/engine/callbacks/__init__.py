@@ -41,13 +41,15 @@ def default_callbacks(trackers: Sequence[Tracker] = ()) -> list[Callback]:
             MetricWriters(), PeriodicCheckpoint(), PreemptionStop()]
 
 
-def configured_trackers(cfg: DictConfig) -> list[Tracker]:
+def configured_trackers(cfg: DictConfig, tensorboard: bool | None = None) -> list[Tracker]:
     """The config's `logger` mapping (conf/logger/: logger=[tensorboard,mlflow]), built in its order; a null entry
-    is switched off, and so is tensorboard under logging.tensorboard=false."""
+    is switched off, and so is tensorboard under logging.tensorboard=false (`tensorboard`: that setting when it
+    is not cfg's, as eval's, which comes from the checkpoint)."""
     nodes = cfg.get("logger") or {}
+    tensorboard = cfg.logging.tensorboard if tensorboard is None else tensorboard
     built = []
     for name, node in nodes.items():
-        if node is None or (name == "tensorboard" and not cfg.logging.tensorboard):
+        if node is None or (name == "tensorboard" and not tensorboard):
             continue
         section = f"logger.{name}"
         if not isinstance(node, DictConfig) or "_target_" not in node:

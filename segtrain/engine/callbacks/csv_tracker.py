@@ -8,6 +8,10 @@
     images/        validation panels with their legend, <tag>_<iteration>.png
 
 A resumed run drops the rows after its checkpoint's iteration and writes them again, as metrics.jsonl.
+
+`segtrain eval logger=csv` writes the same files in the evaluation's run directory (beside its metrics.json):
+`csv/metrics.csv` with the rows `eval/<protocol>/mIoU`, `pixel_acc`, `mean_acc` and `iou/<class>` at the
+checkpoint's iteration, and the confusion matrix as `csv/images/eval_<protocol>_confusion_matrix_<iteration>.png`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from segtrain.engine.callbacks.tracker import Tracker
 from segtrain.engine.run import Run
+
+if TYPE_CHECKING:
+    from segtrain.engine.eval_tracking import EvalScores, Evaluation
 
 CSV_DIR = "csv"
 METRICS_CSV = "metrics.csv"
@@ -60,10 +67,13 @@ class CsvTracker(Tracker):
         self.writer: Any = None
 
     def start(self, run: Run) -> None:
-        self.dir = run.run_dir / CSV_DIR
+        self._open(run.run_dir, run.state.iteration)
+
+    def _open(self, run_dir: Path, iteration: int) -> None:
+        self.dir = run_dir / CSV_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / METRICS_CSV
-        keep_rows_until(path, run.state.iteration)
+        keep_rows_until(path, iteration)
         new = not path.is_file() or path.stat().st_size == 0
         self.file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in finish()
         self.writer = csv.writer(self.file)
@@ -87,6 +97,20 @@ class CsvTracker(Tracker):
         (self.dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
 
     def finish(self, run: Run) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def start_evaluation(self, evaluation: Evaluation) -> None:
+        self._open(evaluation.run_dir, evaluation.iteration)
+
+    def record_evaluation(self, evaluation: Evaluation, scores: EvalScores) -> None:
+        self.log_scalars(evaluation.iteration, scores.scalars(evaluation.prefix))
+        if self.records_images:
+            self.log_image(f"{evaluation.prefix}/confusion_matrix", scores.matrix_image, evaluation.iteration)
+
+    def finish_evaluation(self, failed: bool) -> None:
+        self._close()

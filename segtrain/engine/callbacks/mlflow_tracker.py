@@ -12,6 +12,11 @@ keeps every point it was given (there is no deleting a metric's history), so the
 logged after its last checkpoint stay, and the resumed run skips the iterations a metric already has:
 every logged iteration is in the history exactly once. Params already logged keep their first value
 (MLflow refuses to change one; a resumed run with, say, a longer trainer.max_iters is said in the log).
+
+`segtrain eval logger=mlflow` records into the checkpoint's MLflow run when it is on the command line's
+tracking URI (its status stays as training left it), else into a new run named after the evaluation's
+directory: the metrics `eval/<protocol>/...` at the checkpoint's iteration, and the artifacts
+`eval/<protocol>/<iteration>/confusion_matrix.png` and `metrics.json`.
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from segtrain.engine.callbacks.tracker import Tracker, environment, tracker_run_name
 from segtrain.engine.run import Run
+
+if TYPE_CHECKING:
+    from segtrain.engine.eval_tracking import EvalScores, Evaluation
 
 log = logging.getLogger("segtrain.train")
 
@@ -50,36 +59,48 @@ class MlflowTracker(Tracker):
         self.log_best_checkpoint = log_best_checkpoint
         self.client: Any = None  # mlflow.tracking.MlflowClient once started
         self.last_step: dict[str, int] = {}  # a resumed run: the newest iteration each metric already has
+        self.opened_by_eval = False  # segtrain eval created this run (and so ends it)
 
     def start(self, run: Run) -> None:
         from mlflow.tracking import MlflowClient
 
         with environment(**START_ENVIRONMENT):
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
-            found = self.client.get_experiment_by_name(self.experiment)
-            experiment_id = found.experiment_id if found is not None else self.client.create_experiment(
-                self.experiment)
+            experiment_id = self._experiment_id()
             if self.run_id is not None and self._continue(self.run_id):
                 return
             tags = {"segtrain.run_dir": str(run.run_dir.resolve())}
             if run.info.job is not None:
                 tags["segtrain.job"] = str(run.info.job)
-            created = self.client.create_run(experiment_id, run_name=self.run_name or tracker_run_name(run.run_dir),
-                                             tags=tags)
+            self._create(experiment_id, run.run_dir, tags)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        return found.experiment_id if found is not None else self.client.create_experiment(self.experiment)
+
+    def _create(self, experiment_id: str, run_dir: Path, tags: dict[str, str]) -> None:
+        created = self.client.create_run(experiment_id, run_name=self.run_name or tracker_run_name(run_dir), tags=tags)
         self.run_id = created.info.run_id
         log.info("%s: MLflow run %s in experiment '%s' at %s", self.key, self.run_id, self.experiment,
                  self.client.tracking_uri)
 
-    def _continue(self, run_id: str) -> bool:
-        """Reopen the checkpoint's run; False (a new run is started) when it no longer exists."""
+    def _usable(self, run_id: str) -> Any:
+        """The checkpoint's run, or None (a new run is started) when it no longer exists."""
         try:
             previous = self.client.get_run(run_id)
         except Exception:  # noqa: BLE001 - deleted or from another server: start afresh, say so
             log.warning("%s: MLflow run %s of the checkpoint is not on %s; a new run is started", self.key, run_id,
                         self.client.tracking_uri)
-            return False
+            return None
         if previous.info.lifecycle_stage == "deleted":
             log.warning("%s: MLflow run %s of the checkpoint was deleted; a new run is started", self.key, run_id)
+            return None
+        return previous
+
+    def _continue(self, run_id: str) -> bool:
+        """Reopen the checkpoint's run; False (a new run is started) when it no longer exists."""
+        previous = self._usable(run_id)
+        if previous is None:
             return False
         self.last_step = {key: max(m.step for m in self.client.get_metric_history(run_id, key))
                           for key in previous.data.metrics}
@@ -129,3 +150,27 @@ class MlflowTracker(Tracker):
     def finish(self, run: Run) -> None:
         if self.client is not None and self.run_id is not None:
             self.client.set_terminated(self.run_id, STATUS[self.status])
+
+    def start_evaluation(self, evaluation: Evaluation) -> None:
+        from mlflow.tracking import MlflowClient
+
+        with environment(**START_ENVIRONMENT):
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            if self.run_id is not None and self._usable(self.run_id) is not None:
+                log.info("%s: recording the evaluation into MLflow run %s (the checkpoint's) at %s", self.key,
+                         self.run_id, self.client.tracking_uri)
+                return
+            tags = {"segtrain.run_dir": str(evaluation.run_dir.resolve()),
+                    "segtrain.checkpoint": str(evaluation.checkpoint.resolve())}
+            self._create(self._experiment_id(), evaluation.run_dir, tags)
+            self.opened_by_eval = True
+
+    def record_evaluation(self, evaluation: Evaluation, scores: EvalScores) -> None:
+        self.log_scalars(evaluation.iteration, scores.scalars(evaluation.prefix))
+        folder = f"{evaluation.prefix}/{evaluation.iteration:07d}"
+        self.client.log_image(self.run_id, scores.matrix_image, artifact_file=f"{folder}/confusion_matrix.png")
+        self.client.log_artifact(self.run_id, str(scores.metrics_file), folder)
+
+    def finish_evaluation(self, failed: bool) -> None:
+        if self.opened_by_eval and self.client is not None and self.run_id is not None:
+            self.client.set_terminated(self.run_id, STATUS["failed" if failed else "finished"])

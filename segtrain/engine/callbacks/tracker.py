@@ -14,6 +14,8 @@ needs; this class does the rest:
 - A tracker with a run of its own on a server (MLflow, W&B) keeps its id in `run_id`, which is saved in
   every checkpoint (state_dict): a resumed run continues the same tracker run.
 - Its run is named after the run directory (`<date>/<time>`, or `<sweep time>/<job>` for a sweep job).
+- `segtrain eval` records a checkpoint's scores through `start_evaluation`, `record_evaluation` and
+  `finish_evaluation` (segtrain.engine.eval_tracking); `run_id` then comes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from segtrain.engine.distributed import broadcast_object
 from segtrain.errors import ConfigError, SegtrainError, first_line
 
 if TYPE_CHECKING:
+    from segtrain.engine.eval_tracking import EvalScores, Evaluation
     from segtrain.engine.run import Run
 
 log = logging.getLogger("segtrain.train")
@@ -86,6 +89,20 @@ class Tracker(Callback):
 
     def finish(self, run: Run) -> None:
         """Close; `self.status` says how the run ended."""
+
+    # -- what a tracker implements to record `segtrain eval` (segtrain.engine.eval_tracking) ----------------------
+
+    def start_evaluation(self, evaluation: Evaluation) -> None:
+        """Open before the first image: into `run_id`'s run when the checkpoint gave one, else a new run."""
+        raise ConfigError(f"{self.key}: {type(self).__name__} records training only (it has no start_evaluation); "
+                          "leave it out of logger= at eval")
+
+    def record_evaluation(self, evaluation: Evaluation, scores: EvalScores) -> None:
+        """The scalars `scores.scalars(evaluation.prefix)` at `evaluation.iteration`, the confusion matrix and,
+        where the tracker keeps artifacts, `scores.metrics_file`."""
+
+    def finish_evaluation(self, failed: bool) -> None:
+        """Close; a tracker run the evaluation opened ends as failed when `failed`."""
 
     # -- the events ------------------------------------------------------------------------------------------
 

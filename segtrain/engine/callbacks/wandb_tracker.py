@@ -12,22 +12,34 @@ says otherwise.
 Resume: the W&B run id is saved in every checkpoint and the resumed run continues that run
 (resume="allow"). W&B refuses a step below the run's current one, so the iterations a killed process
 logged after its last checkpoint stay and are not logged again.
+
+`segtrain eval logger=wandb` resumes the checkpoint's W&B run (the project and mode are the command line's),
+else starts a run named after the evaluation's directory. W&B's step only grows and training has gone past
+the checkpoint's iteration, so the scalars `eval/<protocol>/...` are plotted against their own x-axis
+`eval/iteration` (the checkpoint's iteration), with the confusion matrix as the image
+`eval/<protocol>/confusion_matrix` and metrics.json as an `evaluation` artifact.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segtrain.engine.callbacks.tracker import Tracker, tracker_run_name
 from segtrain.engine.run import Run
 from segtrain.errors import ConfigError
 
+if TYPE_CHECKING:
+    from segtrain.engine.eval_tracking import EvalScores, Evaluation
+
 log = logging.getLogger("segtrain.train")
 
 MODES = ("online", "offline", "disabled")
+NOT_IN_AN_ARTIFACT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+EVAL_STEP = "eval/iteration"  # the x-axis of eval's scalars
 
 
 class WandbTracker(Tracker):
@@ -47,16 +59,7 @@ class WandbTracker(Tracker):
         self.first_step = 0  # a resumed run: W&B already has the steps below this one
 
     def start(self, run: Run) -> None:
-        import wandb
-
-        folder = self.dir or os.environ.get("WANDB_DIR") or str(run.run_dir)
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self.wandb_run = wandb.init(
-            project=self.project, entity=self.entity, name=self.run_name or tracker_run_name(run.run_dir),
-            id=self.run_id, resume="allow", mode=self.mode, dir=folder,
-            notes=f"segtrain run directory {run.run_dir.resolve()}",
-            settings=wandb.Settings(console="off"),  # train.log already has the console; W&B leaves stdout alone
-        )
+        self._init(run.run_dir)
         if self.run_id is not None:
             self.first_step = int(self.wandb_run.step or 0)
             log.info("%s: continuing W&B run %s from step %d", self.key, self.run_id, self.first_step)
@@ -64,6 +67,20 @@ class WandbTracker(Tracker):
         if self.run_id is not None and self.first_step == 0:
             log.info("%s: W&B run %s (project %s, %s)", self.key, self.run_id, self.project,
                      self.wandb_run.settings.mode)
+
+    def _init(self, run_dir: Path, named: bool = True) -> None:
+        """`named`: give the run its name and notes (an evaluation resuming its training's run keeps them)."""
+        import wandb
+
+        folder = self.dir or os.environ.get("WANDB_DIR") or str(run_dir)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        name = (self.run_name or tracker_run_name(run_dir)) if named else None
+        self.wandb_run = wandb.init(
+            project=self.project, entity=self.entity, name=name,
+            id=self.run_id, resume="allow", mode=self.mode, dir=folder,
+            notes=f"segtrain run directory {run_dir.resolve()}" if named else None,
+            settings=wandb.Settings(console="off"),  # train.log already has the console; W&B leaves stdout alone
+        )
 
     def log_scalars(self, iteration: int, values: dict[str, float]) -> None:
         if iteration >= self.first_step:
@@ -102,3 +119,29 @@ class WandbTracker(Tracker):
             self.wandb_run.mark_preempting()
         self.wandb_run.finish(exit_code=0 if self.status == "finished" else 1)
         self.wandb_run = None
+
+    def start_evaluation(self, evaluation: Evaluation) -> None:
+        resumed = self.run_id
+        self._init(evaluation.run_dir, named=resumed is None)
+        self.run_id = self.wandb_run.id
+        log.info("%s: recording the evaluation into W&B run %s%s", self.key, self.run_id,
+                 " (the checkpoint's)" if resumed == self.run_id else "")
+
+    def record_evaluation(self, evaluation: Evaluation, scores: EvalScores) -> None:
+        import wandb
+
+        self.wandb_run.define_metric(EVAL_STEP)
+        self.wandb_run.define_metric(f"{evaluation.prefix}/*", step_metric=EVAL_STEP)
+        self.wandb_run.log({**scores.scalars(evaluation.prefix), EVAL_STEP: evaluation.iteration,
+                            f"{evaluation.prefix}/confusion_matrix": wandb.Image(
+                                scores.matrix_image, caption=f"iteration {evaluation.iteration}")})
+        name = NOT_IN_AN_ARTIFACT_NAME.sub("_", f"eval-{self.run_id}-{evaluation.protocol}")
+        artifact = wandb.Artifact(name, type="evaluation", metadata={"iteration": evaluation.iteration,
+                                                                     "mIoU": scores.metrics["miou"]})
+        artifact.add_file(str(scores.metrics_file))
+        self.wandb_run.log_artifact(artifact)
+
+    def finish_evaluation(self, failed: bool) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1 if failed else 0)
+            self.wandb_run = None
