@@ -85,9 +85,11 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
         except SegtrainError as exc:
             _to_log_file(f"segtrain {command}: error: {user_message(exc)}")
             _fail(command, user_message(exc))
-        except MemoryError:
+        except MemoryError as exc:
             message = ("out of memory (MemoryError): use smaller batches, crops or images, or fewer data-loader "
                        "workers")
+            if from_loader_worker(exc):  # the worker's own message says what it could not allocate
+                message = f"a data-loader worker failed: {user_message(exc)}"
             _to_log_file(f"segtrain {command}: error: {message}")
             _fail(command, message)
         except Exception as exc:

@@ -117,8 +117,9 @@ def test_ade20k_experiment_has_the_official_recipe():
 
 
 @pytest.mark.slow
-def test_trains_two_iterations_with_the_aux_loss(tmp_path, shapes_root):
-    cfg = compose_config("train", tiny_overrides(shapes_root, **{
+def test_trains_two_iterations_with_the_aux_loss(tmp_path):
+    # Its own data folder: 64x64 images (segtrain never regenerates the shared one with other settings).
+    cfg = compose_config("train", tiny_overrides(tmp_path / "shapes", **{
         "model": "hrnet_ocr", "backbone": "hrnet_w18", "model.mid_channels": 16, "model.key_channels": 8,
         "trainer.max_iters": 2, "trainer.val_interval": 2, "trainer.ckpt_interval": 2,
         "dataset.augment.crop_size": "[64,64]", "dataset.source.image_size": "[64,64]"})

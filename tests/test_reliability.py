@@ -311,10 +311,13 @@ def test_any_exception_in_a_loader_worker_is_one_line_and_exit_2(tmp_path, shape
     """Not only DataError: a MemoryError (here raised when a worker opens an image) ends the run too."""
     (tmp_path / "exploding_source.py").write_text(
         "from pathlib import Path\n"
+        "from torch.utils.data import get_worker_info\n"
         "from segtrain.data.shapes import shapes_samples\n\n"
         "class Exploding(type(Path())):\n"
         "    def __fspath__(self):\n"
-        "        raise MemoryError('simulated: cannot allocate the decoded image')\n\n"
+        "        if get_worker_info() is not None:  # in a loader worker only (the start-up fingerprint reads too)\n"
+        "            raise MemoryError('simulated: cannot allocate the decoded image')\n"
+        "        return super().__fspath__()\n\n"
         "def samples(root, split, **kwargs):\n"
         "    pairs = shapes_samples(root, split, **kwargs)\n"
         "    return [(Exploding(image) if split == 'train' else image, mask) for image, mask in pairs]\n")
@@ -365,7 +368,8 @@ def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_r
         first.kill()
         first.wait()
     # The holder is gone (SIGKILL: no clean-up): the next run takes the lock over, with a warning.
-    resumed = finish([*args, "trainer.max_iters=4", "resume=auto"], tmp_path)
+    reached = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["iteration"]
+    resumed = finish([*args, f"trainer.max_iters={reached + 1}", "resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "taking over" in (run_dir / "train.log").read_text()
     assert not (run_dir / ".segtrain.lock").exists()  # released on exit

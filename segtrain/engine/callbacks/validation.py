@@ -60,7 +60,7 @@ class ValidateAndKeepBest(Callback):
         self.pending = None
 
     def state_dict(self) -> dict:
-        return {"pending": self.pending}
+        return {} if self.pending is None else {"pending": self.pending}
 
     def load_state_dict(self, state: dict) -> None:
         pending = state.get("pending")
