@@ -117,3 +117,32 @@ def test_sigterm_during_eval_exits_143_at_the_next_batch_and_a_second_ctrl_c_is_
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode in (130, 128 + signal.SIGINT), stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+@pytest.mark.slow
+def test_a_validation_cut_by_a_signal_and_redone_after_resume_trains_on_bit_identically(tmp_path):
+    """The redone validation must not shift the training's random stream (a DataLoader pass draws a seed)."""
+    import signal as signals
+
+    from conftest import compose_config
+    from segtrain.engine.callbacks import Callback
+    from segtrain.engine.trainer import train
+    from segtrain.errors import Preempted
+
+    values = {"trainer.max_iters": 8, "trainer.val_interval": 4, "trainer.ckpt_interval": 100}
+    overrides = tiny_overrides(tmp_path / "shapes", **values)
+    train(compose_config("train", overrides), tmp_path / "reference")
+
+    class SignalBeforeValidation(Callback):  # as if SIGTERM arrived during step 4: its validation is cut
+        def on_step_end(self, run, result) -> None:
+            if run.state.iteration == 4 and run.preemption is not None:
+                run.preemption.signum = signals.SIGTERM
+
+    with pytest.raises(Preempted):
+        train(compose_config("train", overrides), tmp_path / "run", callbacks=[SignalBeforeValidation()])
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["callbacks"]["ValidateAndKeepBest"] == {
+        "pending": 4}
+    train(compose_config("train", [*overrides, "resume=auto"]), tmp_path / "run")
+    reference = load_checkpoint(tmp_path / "reference" / "checkpoints" / "last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(reference[key], resumed[key]) for key in reference)

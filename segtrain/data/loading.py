@@ -198,4 +198,8 @@ def eval_loader(dataset: SegmentationDataset, batch_size: int, num_workers: int,
         worker_init_fn=_seed_worker,
         pin_memory=pin_memory,
         collate_fn=list_collate,
+        # Each pass over a DataLoader draws a seed from its generator: with its own, a validation leaves
+        # the training's random stream alone, so a validation interrupted by a signal and redone after
+        # resume trains on exactly as an uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
     )
