@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 	@echo "TensorBoard:   $(BIN)/tensorboard --logdir outputs"
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Unit and in-process tests only: no `python -m segtrain` subprocess, no long end-to-end run.
 test-fast: $(VENV)/.installed-dev

@@ -105,7 +105,7 @@ def measure(dataset: SegmentationDataset, count: int, offset: int) -> tuple[floa
 
 def run_case(name: str, samples: list, rounds: int, count: int) -> dict:
     _, crop, augment = CASES[name]
-    compact = train_transform(AugmentConfig(crop_size=crop, hflip=True, **augment), MEAN, STD, 255, 21)
+    compact = train_transform(AugmentConfig(crop_size=crop, hflip=True, **augment), MEAN, STD, 255, num_classes=21)
     datasets = {"before": SegmentationDataset(samples, 21, FormerOutput(compact)),
                 "after": SegmentationDataset(samples, 21, compact)}
     results: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}

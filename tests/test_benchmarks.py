@@ -70,6 +70,14 @@ def test_tta_cost_runs_on_cpu(tmp_path: Path) -> None:
     assert len(re.findall(r"^ +\d+x\d+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$", result.stdout, re.M)) == 2
 
 
+@pytest.mark.cli
+def test_data_pipeline_runs_and_reports_both_worker_outputs(tmp_path: Path) -> None:
+    result = run([str(BENCHMARKS / "data_pipeline.py"), "--rounds", "1", "--samples", "1", "--cases", "voc-513"],
+                 tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^ +voc-513( +[0-9.]+){6}$", result.stdout, re.M), result.stdout
+
+
 class ShapeRecorder(nn.Module):
     """A stand-in model that records the input of every forward pass."""
 

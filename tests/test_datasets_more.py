@@ -196,7 +196,7 @@ def test_lip_flip_swaps_left_and_right_arms():
 def test_lip_training_transform_swaps_labels_when_it_flips():
     cfg = compose_config("train", ["dataset=lip", "dataset.augment.crop_size=[2,3]",
                                    "dataset.augment.scale_range=[1,1]"])
-    transform = train_transform(cfg.dataset.augment, [0.5] * 3, [0.5] * 3, 255, cfg.dataset.flip_pairs)
+    transform = train_transform(cfg.dataset.augment, [0.5] * 3, [0.5] * 3, 255, flip_pairs=cfg.dataset.flip_pairs)
     image = np.random.default_rng(0).integers(0, 255, (2, 3, 3), dtype=np.uint8)
     mask = np.array([[14, 0, 15], [16, 13, 19]], np.uint8)
     outcomes = set()

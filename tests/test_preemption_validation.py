@@ -45,8 +45,8 @@ def test_evaluate_stops_before_the_next_batch_when_asked():
 
 
 def _slow_validation(root: Path, run_dir: Path, **extra) -> list[str]:
-    """48 validation images at 4 scales + flip: a validation of many seconds on a CPU, a fraction of one per image."""
-    values = {"dataset.source.image_size": "[96,128]", "dataset.source.num_val": 48, "trainer.max_iters": 4,
+    """24 validation images at 4 scales + flip: a validation of many seconds on a CPU, a fraction of one per image."""
+    values = {"dataset.source.image_size": "[64,96]", "dataset.source.num_val": 24, "trainer.max_iters": 4,
               "trainer.val_interval": 2, "trainer.ckpt_interval": 100, "eval.scales": "[0.75,1.0,1.25,1.5]",
               "eval.flip": "true", "eval.batch_size": 1, **extra}
     return [*tiny_overrides(root, **values), f"hydra.run.dir={run_dir}"]
@@ -66,7 +66,7 @@ def test_sigterm_during_a_multiscale_validation_checkpoints_in_seconds_and_the_r
     run_dir = tmp_path / "run"
     args = _slow_validation(tmp_path / "shapes", run_dir)
     proc = start_cli("train", *args, cwd=tmp_path, env=ONE_THREAD)
-    _wait_for_line(run_dir / "train.log", "iter 2: validating on 48 images", proc)
+    _wait_for_line(run_dir / "train.log", "iter 2: validating on 24 images", proc)
     time.sleep(0.5)  # inside the first scales of the first image
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -105,7 +105,7 @@ def test_sigterm_during_eval_exits_143_at_the_next_batch_and_a_second_ctrl_c_is_
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    assert "stopped by SIGTERM during the evaluation of 48 images; no metrics were written" in stderr
+    assert "stopped by SIGTERM during the evaluation of 24 images; no metrics were written" in stderr
     assert not (eval_dir / "metrics.json").exists()
     # Ctrl-C twice: the second exits at once with one line, no KeyboardInterrupt traceback
     proc = start_cli("eval", f"ckpt={run_dir}", "eval.scales=[0.75,1.0,1.25,1.5]", "eval.flip=true",
@@ -115,7 +115,8 @@ def test_sigterm_during_eval_exits_143_at_the_next_batch_and_a_second_ctrl_c_is_
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode in (130, 128 + signal.SIGINT), stderr
+    # 130; or, when the second one lands while the process is already exiting, death by SIGINT itself
+    assert proc.returncode in (128 + signal.SIGINT, -signal.SIGINT), stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
 
 

@@ -282,7 +282,7 @@ def _photometric_steps(augment: AugmentConfig) -> list[A.BasicTransform]:
 
 
 def train_transform(
-    augment: AugmentConfig, mean: Sequence[float], std: Sequence[float], ignore_index: int = 255,
+    augment: AugmentConfig, mean: Sequence[float], std: Sequence[float], ignore_index: int = 255, *,
     flip_pairs: Sequence[Sequence[int]] = (),
     num_classes: int | None = None,
 ) -> SeededTransform:
