@@ -13,11 +13,11 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade --quiet pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet --no-compile -e .
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet --no-compile -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed

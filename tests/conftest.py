@@ -46,8 +46,6 @@ def checkout_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ plus `env`, with the checkout first on PYTHONPATH: a child runs this tree's segtrain,
     not whichever one is installed. A PYTHONPATH in `env` comes after the checkout."""
     merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # the child gets this worker's share of the cores too:
-        merged.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # more threads than cores only spin
     rest = [p for p in merged.get("PYTHONPATH", "").split(os.pathsep) if p]
     merged["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *rest])
     return merged
