@@ -64,18 +64,17 @@ def _config_candidates(command: str, given: list[str], word: str) -> list[str]:
     from omegaconf import DictConfig, OmegaConf
 
     from segtrain.composition import compose_config, config_dir
-    from segtrain.help import HELP, _selected, group_options
+    from segtrain.help import HELP, command_groups, selected_keys
 
     entry = HELP[command]
-    groups = {g: o for g, o in group_options(config_dir()).items()
-              if entry.skip_groups is None or g not in entry.skip_groups}
+    groups = command_groups(command, config_dir())
     key, has_value, value = word.partition("=")
     if has_value and key in groups:
         return [f"{key}={option}" for option in _prefixed(groups[key], value)]
     try:
-        cfg = _selected(compose_config(command, given), entry.keys)
+        cfg = selected_keys(compose_config(command, given), entry.keys)
     except Exception:  # noqa: BLE001 - a half-typed line that does not compose yet: the defaults
-        cfg = _selected(compose_config(command), entry.keys)
+        cfg = selected_keys(compose_config(command), entry.keys)
     if has_value:  # a key's value: offer the booleans' two values
         current = OmegaConf.select(cfg, key, default=None)
         return [f"{key}={v}" for v in _prefixed(["true", "false"], value)] if isinstance(current, bool) else []

@@ -101,7 +101,7 @@ def group_options(conf: Path) -> dict[str, list[str]]:
             for folder in sorted(conf.iterdir()) if folder.is_dir() and folder.name != "hydra"}
 
 
-def _selected(cfg: DictConfig, keys: tuple[str, ...] | None) -> DictConfig:
+def selected_keys(cfg: DictConfig, keys: tuple[str, ...] | None) -> DictConfig:
     plain = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     if keys is None:
         return OmegaConf.create(plain)
@@ -115,12 +115,17 @@ def _selected(cfg: DictConfig, keys: tuple[str, ...] | None) -> DictConfig:
     return OmegaConf.create(chosen)
 
 
+def command_groups(command: str, conf: Path) -> dict[str, list[str]]:
+    """The config groups `command` reads (its help and its shell completion show these) and their options."""
+    skipped = HELP[command].skip_groups
+    return {g: options for g, options in group_options(conf).items() if skipped is None or g not in skipped}
+
+
 def render(command: str, conf: Path, cfg: DictConfig) -> str:
     """The help text of one command, `cfg` being its composed config (with the user's overrides)."""
     entry = HELP[command]
     name = command.replace("_", " ")
-    groups = {g: options for g, options in group_options(conf).items()
-              if entry.skip_groups is None or g not in entry.skip_groups}
+    groups = command_groups(command, conf)
     lines = [f"segtrain {name}: {entry.summary}", "", f"usage: {entry.usage}", ""]
     if entry.note:
         lines += [*textwrap.wrap(entry.note, 100), ""]
@@ -129,7 +134,7 @@ def render(command: str, conf: Path, cfg: DictConfig) -> str:
         lines += [f"{group}: {', '.join(options)}" for group, options in groups.items()]
         lines.append("")
     lines += ["== Config ==", "Override any of these keys (key=value); --cfg job prints the config that will run:", ""]
-    lines += [OmegaConf.to_yaml(_selected(cfg, entry.keys)).rstrip(), ""]
+    lines += [OmegaConf.to_yaml(selected_keys(cfg, entry.keys)).rstrip(), ""]
     lines += ["Examples:", *(f"  {example}" for example in entry.examples), "",
               "Hydra options: -m (one job per value of key=a,b), --cfg job, --hydra-help"]
     return "\n".join(lines)
