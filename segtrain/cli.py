@@ -59,6 +59,17 @@ def _to_log_file(message: str) -> None:
             handler.handle(record)
 
 
+def _exit_at_once_on_ctrl_c() -> None:
+    """From here the process only shuts down: another Ctrl-C ends it at once, instead of landing in an atexit
+    callback (DataLoader workers, tracker threads) as a KeyboardInterrupt traceback."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+
+
 def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[[DictConfig], object]:
     """The Hydra task function: the job the Python API runs (segtrain.api.job), with its errors as one line
     and an exit status; it returns the body's value (train: the best mIoU, which sweepers such as Optuna's
@@ -75,12 +86,14 @@ def _task(command: str, body: Callable[[DictConfig, Path], object]) -> Callable[
             from segtrain.engine.preemption import hand_over_to_launcher
 
             hand_over_to_launcher(exc.signum)  # a submitit job: submitit requeues it (rank 0) and exits
+            _exit_at_once_on_ctrl_c()
             raise SystemExit(exc.exit_code) from None
         except KeyboardInterrupt:  # Ctrl-C before the handler is in place, or the second one: stop now
             message = ("interrupted (Ctrl-C): stopped at once; checkpoints already written are kept "
                        "(resume=auto continues from the newest)" if command == "train" else "interrupted (Ctrl-C)")
             _to_log_file(f"segtrain {command}: {message}")
             print(f"segtrain {command}: {message}", file=sys.stderr)
+            _exit_at_once_on_ctrl_c()
             raise SystemExit(130) from None
         except SegtrainError as exc:
             _to_log_file(f"segtrain {command}: error: {user_message(exc)}")
