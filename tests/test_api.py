@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
 import segtrain
-from conftest import checkout_env, run_cli, tiny_overrides
+from conftest import FULL_RESNET18, checkout_env, run_cli, tiny_overrides
 from segtrain.api import override_value
 from segtrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.errors import ConfigError, DataError, WeightsError
@@ -30,7 +30,7 @@ SIZES = ((40, 56), (33, 47), (64, 80))  # three images, three sizes (odd ones to
 def trained(tmp_path_factory, shapes_root):
     """A tiny quickstart run trained through `segtrain.train`."""
     run = tmp_path_factory.mktemp("api") / "run"
-    return segtrain.train(tiny_overrides(shapes_root, **{"hydra.run.dir": str(run)}))
+    return segtrain.train(tiny_overrides(shapes_root, **FULL_RESNET18, **{"hydra.run.dir": str(run)}))
 
 
 @pytest.fixture(scope="module")

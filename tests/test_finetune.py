@@ -123,8 +123,8 @@ def test_unusable_files_are_one_line_errors(tmp_path, shapes_root, shapes_checkp
         with pytest.raises(WeightsError, match=f"init_from={tmp_path / name}: {message}") as error:
             load_init_weights(tiny_model(cfg, 5), tmp_path / name)
         assert "\n" not in str(error.value)
-    with pytest.raises(WeightsError, match=r"aspp.branches.0.0.weight is \[64, 512, 1, 1\] in the file but \[32, "
-                                           r"512, 1, 1\] in the model, a difference the class count does not explain"):
+    with pytest.raises(WeightsError, match=r"aspp.branches.0.0.weight is \[64, 128, 1, 1\] in the file but \[32, "
+                                           r"128, 1, 1\] in the model, a difference the class count does not explain"):
         load_init_weights(tiny_model(wider, 3), shapes_checkpoint)
 
 

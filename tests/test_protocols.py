@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import FULL_RESNET18, compose_config, run_cli, tiny_overrides
 from segtrain.cli import config_dir
 from segtrain.engine.restore import PROTOCOL_KEYS, load_for_inference
 from segtrain.engine.trainer import train
@@ -45,7 +45,7 @@ def os8_run(tmp_path_factory, shapes_root):
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        result = train(compose_config("train", [*tiny_overrides(shapes_root, **{"trainer.max_iters": 3}),
+        result = train(compose_config("train", [*tiny_overrides(shapes_root, **FULL_RESNET18, **{"trainer.max_iters": 3}),
                                                 "protocol=deeplab_os8_ms_flip"]), run)
     finally:
         logger.removeHandler(handler)

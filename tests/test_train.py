@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import compose_config, tiny_overrides
+from conftest import FULL_RESNET18, compose_config, tiny_overrides
 from segtrain.commands.eval import run_eval
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.schedules import poly_lr
@@ -154,7 +154,7 @@ def test_resume_with_a_longer_schedule_follows_the_new_one(tmp_path, shapes_root
                                                "output stride 32"),
 ])
 def test_out_of_range_values_are_config_errors_naming_the_key(tmp_path, shapes_root, override, message):
-    extra = {"backbone.output_stride": 32} if "crop_size" in str(override) else {}
+    extra = {"backbone.output_stride": 32, **FULL_RESNET18} if "crop_size" in str(override) else {}
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         # values alone fail at composition (segtrain.config_checks); the crop against the network in train()
         train(compose_config("train", tiny_overrides(shapes_root, **override, **extra)), tmp_path)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import compose_config, node, tiny_overrides
+from conftest import FULL_RESNET18, compose_config, node, tiny_overrides
 from segtrain.engine.run import describe, weights_origin
 from segtrain.engine.trainer import Trainer
 from segtrain.models import build_backbone
@@ -87,7 +87,7 @@ def test_init_from_and_a_resumed_checkpoint_come_before_the_backbone():
 def test_start_up_line_names_the_weights_origin(case, tmp_path, shapes_root, caplog, pretend_timm_download):
     extra = {"random": {}, "file": {"backbone.pretrained": "true", "backbone.weights": str(_resnet18_file(tmp_path))},
              "imagenet": {"backbone.pretrained": "true"}}[case]
-    trainer = Trainer(compose_config("train", tiny_overrides(shapes_root, **extra)), tmp_path / "run")
+    trainer = Trainer(compose_config("train", tiny_overrides(shapes_root, **FULL_RESNET18, **extra)), tmp_path / "run")
     try:
         run = trainer.setup()
         with caplog.at_level(logging.INFO, logger="segtrain.train"):
