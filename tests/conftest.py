@@ -46,6 +46,8 @@ def checkout_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ plus `env`, with the checkout first on PYTHONPATH: a child runs this tree's segtrain,
     not whichever one is installed. A PYTHONPATH in `env` comes after the checkout."""
     merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # the child gets this worker's share of the cores too: two
+        merged.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # 2-thread runs on 2 cores take 2.4x
     rest = [p for p in merged.get("PYTHONPATH", "").split(os.pathsep) if p]
     merged["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *rest])
     return merged
@@ -87,6 +89,13 @@ def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
         status = exited.code if isinstance(exited.code, int) else int(exited.code is not None)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
+
+
+def run_in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """run_main with run_cli's result: for a command that is no Hydra app (`data prepare`), whose start-up in a
+    subprocess would cost more than its work."""
+    status, out, err = run_main(capsys, *args)
+    return subprocess.CompletedProcess(["segtrain", *args], status, out, err)
 
 
 FULL_RESNET18 = {"backbone.out_indices": "[1,2,3,4]"}  # tiny_overrides with all four stages (output stride 16)

@@ -22,7 +22,7 @@ from datasets_builders import (
 )
 from PIL import Image
 
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import compose_config, run_cli, run_in_process, tiny_overrides
 from segtrain.data.cityscapes import LABEL_TO_TRAIN, cityscapes_samples
 from segtrain.data.dataset import read_mask
 from segtrain.data.download import download
@@ -41,10 +41,9 @@ def voc_archives(tmp_path_factory):
     return build_voc_archives(tmp_path_factory.mktemp("voc"))
 
 
-@pytest.mark.cli
-def test_prepare_voc_from_local_archives_builds_train_aug(tmp_path, voc_archives):
-    result = run_cli("data", "prepare", "voc", "--root", str(tmp_path / "data"), "--archives", str(voc_archives),
-                     "--skip-checksum", cwd=tmp_path)
+def test_prepare_voc_from_local_archives_builds_train_aug(capsys, tmp_path, voc_archives):
+    result = run_in_process(capsys, "data", "prepare", "voc", "--root", str(tmp_path / "data"), "--archives",
+                            str(voc_archives), "--skip-checksum")
     assert result.returncode == 0, result.stderr
     assert "train_aug 6" in result.stdout
     voc = tmp_path / "data" / "VOCdevkit" / "VOC2012"
@@ -62,19 +61,17 @@ def test_prepare_voc_from_local_archives_builds_train_aug(tmp_path, voc_archives
                               read_mask(voc / "SegmentationClass" / f"{image_id}.png"))
 
 
-@pytest.mark.cli
-def test_prepare_voc_verifies_checksums(tmp_path, voc_archives):
-    result = run_cli("data", "prepare", "voc", "--root", str(tmp_path), "--archives", str(voc_archives), cwd=tmp_path)
+def test_prepare_voc_verifies_checksums(capsys, tmp_path, voc_archives):
+    result = run_in_process(capsys, "data", "prepare", "voc", "--root", str(tmp_path), "--archives", str(voc_archives))
     assert result.returncode == 2
     assert "VOCtrainval_11-May-2012.tar has MD5" in result.stderr
     assert "expected 6cd6e144f989b92b3379bac3b3de84fd" in result.stderr
 
 
-@pytest.mark.cli
-def test_prepare_voc_missing_archive_names_file_and_address(tmp_path):
+def test_prepare_voc_missing_archive_names_file_and_address(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run_cli("data", "prepare", "voc", "--root", str(tmp_path), "--archives", str(tmp_path / "empty"),
-                     cwd=tmp_path)
+    result = run_in_process(capsys, "data", "prepare", "voc", "--root", str(tmp_path), "--archives",
+                            str(tmp_path / "empty"))
     assert result.returncode == 2
     assert "VOCtrainval_11-May-2012.tar" in result.stderr and "http://host.robots.ox.ac.uk" in result.stderr
 
@@ -164,9 +161,8 @@ def test_prepare_cityscapes_unpacks_and_writes_train_ids(tmp_path):
     assert np.array_equal(dataset[0]["mask"].numpy(), LABEL_TO_TRAIN[labels])
 
 
-@pytest.mark.cli
-def test_prepare_cityscapes_missing_zip_says_where_to_get_it(tmp_path):
-    result = run_cli("data", "prepare", "cityscapes", "--root", str(tmp_path / "c"), cwd=tmp_path)
+def test_prepare_cityscapes_missing_zip_says_where_to_get_it(capsys, tmp_path):
+    result = run_in_process(capsys, "data", "prepare", "cityscapes", "--root", str(tmp_path / "c"))
     assert result.returncode == 2
     assert "leftImg8bit_trainvaltest.zip" in result.stderr and "cityscapes-dataset.com" in result.stderr
 

