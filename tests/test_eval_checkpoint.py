@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import segtrain
 from conftest import compose_config, fit_recording_start, run_cli, run_main, tiny_overrides
 from segtrain.commands.eval import recorded_miou_note
 from segtrain.engine.checkpoint import inference_checkpoint
@@ -98,7 +99,7 @@ def test_the_recorded_miou_is_compared_only_on_the_same_images(saved, expected):
 
 @pytest.mark.cli
 @pytest.mark.slow
-def test_eval_of_a_run_directory_on_its_own_and_on_other_data(tmp_path):
+def test_eval_of_a_run_directory_on_its_own_and_on_other_data(tmp_path, capsys):
     data = tmp_path / "shapes"
     cfg = compose_config("train", tiny_overrides(data, **{"trainer.max_iters": 3, "trainer.val_interval": 3}))
     fit_recording_start(cfg, tmp_path / "run")
@@ -107,12 +108,14 @@ def test_eval_of_a_run_directory_on_its_own_and_on_other_data(tmp_path):
     result = run_cli("eval", f"ckpt={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'ev1'}", cwd=tmp_path, check=True)
     assert f"using {best} (its best validation mIoU)" in result.stdout  # Hydra logs to stdout
     assert "(the checkpoint's recorded val mIoU" in result.stdout and ", on the same images)" in result.stdout
-    # The same files under another root are the same images; other validation images are not.
+    # The same files under another root are the same images; other validation images are not. (The same
+    # evaluation through the Python API, which prints the same summary.)
     shutil.copytree(data, tmp_path / "moved")
-    result = run_cli("eval", f"ckpt={tmp_path / 'run'}", f"dataset.root={tmp_path / 'moved'}",
-                     f"hydra.run.dir={tmp_path / 'ev2'}", cwd=tmp_path, check=True)
-    assert ", on the same images)" in result.stdout
-    result = run_cli("eval", f"ckpt={tmp_path / 'run'}", f"dataset.root={tmp_path / 'other'}",
-                     "dataset.source.num_val=3", f"hydra.run.dir={tmp_path / 'ev3'}", cwd=tmp_path, check=True)
-    assert "(not compared with the checkpoint's recorded val mIoU" in result.stdout
-    assert "measured on other images, 4 validation images" in result.stdout and "here 3 with" in result.stdout
+    capsys.readouterr()
+    segtrain.evaluate(tmp_path / "run", [f"dataset.root={tmp_path / 'moved'}", f"hydra.run.dir={tmp_path / 'ev2'}"])
+    assert ", on the same images)" in capsys.readouterr().out
+    segtrain.evaluate(tmp_path / "run", [f"dataset.root={tmp_path / 'other'}", "dataset.source.num_val=3",
+                                         f"hydra.run.dir={tmp_path / 'ev3'}"])
+    out = capsys.readouterr().out
+    assert "(not compared with the checkpoint's recorded val mIoU" in out
+    assert "measured on other images, 4 validation images" in out and "here 3 with" in out

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import CLI_TIMEOUT_S, checkout_env, compose_config, run_cli, tiny_overrides
+import segtrain
+from conftest import CLI_TIMEOUT_S, checkout_env, compose_config, tiny_overrides
 from segtrain.engine import evaluate as evaluate_module
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
@@ -72,7 +73,7 @@ def _checkpoint(root: Path) -> Path:
 def test_torchrun_eval_shards_the_images_and_sums_the_matrix_of_one_process(tmp_path):
     ckpt = _checkpoint(tmp_path)
     protocol = ["eval.scales=[0.75,1.0,1.25]", "eval.flip=true", "trainer.device=cpu"]
-    run_cli("eval", f"ckpt={ckpt}", *protocol, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, check=True)
+    segtrain.evaluate(ckpt, [*protocol, f"hydra.run.dir={tmp_path / 'one'}"])  # one process: this one
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segtrain", "eval",
          f"ckpt={ckpt}", *protocol, "eval.save_predictions=true", f"hydra.run.dir={tmp_path / 'two'}"],

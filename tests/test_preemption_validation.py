@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, start_cli, tiny_overrides
+from conftest import compose_config, run_cli, start_cli, tiny_overrides
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.evaluate import evaluate
 from segtrain.engine.inference import InferenceSettings
+from segtrain.engine.trainer import train
 
 # The latency under test is one validation batch plus a checkpoint; on a machine whose cores other test
 # processes share, more threads than cores only add waiting.
@@ -96,7 +97,7 @@ def test_sigterm_during_eval_exits_143_at_the_next_batch_and_a_second_ctrl_c_is_
     run_dir = tmp_path / "run"
     args = _slow_validation(tmp_path / "shapes", run_dir, **{"trainer.max_iters": 1, "trainer.val_interval": 100,
                                                              "eval.scales": "[1.0]", "eval.flip": "false"})
-    assert run_cli("train", *args, cwd=tmp_path, timeout=600).returncode == 0
+    train(compose_config("train", args[:-1]), run_dir)  # without its hydra.run.dir: in this process
     eval_dir = tmp_path / "ev"
     proc = start_cli("eval", f"ckpt={run_dir}", "eval.scales=[0.75,1.0,1.25,1.5]", "eval.flip=true",
                      f"hydra.run.dir={eval_dir}", cwd=tmp_path, env=ONE_THREAD)
@@ -125,9 +126,7 @@ def test_a_validation_cut_by_a_signal_and_redone_after_resume_trains_on_bit_iden
     """The redone validation must not shift the training's random stream (a DataLoader pass draws a seed)."""
     import signal as signals
 
-    from conftest import compose_config
     from segtrain.engine.callbacks import Callback
-    from segtrain.engine.trainer import train
     from segtrain.errors import Preempted
 
     values = {"trainer.max_iters": 8, "trainer.val_interval": 4, "trainer.ckpt_interval": 100}

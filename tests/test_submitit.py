@@ -134,22 +134,6 @@ def test_two_submitit_tasks_train_the_weights_of_torchrun_with_two_processes(tmp
         assert torch.allclose(submitit["model"][name].float(), value.float(), atol=1e-5), name
 
 
-@pytest.mark.slow
-@pytest.mark.cli
-@needs_launcher
-def test_a_sweep_through_the_launcher_is_one_job_per_point_with_the_summary(tmp_path, shapes_root):
-    sweep_dir = tmp_path / "sweep"
-    done = run_cli("train", *_launcher_args(shapes_root, sweep_dir, 1), "optimizer.lr=0.01,0.02", "-m", cwd=tmp_path,
-                   env=_without_torch_variables())
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(sweep_dir / "summary.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [(r["job"], r["overrides"]) for r in rows] == [("0", "optimizer.lr=0.01"), ("1", "optimizer.lr=0.02")]
-    assert [Path(r["run_dir"]).name for r in rows] == ["0_optimizer.lr-0.01", "1_optimizer.lr-0.02"]
-    assert len(list((sweep_dir / ".submitit").glob("*/*_submitted.pkl"))) == 2  # one submitted job per point
-    assert "sweep summary (2 jobs)" in done.stdout
-
-
 PACE = '''
 import os
 import time
@@ -166,7 +150,7 @@ class Pace(Callback):
 
     def on_fit_start(self, run) -> None:
         with open(self.pid_file, "a") as handle:
-            handle.write(f"{os.getpid()}\\n")
+            handle.write(f"{run.run_dir.name} {os.getpid()}\\n")
 
     def on_step_end(self, run, result) -> None:
         time.sleep(0.3)
@@ -185,28 +169,42 @@ def _wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
 @pytest.mark.slow
 @pytest.mark.cli
 @needs_launcher
-def test_submitits_preemption_signal_checkpoints_requeues_and_resumes_in_the_job_directory(tmp_path, shapes_root):
+def test_a_sweep_is_one_job_per_point_and_a_preempted_job_is_requeued_and_resumes_in_its_directory(tmp_path,
+                                                                                                   shapes_root):
     (tmp_path / "pace_callback.py").write_text(PACE)
     sweep_dir, pids = tmp_path / "sweep", tmp_path / "pids"
     args = [*_launcher_args(shapes_root, sweep_dir, 1, **{"trainer.max_iters": 10, "trainer.val_interval": 10,
                                                            "trainer.ckpt_interval": 10}),
-            "resume=auto", f"+callbacks.pace={{_target_: pace_callback.Pace, pid_file: '{pids}'}}", "-m"]
+            "resume=auto", f"+callbacks.pace={{_target_: pace_callback.Pace, pid_file: '{pids}'}}",
+            "optimizer.lr=0.01,0.02", "-m"]
     env = {**_without_torch_variables(), "PYTHONPATH": str(tmp_path)}
     sweep = start_cli("train", *args, cwd=tmp_path, env=env)
+    job_dir = sweep_dir / "0_optimizer.lr-0.01"
+
+    def processes_of_job_0() -> list[int]:
+        lines = [line.split() for line in pids.read_text().splitlines()] if pids.is_file() else []
+        return [int(pid) for name, pid in lines if name == job_dir.name]
+
     try:
-        metrics = sweep_dir / "0" / "metrics.jsonl"
+        metrics = job_dir / "metrics.jsonl"
         _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 300, sweep)
-        os.kill(int(pids.read_text().split()[0]), signal.SIGUSR2)  # what SLURM sends before the time limit
+        os.kill(processes_of_job_0()[0], signal.SIGUSR2)  # what SLURM sends before the time limit
         out, err = sweep.communicate(timeout=600)
     finally:
         if sweep.poll() is None:
             sweep.kill()
     assert sweep.returncode == 0, err[-3000:]
-    assert len(pids.read_text().split()) == 2  # the requeued job is a new process
-    log = (sweep_dir / "0" / "train.log").read_text()
+    assert len(processes_of_job_0()) == 2  # the requeued job is a new process
+    log = (job_dir / "train.log").read_text()
     assert "SIGUSR2 received" in log and "resumed from" in log
-    result = json.loads((sweep_dir / "0" / "result.json").read_text())
+    result = json.loads((job_dir / "result.json").read_text())
     assert result["iteration"] == 10
     iterations = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()
                   if "train/loss" in json.loads(line)]
     assert iterations == sorted(set(iterations)) and iterations[-1] == 10
+    with open(sweep_dir / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job"], r["overrides"]) for r in rows] == [("0", "optimizer.lr=0.01"), ("1", "optimizer.lr=0.02")]
+    assert [Path(r["run_dir"]).name for r in rows] == ["0_optimizer.lr-0.01", "1_optimizer.lr-0.02"]
+    assert len(list((sweep_dir / ".submitit").glob("*/*_submitted.pkl"))) == 2  # one submitted job per point
+    assert "sweep summary (2 jobs)" in out
