@@ -130,7 +130,8 @@ def _equal_size_dataset(root):
 
 def _folder_cfg(root):
     cfg = compose_config("train", ["experiment=quickstart", "dataset=folder", f"dataset.root={root}",
-                                   "dataset.class_names=[a,b,c]", "dataset.source.val_ratio=0.99"])
+                                   "dataset.class_names=[a,b,c]", "dataset.source.val_ratio=0.99",
+                                   "backbone.out_indices=[1,2]"])
     return cfg
 
 
