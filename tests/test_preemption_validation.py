@@ -45,6 +45,23 @@ def test_evaluate_stops_before_the_next_batch_when_asked():
     assert model.calls == 7
 
 
+def test_once_the_process_is_stopping_another_ctrl_c_ends_it_at_once(monkeypatch):
+    """Not a KeyboardInterrupt inside an atexit callback (loader workers, trackers): a traceback after the one line."""
+    import os
+
+    from segtrain.cli import _exit_at_once_on_ctrl_c
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        _exit_at_once_on_ctrl_c()
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert exits == [130]
+
+
 def _slow_validation(root: Path, run_dir: Path, **extra) -> list[str]:
     """24 validation images at 4 scales + flip: a validation of many seconds on a CPU, a fraction of one per image."""
     values = {"dataset.source.image_size": "[64,96]", "dataset.source.num_val": 24, "trainer.max_iters": 4,
