@@ -14,7 +14,10 @@ sweep values after the first are seen only there.
 from __future__ import annotations
 
 import difflib
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,10 +65,6 @@ def _to_log_file(message: str) -> None:
 def _exit_at_once_on_ctrl_c() -> None:
     """From here the process only shuts down: another Ctrl-C ends it at once, instead of landing in an atexit
     callback (DataLoader workers, tracker threads) as a KeyboardInterrupt traceback."""
-    import os
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 

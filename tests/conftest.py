@@ -99,6 +99,7 @@ def run_in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.Comp
 
 
 FULL_RESNET18 = {"backbone.out_indices": "[1,2,3,4]"}  # tiny_overrides with all four stages (output stride 16)
+SMALL_RESNET18 = {"backbone.out_indices": "[1,2]"}  # up to the second stage: what tests' tiny runs train
 
 
 def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
@@ -124,9 +125,19 @@ def tiny_overrides(shapes_root: Path, **extra: object) -> list[str]:
         "logging.image_interval": 3,
     }
     if "backbone" not in extra:
-        values["backbone.out_indices"] = "[1,2]"
+        values.update(SMALL_RESNET18)
     values.update(extra)
     return ["experiment=quickstart", *(f"{k}={v}" for k, v in values.items())]
+
+
+def folder_run_overrides(root: Path, **extra: object) -> list[str]:
+    """tiny_overrides for a two-class folder dataset with split files (datasets_builders.folder_dataset_with_a_bad_
+    mask): one iteration, validated."""
+    values = {"dataset.root": str(root), "dataset.class_names": "[a,b]", "dataset.source.split_dir": "splits",
+              **SMALL_RESNET18, "dataset.augment.crop_size": "[32,32]", "trainer.batch_size": 4,
+              "trainer.num_workers": 0, "eval.num_workers": 0, "trainer.max_iters": 1, "trainer.val_interval": 1,
+              "logging.progress": "false", "trainer.device": "cpu", **extra}
+    return ["dataset=folder", "backbone=resnet18", *(f"{k}={v}" for k, v in values.items())]
 
 
 def write_random_checkpoint(cfg: DictConfig, path: Path) -> Path:

@@ -12,7 +12,7 @@ import pytest
 from datasets_builders import folder_dataset_with_a_bad_mask
 from PIL import Image
 
-from conftest import compose_config, run_cli, run_main, tiny_overrides, write_random_checkpoint
+from conftest import compose_config, folder_run_overrides, run_cli, run_main, tiny_overrides, write_random_checkpoint
 from segtrain.errors import ConfigError, DataError, WeightsError
 
 LONG_NAME = "x" * 100_000
@@ -211,12 +211,8 @@ def test_skipped_validation_samples_reach_the_summary_and_result_json(tmp_path, 
     from segtrain.engine.trainer import train
 
     root = folder_dataset_with_a_bad_mask(tmp_path / "data", 11)
-    cfg = compose_config("train", [
-        "dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "dataset.source.split_dir=splits",
-        "backbone=resnet18", "backbone.out_indices=[1,2]", "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4",
-        "trainer.num_workers=0",
-        "eval.num_workers=0", "trainer.max_iters=2", "trainer.val_interval=2", "logging.progress=false",
-        "data.on_error=skip", "trainer.device=cpu", "data.check_on_start=false"])
+    cfg = compose_config("train", folder_run_overrides(root, **{
+        "trainer.max_iters": 2, "trainer.val_interval": 2, "data.on_error": "skip", "data.check_on_start": "false"}))
     with caplog.at_level("WARNING", logger="segtrain"):
         result = train(cfg, tmp_path / "run")
     assert result.skipped_val == 1

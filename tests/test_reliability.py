@@ -14,7 +14,7 @@ import torch
 import yaml
 from datasets_builders import folder_dataset_with_a_bad_mask
 
-from conftest import compose_config, run_cli, start_cli, tiny_overrides
+from conftest import compose_config, folder_run_overrides, run_cli, start_cli, tiny_overrides
 from segtrain.engine import checkpoint as checkpoint_module
 from segtrain.engine.checkpoint import load_checkpoint
 from segtrain.engine.trainer import train
@@ -264,11 +264,9 @@ def test_a_data_error_in_a_loader_worker_exits_within_seconds(tmp_path, where):
     """Workers ignore SIGTERM (preemption checkpoints first); the error must still end the process."""
     root = folder_dataset_with_a_bad_mask(tmp_path / "data", 3 if where == "train" else 11)
     # The start check would stop the run before any worker reads the bad mask: this test is about the workers.
-    args = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "data.check_on_start=false",
-            "dataset.source.split_dir=splits", "backbone=resnet18", "backbone.out_indices=[1,2]",
-            "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=2",
-            "eval.num_workers=2", "trainer.max_iters=4", "trainer.val_interval=2", "logging.progress=false",
-            f"hydra.run.dir={tmp_path / 'run'}", "trainer.device=cpu"]
+    args = folder_run_overrides(root, **{"data.check_on_start": "false", "trainer.num_workers": 2,
+                                         "eval.num_workers": 2, "trainer.max_iters": 4, "trainer.val_interval": 2,
+                                         "hydra.run.dir": tmp_path / "run"})
     start = time.perf_counter()
     result = run_cli("train", *args, cwd=tmp_path, timeout=120)
     assert time.perf_counter() - start < 60
@@ -379,11 +377,8 @@ def test_a_second_train_on_a_live_run_directory_fails_at_once(tmp_path, shapes_r
 @pytest.mark.cli
 def test_validation_and_eval_honour_on_error_skip(tmp_path):
     root = folder_dataset_with_a_bad_mask(tmp_path / "data", 11)  # a bad validation mask
-    args = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "dataset.source.split_dir=splits",
-            "backbone=resnet18", "backbone.out_indices=[1,2]",
-            "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0", "eval.num_workers=0",
-            "trainer.max_iters=2", "trainer.val_interval=2", "logging.progress=false", "data.on_error=skip",
-            "trainer.device=cpu"]
+    args = folder_run_overrides(root, **{"trainer.max_iters": 2, "trainer.val_interval": 2,
+                                         "data.on_error": "skip"})
     result = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "run" / "train.log").read_text()
@@ -399,11 +394,7 @@ def test_validation_and_eval_honour_on_error_skip(tmp_path):
 
 
 def _folder_cli(root: Path, tmp_path: Path, command: str, *extra: str) -> subprocess.CompletedProcess:
-    args = ["dataset=folder", f"dataset.root={root}", "dataset.class_names=[a,b]", "dataset.source.split_dir=splits",
-            "backbone=resnet18", "backbone.out_indices=[1,2]",
-            "dataset.augment.crop_size=[32,32]", "trainer.batch_size=4", "trainer.num_workers=0",
-            "eval.num_workers=0", "trainer.max_iters=1", "trainer.val_interval=1", "logging.progress=false",
-            "trainer.device=cpu", *extra]
+    args = [*folder_run_overrides(root), *extra]
     if command == "train":
         args.append(f"hydra.run.dir={tmp_path / 'run'}")
     cmd = ["train"] if command == "train" else ["data", "check"]
